@@ -1,0 +1,196 @@
+//! Capabilities: what one request of one function may reach, built from its manifest entry.
+//!
+//! Everything is denied unless granted: the WASI context gets only the granted
+//! environment variables and read-only directories, no sockets and no name lookup;
+//! outgoing HTTP is checked against `allowed_outbound_hosts`; the guest's stdout
+//! and stderr go to the host log, tagged with the function and the request id.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::manifest::{FunctionSpec, OutboundHost};
+
+/// Longest line of guest output kept in one log record.
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// The `T` of each request's `Store<T>`.
+pub struct InstanceState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    outbound: OutboundPolicy,
+}
+
+impl InstanceState {
+    /// Builds the state for one request of `spec`.
+    pub fn new(spec: &FunctionSpec, request_id: &str) -> anyhow::Result<Self> {
+        let function: Arc<str> = Arc::from(spec.name.as_str());
+        let request_id: Arc<str> = Arc::from(request_id);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .stdout(GuestLog::new("stdout", &function, &request_id))
+            .stderr(GuestLog::new("stderr", &function, &request_id));
+        for (key, value) in &spec.environment {
+            wasi.env(key, value);
+        }
+        for mount in &spec.files {
+            wasi.preopened_dir(&mount.source, &mount.destination, FsPerms::ReadOnly)
+                .map_err(|e| anyhow::anyhow!("opening `{}`: {e}", mount.source.display()))?;
+        }
+        let memory = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
+        Ok(Self {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(memory).trap_on_grow_failure(false).build(),
+            outbound: OutboundPolicy {
+                function,
+                request_id,
+                allowed: Arc::from(spec.allowed_outbound_hosts.as_slice()),
+            },
+        })
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+/// Decides each outgoing request against the function's `allowed_outbound_hosts`.
+struct OutboundPolicy {
+    function: Arc<str>,
+    request_id: Arc<str>,
+    allowed: Arc<[OutboundHost]>,
+}
+
+impl OutboundPolicy {
+    fn allows(&self, uri: &http::Uri) -> bool {
+        let scheme = uri.scheme_str().unwrap_or("http");
+        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let host = uri.host().unwrap_or_default();
+        self.allowed.iter().any(|allowed| allowed.matches(scheme, host, port))
+    }
+}
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<wasmtime_wasi_http::WasiBody>,
+    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+)>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        if !self.allows(request.uri()) {
+            tracing::warn!(
+                function = %self.function,
+                request_id = %self.request_id,
+                "denied outbound request to {} (not in `allowed_outbound_hosts`)",
+                request.uri()
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        let default = wasmtime_wasi_http::default_hooks();
+        default.send_request(request, options, fut)
+    }
+}
+
+/// Guest stdout or stderr: each line becomes a log record tagged with the
+/// function and the request id.
+#[derive(Clone)]
+struct GuestLog {
+    stream: &'static str,
+    function: Arc<str>,
+    request_id: Arc<str>,
+}
+
+impl GuestLog {
+    fn new(stream: &'static str, function: &Arc<str>, request_id: &Arc<str>) -> Self {
+        Self { stream, function: Arc::clone(function), request_id: Arc::clone(request_id) }
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(GuestLogWriter { log: self.clone(), line: Vec::new() })
+    }
+}
+
+struct GuestLogWriter {
+    log: GuestLog,
+    line: Vec<u8>,
+}
+
+impl GuestLogWriter {
+    fn emit(&mut self) {
+        if self.line.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.line);
+        tracing::info!(
+            target: "lepton::guest",
+            function = %self.log.function,
+            request_id = %self.log.request_id,
+            stream = self.log.stream,
+            "{}",
+            text.trim_end()
+        );
+        self.line.clear();
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLogWriter {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        for &byte in buf {
+            if byte == b'\n' {
+                self.emit();
+            } else if self.line.len() < MAX_LOG_LINE {
+                self.line.push(byte);
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.emit();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for GuestLogWriter {
+    fn drop(&mut self) {
+        self.emit();
+    }
+}

@@ -1,0 +1,111 @@
+//! The `lepton` command line.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::engine::Runtime;
+use crate::http::{App, serve};
+use crate::manifest::Deployment;
+
+/// Lepton: serverless AI functions as WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "lepton", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve every function of a manifest over HTTP (control plane, node and gateway in one process).
+    Up {
+        /// The manifest.
+        #[arg(default_value = "lepton.toml")]
+        manifest: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+        /// Where compiled components (and later models and checkpoints) are kept;
+        /// defaults to `.lepton/` beside the manifest.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Validate a manifest and every component it names, without serving.
+    Check {
+        /// The manifest.
+        #[arg(default_value = "lepton.toml")]
+        manifest: PathBuf,
+        /// As for `up`.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// Parses the arguments and runs the command.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lepton-worker")
+        .build()
+        .context("starting the tokio runtime")?;
+    match cli.command {
+        Command::Up { manifest, listen, state_dir } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
+            runtime.block_on(up(&manifest, listen, &state_dir))
+        }
+        Command::Check { manifest, state_dir } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
+            check(&manifest, &state_dir)
+        }
+    }
+}
+
+fn default_state_dir(manifest: &Path) -> PathBuf {
+    manifest.parent().unwrap_or(Path::new(".")).join(".lepton")
+}
+
+async fn up(manifest: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Result<()> {
+    let deployment = Deployment::load(manifest)?;
+    let runtime = Runtime::new()?;
+    let app = Arc::new(App::load(&runtime, &deployment, state_dir)?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "lepton: listening on http://{address}").context("writing to stdout")?;
+        stdout.flush().context("writing to stdout")?;
+    }
+    serve(listener, app, shutdown_signal()).await
+}
+
+fn check(manifest: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let deployment = Deployment::load(manifest)?;
+    let runtime = Runtime::new()?;
+    App::load(&runtime, &deployment, state_dir)?;
+    let mut stdout = std::io::stdout().lock();
+    for function in &deployment.functions {
+        writeln!(stdout, "ok: function `{}` serves {}", function.name, function.route)?;
+    }
+    writeln!(stdout, "ok: {} is valid", manifest.display())?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,137 @@
+//! One wasmtime [`Engine`] per process, and the on-disk cache of compiled components.
+//!
+//! Components are compiled once per node: the machine code is cached under
+//! `<state-dir>/components/<sha256>-<engine hash>.cwasm`, so a second start loads it
+//! in well under a millisecond instead of compiling again.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the engine's epoch advances; the granularity of request timeouts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Instances the pooling allocator keeps slots for (all functions together).
+pub const DEFAULT_POOL_INSTANCES: u32 = 1000;
+
+/// The process-wide engine, with its epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Builds the engine: async, epoch interruption, pooling allocator.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(DEFAULT_POOL_INSTANCES);
+        pool.total_core_instances(DEFAULT_POOL_INSTANCES);
+        pool.total_memories(DEFAULT_POOL_INSTANCES);
+        pool.total_tables(DEFAULT_POOL_INSTANCES);
+        // Per-function caps are enforced by each store's limiter; the pool only
+        // needs room for the largest memory any function may grow to.
+        pool.max_memory_size(usize::try_from(crate::manifest::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let stop = Arc::clone(&stop_ticker);
+        std::thread::Builder::new()
+            .name("lepton-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticker_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .context("spawning the epoch ticker")?;
+        Ok(Self { engine, stop_ticker })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// A short hex fingerprint of everything that makes compiled code compatible.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// Loads a component, from the compile cache in `cache_dir` when it is there.
+    ///
+    /// `digest` must be the sha256 of the file's bytes (the resolved manifest has it).
+    pub fn load_component(&self, path: &Path, digest: &str, cache_dir: &Path) -> anyhow::Result<LoadedComponent> {
+        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
+        let started = Instant::now();
+        if cached.exists() {
+            match self.deserialize(&cached) {
+                Ok(component) => {
+                    return Ok(LoadedComponent { component, from_cache: true, elapsed: started.elapsed(), cached });
+                }
+                Err(error) => {
+                    tracing::warn!(path = %cached.display(), "recompiling: cached component is unusable: {error:#}");
+                }
+            }
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("reading component `{}`", path.display()))?;
+        let compiled = self
+            .engine
+            .precompile_component(&bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("`{}` is not a valid WebAssembly component", path.display()))?;
+        std::fs::create_dir_all(cache_dir).with_context(|| format!("creating `{}`", cache_dir.display()))?;
+        let temp = cached.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&temp, &compiled).with_context(|| format!("writing `{}`", temp.display()))?;
+        std::fs::rename(&temp, &cached).with_context(|| format!("renaming into `{}`", cached.display()))?;
+        let component = self.deserialize(&cached)?;
+        Ok(LoadedComponent { component, from_cache: false, elapsed: started.elapsed(), cached })
+    }
+
+    #[expect(unsafe_code, reason = "loading precompiled machine code is unsafe by nature")]
+    fn deserialize(&self, cached: &Path) -> anyhow::Result<Component> {
+        // SAFETY: the file was produced by `Engine::precompile_component` of an engine
+        // with the same compatibility hash (it is in the name), written by this host into
+        // its own state directory and renamed into place atomically; wasmtime checks the
+        // header and the engine settings again before using it.
+        unsafe { Component::deserialize_file(&self.engine, cached) }
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("loading compiled component `{}`", cached.display()))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.stop_ticker) == 2 {
+            self.stop_ticker.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A component ready to be pre-instantiated.
+pub struct LoadedComponent {
+    /// The component.
+    pub component: Component,
+    /// Whether it came from the compile cache.
+    pub from_cache: bool,
+    /// How long loading (or compiling) took.
+    pub elapsed: Duration,
+    /// Where its compiled form is cached.
+    pub cached: PathBuf,
+}

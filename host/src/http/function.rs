@@ -1,0 +1,291 @@
+//! One function behind a route: its pre-instantiated component, its limits and counters.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::Linker;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView as _;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use super::{Body, text};
+use crate::caps::InstanceState;
+use crate::engine::Runtime;
+use crate::manifest::FunctionSpec;
+
+/// Header carrying the request id on every response of a function.
+pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
+
+/// A function ready to serve: the component pre-instantiated once, a fresh store per request.
+pub struct Function {
+    spec: FunctionSpec,
+    pre: ProxyPre<InstanceState>,
+    engine: wasmtime::Engine,
+    slots: Arc<Semaphore>,
+    queued: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    timeouts: AtomicU64,
+    rejected: AtomicU64,
+}
+
+enum Outcome {
+    Finished(anyhow::Result<()>),
+    TimedOut,
+}
+
+impl Function {
+    /// Compiles (or loads from `cache_dir`) and pre-instantiates `spec`'s component.
+    pub fn load(
+        runtime: &Runtime,
+        linker: &Linker<InstanceState>,
+        spec: &FunctionSpec,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let loaded = runtime.load_component(&spec.component_path, &spec.component_digest, cache_dir)?;
+        let instance_pre = linker
+            .instantiate_pre(&loaded.component)
+            .map_err(anyhow::Error::from)
+            .context("the component imports something this host does not provide")?;
+        let pre = ProxyPre::new(instance_pre)
+            .map_err(anyhow::Error::from)
+            .context("the component does not export `wasi:http/incoming-handler` (the wasi:http proxy world)")?;
+        tracing::info!(
+            function = %spec.name,
+            route = %spec.route,
+            digest = %&spec.component_digest[..12],
+            cached = loaded.from_cache,
+            "loaded in {:.1?}",
+            loaded.elapsed
+        );
+        Ok(Self {
+            spec: spec.clone(),
+            pre,
+            engine: runtime.engine().clone(),
+            slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
+            queued: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    /// The function's resolved manifest entry.
+    pub fn spec(&self) -> &FunctionSpec {
+        &self.spec
+    }
+
+    /// Requests running now.
+    pub fn in_flight(&self) -> usize {
+        self.spec.max_concurrency as usize - self.slots.available_permits()
+    }
+
+    pub(super) fn write_metrics(&self, out: &mut String) {
+        let name = &self.spec.name;
+        let counters = [
+            ("lepton_requests_in_flight", self.in_flight() as u64),
+            ("lepton_requests_queued", self.queued.load(Ordering::Relaxed) as u64),
+            ("lepton_requests_total", self.requests.load(Ordering::Relaxed)),
+            ("lepton_requests_failed_total", self.failures.load(Ordering::Relaxed)),
+            ("lepton_requests_timed_out_total", self.timeouts.load(Ordering::Relaxed)),
+            ("lepton_requests_rejected_total", self.rejected.load(Ordering::Relaxed)),
+        ];
+        for (metric, value) in counters {
+            let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {value}");
+        }
+    }
+
+    /// Runs one request through the guest, enforcing the function's limits.
+    pub(super) async fn handle(self: Arc<Self>, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let request_id = next_request_id();
+        let mut response = self.handle_inner(request, &request_id).await;
+        if response.status().is_server_error() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+
+    async fn handle_inner(self: &Arc<Self>, request: hyper::Request<Incoming>, request_id: &str) -> hyper::Response<Body> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.spec.timeout;
+        let (mut parts, body) = request.into_parts();
+
+        // Bodies are read (and capped) before a slot is taken: a slow uploader never
+        // holds one of the function's slots.
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.spec.max_body_size) {
+            return too_large(self.spec.max_body_size);
+        }
+        let limit = usize::try_from(self.spec.max_body_size).unwrap_or(usize::MAX);
+        let body = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => return too_large(self.spec.max_body_size),
+            Err(error) => {
+                tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
+                return text(http::StatusCode::BAD_REQUEST, "could not read the request body\n");
+            }
+        };
+
+        let Some(permit) = self.acquire_slot(deadline).await else {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            let mut response = text(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                &format!("function `{}` is at capacity; retry later\n", self.spec.name),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return response;
+        };
+
+        if !parts.headers.contains_key(http::header::HOST) {
+            parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        }
+        let request = hyper::Request::from_parts(
+            parts,
+            Full::new(body).map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+        );
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let this = Arc::clone(self);
+        let id = request_id.to_owned();
+        let task = tokio::spawn(async move {
+            let _permit: OwnedSemaphorePermit = permit;
+            match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline)).await {
+                Ok(result) => Outcome::Finished(result),
+                Err(_elapsed) => Outcome::TimedOut,
+            }
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => {
+                tracing::debug!(function = %self.spec.name, request_id, status = %response.status(), "answered in {:.1?}", started.elapsed());
+                return response.map(|body| body.boxed_unsync());
+            }
+            Ok(Err(code)) => {
+                tracing::warn!(function = %self.spec.name, request_id, "the guest answered with an error: {code:?}");
+                return self.internal_error(request_id);
+            }
+            Err(_) => {} // The guest ended without answering: the task says why.
+        }
+        match task.await {
+            Ok(Outcome::TimedOut) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(function = %self.spec.name, request_id, "timed out after {:?}", self.spec.timeout);
+                text(
+                    http::StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "function `{}` did not answer within {:?} (request id {request_id})\n",
+                        self.spec.name, self.spec.timeout
+                    ),
+                )
+            }
+            Ok(Outcome::Finished(Err(error))) => {
+                tracing::error!(function = %self.spec.name, request_id, "guest failed: {error:?}");
+                self.internal_error(request_id)
+            }
+            Ok(Outcome::Finished(Ok(()))) => {
+                tracing::error!(function = %self.spec.name, request_id, "guest returned without setting a response");
+                self.internal_error(request_id)
+            }
+            Err(join_error) => {
+                tracing::error!(function = %self.spec.name, request_id, "request task failed: {join_error}");
+                self.internal_error(request_id)
+            }
+        }
+    }
+
+    async fn run_guest(
+        &self,
+        request: hyper::Request<impl hyper::body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
+        sender: tokio::sync::oneshot::Sender<
+            Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
+        >,
+        request_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<()> {
+        let state = InstanceState::new(&self.spec, request_id)?;
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        // Every epoch tick the guest yields to the executor, so a busy guest never
+        // starves other requests; past the deadline it is interrupted (a trap). The
+        // request's own timer normally fires first and drops the guest.
+        let hard_deadline = deadline.into_std() + crate::engine::EPOCH_TICK * 5;
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= hard_deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+        let request = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let out = store.data_mut().http().new_response_outparam(sender)?;
+        let proxy = self.pre.instantiate_async(&mut store).await?;
+        proxy.wasi_http_incoming_handler().call_handle(&mut store, request, out).await?;
+        Ok(())
+    }
+
+    async fn acquire_slot(&self, deadline: tokio::time::Instant) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+            return Some(permit);
+        }
+        let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
+        let _leave = QueueSlot(&self.queued);
+        if waiting >= self.spec.max_queue as usize {
+            return None;
+        }
+        tokio::time::timeout_at(deadline, Arc::clone(&self.slots).acquire_owned()).await.ok()?.ok()
+    }
+
+    fn internal_error(&self, request_id: &str) -> hyper::Response<Body> {
+        text(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("function `{}` failed; see the host log for request id {request_id}\n", self.spec.name),
+        )
+    }
+}
+
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn too_large(limit: u64) -> hyper::Response<Body> {
+    text(http::StatusCode::PAYLOAD_TOO_LARGE, &format!("request body is larger than {limit} bytes\n"))
+}
+
+/// A process-unique request id: a per-process prefix and a counter.
+fn next_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let prefix = *PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        nanos ^ std::process::id().rotate_left(16)
+    });
+    format!("{prefix:08x}-{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+

@@ -1,0 +1,449 @@
+//! The `lepton.toml` manifest, parsed in two stages.
+//!
+//! [`RawManifest`] mirrors the TOML exactly (typed serde, unknown keys rejected);
+//! [`Deployment::load`] validates it and resolves it into a [`Deployment`]: paths made
+//! absolute against the manifest's directory, sizes and durations parsed, components
+//! addressed by sha256 digest. The runtime consumes only the [`Deployment`].
+//!
+//! ```toml
+//! manifest_version = 1
+//!
+//! [function.hello]
+//! component = "target/guests/wasm32-wasip2/release/hello.wasm"
+//! route = "/hello"                # exact path; "/hello/..." matches the prefix
+//! timeout = "5s"                  # default 30s
+//! memory_limit = "64MiB"          # default 128MiB
+//! max_concurrency = 64            # default 64 in-flight requests
+//! max_queue = 256                 # default 256 waiting requests, then 503
+//! max_body_size = "10MiB"         # default 10MiB, then 413
+//! environment = { GREETING = "hi" }
+//! files = [{ source = "static", destination = "/static" }]   # read-only
+//! allowed_outbound_hosts = ["http://127.0.0.1:8080"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// The only manifest version this host understands.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Default wall-clock limit of one request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on one instance's linear memory.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 128 << 20;
+/// Default number of requests a function runs at once.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
+/// Default number of requests that wait for a free slot before new ones get 503.
+pub const DEFAULT_MAX_QUEUE: u32 = 256;
+/// Default cap on a request body.
+pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 << 20;
+/// A wasm32 linear memory cannot grow past 4 GiB.
+pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+/// Longest accepted `timeout` (a request is not a batch job).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Paths under this prefix belong to the host (health, metrics).
+pub const RESERVED_ROUTE_PREFIX: &str = "/.well-known/lepton";
+
+/// A manifest that could not be loaded; the message names the file, the function and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The manifest file could not be read.
+    #[error("cannot read manifest `{path}`: {source}")]
+    Read {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into the manifest's shape (syntax, unknown key, wrong type).
+    #[error("invalid manifest `{path}`: {message}")]
+    Parse {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What the TOML parser said, with the line.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("invalid manifest `{path}`: {message}")]
+    Invalid {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What is wrong, naming the function and the key.
+        message: String,
+    },
+}
+
+/// The manifest exactly as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    /// Must be [`MANIFEST_VERSION`].
+    pub manifest_version: u32,
+    /// `[function.NAME]` tables.
+    #[serde(default)]
+    pub function: BTreeMap<String, RawFunction>,
+}
+
+/// One `[function.NAME]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFunction {
+    /// Path of the `.wasm` component, relative to the manifest.
+    pub component: String,
+    /// The HTTP route, e.g. `"/hello"`.
+    pub route: String,
+    /// e.g. `"5s"`, `"250ms"`.
+    pub timeout: Option<String>,
+    /// e.g. `"64MiB"`.
+    pub memory_limit: Option<String>,
+    /// In-flight requests.
+    pub max_concurrency: Option<u32>,
+    /// Requests waiting for a slot.
+    pub max_queue: Option<u32>,
+    /// e.g. `"10MiB"`.
+    pub max_body_size: Option<String>,
+    /// Environment variables the guest sees.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Host directories preopened read-only.
+    #[serde(default)]
+    pub files: Vec<RawFileMount>,
+    /// `scheme://host:port` the guest may send HTTP requests to.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+/// One entry of `files`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileMount {
+    /// Host directory, relative to the manifest.
+    pub source: String,
+    /// Absolute path the guest sees it at.
+    pub destination: String,
+}
+
+/// A validated, resolved manifest: what the runtime consumes.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Where the manifest was read from.
+    pub manifest_path: PathBuf,
+    /// Functions, ordered by name.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// A validated function.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FunctionSpec {
+    /// Validated name.
+    pub name: String,
+    /// Absolute path of the component.
+    pub component_path: PathBuf,
+    /// sha256 of the component's bytes, lowercase hex.
+    pub component_digest: String,
+    /// Route: `/hello` serves `/hello` and `/hello/...`.
+    pub route: String,
+    /// Wall-clock limit of one request.
+    pub timeout: Duration,
+    /// Linear memory cap of one instance, in bytes.
+    pub memory_limit: u64,
+    /// Requests run at once.
+    pub max_concurrency: u32,
+    /// Requests waiting for a slot before new ones get 503.
+    pub max_queue: u32,
+    /// Request body cap, in bytes.
+    pub max_body_size: u64,
+    /// Environment variables granted to the guest.
+    pub environment: Vec<(String, String)>,
+    /// Read-only directories granted to the guest.
+    pub files: Vec<FileMount>,
+    /// Outbound HTTP destinations granted to the guest.
+    pub allowed_outbound_hosts: Vec<OutboundHost>,
+}
+
+/// A host directory preopened read-only in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMount {
+    /// Absolute host path (a directory).
+    pub source: PathBuf,
+    /// Guest path.
+    pub destination: String,
+}
+
+/// An exact `scheme://host:port` a guest may send requests to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundHost {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host name or IP address, lowercase.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for OutboundHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+impl OutboundHost {
+    /// Parses `scheme://host:port`; the port may be left out for the scheme's default.
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let (scheme, rest) = pattern
+            .split_once("://")
+            .ok_or_else(|| format!("{pattern:?} is not of the form scheme://host:port"))?;
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(format!("{pattern:?} has scheme {scheme:?}; expected \"http\" or \"https\"")),
+        };
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@', '*']) {
+            return Err(format!(
+                "{pattern:?} must be exactly scheme://host:port (no path, user or wildcard)"
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+                let port = port.parse::<u16>().map_err(|_| format!("{pattern:?} has an invalid port {port:?}"))?;
+                (host, port)
+            }
+            _ => (rest, default_port),
+        };
+        if host.is_empty() {
+            return Err(format!("{pattern:?} has no host"));
+        }
+        Ok(Self { scheme: scheme.to_owned(), host: host.to_ascii_lowercase(), port })
+    }
+
+    /// Whether a request to `scheme`, `host` and `port` is allowed by this entry.
+    pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        self.scheme == scheme && self.port == port && self.host.eq_ignore_ascii_case(host)
+    }
+}
+
+impl Deployment {
+    /// Reads, validates and resolves the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Validates and resolves manifest text; relative paths resolve against `path`'s directory.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ManifestError> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |message: String| ManifestError::Invalid { path: path.to_owned(), message };
+        if raw.manifest_version != MANIFEST_VERSION {
+            return Err(invalid(format!(
+                "`manifest_version` is {}, this host supports only {MANIFEST_VERSION}",
+                raw.manifest_version
+            )));
+        }
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let mut functions = Vec::with_capacity(raw.function.len());
+        for (name, function) in raw.function {
+            let spec = resolve_function(&name, function, &base)
+                .map_err(|message| invalid(format!("function `{name}`: {message}")))?;
+            functions.push(spec);
+        }
+        for (i, a) in functions.iter().enumerate() {
+            if let Some(b) = functions[i + 1..].iter().find(|b| b.route == a.route) {
+                return Err(invalid(format!(
+                    "functions `{}` and `{}` both claim route {:?}",
+                    a.name, b.name, a.route
+                )));
+            }
+        }
+        Ok(Self { manifest_path: path.to_owned(), functions })
+    }
+}
+
+fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<FunctionSpec, String> {
+    validate_name(name)?;
+    let component_path = base.join(&raw.component);
+    let bytes = std::fs::read(&component_path)
+        .map_err(|e| format!("`component`: cannot read {:?}: {e}", component_path.display().to_string()))?;
+    let component_digest = hex::encode(Sha256::digest(&bytes));
+    let route = validate_route(&raw.route).map_err(|e| format!("`route`: {e}"))?;
+
+    let timeout = match raw.timeout {
+        Some(text) => parse_duration(&text).map_err(|e| format!("`timeout`: {e}"))?,
+        None => DEFAULT_TIMEOUT,
+    };
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(format!("`timeout`: must be more than 0s and at most {}s", MAX_TIMEOUT.as_secs()));
+    }
+    let memory_limit = match raw.memory_limit {
+        Some(text) => parse_size(&text).map_err(|e| format!("`memory_limit`: {e}"))?,
+        None => DEFAULT_MEMORY_LIMIT,
+    };
+    if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&memory_limit) {
+        return Err("`memory_limit`: must be between 64KiB (one page) and 4GiB".to_owned());
+    }
+    let max_body_size = match raw.max_body_size {
+        Some(text) => parse_size(&text).map_err(|e| format!("`max_body_size`: {e}"))?,
+        None => DEFAULT_MAX_BODY_SIZE,
+    };
+    let max_concurrency = raw.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
+    if max_concurrency == 0 {
+        return Err("`max_concurrency`: must be at least 1".to_owned());
+    }
+    let max_queue = raw.max_queue.unwrap_or(DEFAULT_MAX_QUEUE);
+
+    let mut environment = Vec::with_capacity(raw.environment.len());
+    for (key, value) in raw.environment {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(format!("`environment`: invalid variable {key:?}"));
+        }
+        environment.push((key, value));
+    }
+
+    let mut files = Vec::with_capacity(raw.files.len());
+    for mount in raw.files {
+        let source = base.join(&mount.source);
+        if !source.is_dir() {
+            return Err(format!(
+                "`files`: source {:?} is not a directory",
+                source.display().to_string()
+            ));
+        }
+        if !mount.destination.starts_with('/') {
+            return Err(format!("`files`: destination {:?} must be an absolute path", mount.destination));
+        }
+        files.push(FileMount { source, destination: mount.destination });
+    }
+
+    let allowed_outbound_hosts = raw
+        .allowed_outbound_hosts
+        .iter()
+        .map(|pattern| OutboundHost::parse(pattern))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`allowed_outbound_hosts`: {e}"))?;
+
+    Ok(FunctionSpec {
+        name: name.to_owned(),
+        component_path,
+        component_digest,
+        route,
+        timeout,
+        memory_limit,
+        max_concurrency,
+        max_queue,
+        max_body_size,
+        environment,
+        files,
+        allowed_outbound_hosts,
+    })
+}
+
+/// Names: 1 to 64 characters of `a-z`, `0-9`, `-` and `_`, starting with a letter.
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err("invalid name: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter".to_owned())
+    }
+}
+
+fn validate_route(route: &str) -> Result<String, String> {
+    if !route.starts_with('/') {
+        return Err(format!("{route:?} must start with '/'"));
+    }
+    if route.contains(['?', '#', '*', ' ']) || route.contains("//") {
+        return Err(format!("{route:?} must be a plain path (no query, fragment, wildcard or empty segment)"));
+    }
+    let route = if route.len() > 1 { route.trim_end_matches('/') } else { route };
+    if route == RESERVED_ROUTE_PREFIX || route.starts_with(&format!("{RESERVED_ROUTE_PREFIX}/")) {
+        return Err(format!("{route:?} is reserved for the host"));
+    }
+    Ok(route.to_owned())
+}
+
+/// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let error = || format!("invalid duration {text:?} (expected a whole number with ms, s, m or h, e.g. \"5s\")");
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number: u64 = digits.parse().map_err(|_| error())?;
+    let millis = match &text[digits.len()..] {
+        "ms" => Some(number),
+        "s" => number.checked_mul(1000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => None,
+    };
+    millis.map(Duration::from_millis).ok_or_else(error)
+}
+
+/// Parses `"512KiB"`, `"64MiB"`, `"1GiB"` (also `B`, `KB`, `MB`, `GB`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let error = || format!("invalid size {text:?} (expected a whole number with B, KiB, MiB or GiB, e.g. \"64MiB\")");
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number: u64 = digits.parse().map_err(|_| error())?;
+    let unit: u64 = match &text[digits.len()..] {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(error()),
+    };
+    number.checked_mul(unit).ok_or_else(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("five s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10KB"), Ok(10_000));
+        assert!(parse_size("64 MiB").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn outbound_hosts() {
+        let host = OutboundHost::parse("http://127.0.0.1:8080").expect("valid");
+        assert!(host.matches("http", "127.0.0.1", 8080));
+        assert!(!host.matches("https", "127.0.0.1", 8080));
+        assert!(!host.matches("http", "127.0.0.1", 8081));
+        assert_eq!(OutboundHost::parse("https://Example.com").expect("valid").to_string(), "https://example.com:443");
+        assert!(OutboundHost::parse("ftp://x:1").is_err());
+        assert!(OutboundHost::parse("http://x:1/path").is_err());
+        assert!(OutboundHost::parse("http://*:1").is_err());
+        assert!(OutboundHost::parse("127.0.0.1:80").is_err());
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(validate_route("/hello/"), Ok("/hello".to_owned()));
+        assert_eq!(validate_route("/"), Ok("/".to_owned()));
+        assert!(validate_route("hello").is_err());
+        assert!(validate_route("/.well-known/lepton/health").is_err());
+        assert!(validate_route("/a?b").is_err());
+    }
+}
