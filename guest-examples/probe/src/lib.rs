@@ -4,6 +4,7 @@
 //! - `GET /probe/file?/path` reads a file;
 //! - `GET /probe/write?/path` tries to create a file;
 //! - `GET /probe/http?http://host:port/path` makes an outgoing request;
+//! - `GET /probe/tcp?127.0.0.1:port` opens a TCP socket;
 //! - `POST /probe/echo` answers the request body's length;
 //! - `GET /probe/stdout` prints a line to stdout.
 //!
@@ -33,6 +34,7 @@ fn probe(request: Request) -> Response {
             .map_err(|e| e.to_string())
             .and_then(|req| outbound::send(req).map_err(|e| e.to_string()))
             .map(|resp| format!("{} {}", resp.status().as_u16(), String::from_utf8_lossy(resp.body()))),
+        "tcp" => std::net::TcpStream::connect(arg.as_str()).map(|_| "connected".to_owned()).map_err(|e| e.to_string()),
         "echo" => Ok(format!("{} bytes", request.body().len())),
         "stdout" => {
             println!("probe says hi on stdout");

@@ -1,0 +1,101 @@
+//! Limits and errors: the server keeps serving through all of them.
+
+use std::time::{Duration, Instant};
+
+use crate::util::{Project, artifacts, manifest};
+
+#[test]
+fn a_trapping_guest_gets_500_with_a_request_id_and_the_server_keeps_serving() {
+    let project = Project::new(&manifest(
+        "[function.trap]\ncomponent = \"{TRAP}\"\nroute = \"/trap\"\n\
+         [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let lepton = project.up();
+    for _ in 0..3 {
+        let reply = lepton.get("/trap");
+        assert_eq!(reply.status, 500);
+        let request_id = reply.header("x-lepton-request-id").expect("request id").to_owned();
+        assert!(reply.body.contains(&request_id), "body names the request id: {reply:?}");
+        assert!(!reply.body.contains("secret-detail"), "guest internals leaked: {reply:?}");
+        let log = lepton.wait_for_log(&format!("request_id={request_id}"));
+        assert!(log.contains("secret-detail-42"), "the panic is in the host log");
+    }
+    assert_eq!(lepton.get("/hello").status, 200);
+    let _ = artifacts::TRAP;
+}
+
+#[test]
+fn a_guest_past_its_timeout_gets_504_promptly() {
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\n\
+         [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let lepton = project.up();
+    // A spinning guest must not starve other requests while it runs.
+    let url = lepton.url("/spin");
+    let spinning = std::thread::spawn(move || {
+        let started = Instant::now();
+        (crate::util::reply(ureq::get(&url).call()), started.elapsed())
+    });
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    assert_eq!(lepton.get("/hello").status, 200);
+    let (reply, elapsed) = spinning.join().expect("thread");
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert!(elapsed >= Duration::from_secs(1), "answered early: {elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1100), "answered late: {elapsed:?}");
+    assert_eq!(lepton.metric("lepton_requests_timed_out_total", "spin"), 1);
+    assert_eq!(lepton.get("/hello").status, 200);
+}
+
+#[test]
+fn memory_growth_past_the_limit_fails_inside_the_guest() {
+    let project = Project::new(&manifest(
+        "[function.hog]\ncomponent = \"{HOG}\"\nroute = \"/hog\"\nmemory_limit = \"32MiB\"\n",
+    ));
+    let lepton = project.up();
+    let reply = lepton.get("/hog");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let mib: u32 = reply
+        .body
+        .strip_prefix("allocated ")
+        .and_then(|rest| rest.strip_suffix(" MiB\n"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected body {reply:?}"));
+    assert!((16..32).contains(&mib), "allocated {mib} MiB under a 32 MiB limit");
+    // Allocating infallibly past the limit aborts the guest: a 500, and serving goes on.
+    assert_eq!(lepton.get("/hog/abort").status, 500);
+    assert_eq!(lepton.get("/hog").status, 200);
+    let _ = artifacts::HOG;
+}
+
+#[test]
+fn request_bodies_over_the_limit_get_413() {
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\nmax_body_size = \"1KiB\"\n",
+    ));
+    let lepton = project.up();
+    assert_eq!(lepton.post("/probe/echo", &[b'x'; 1024]).body, "ok: 1024 bytes\n");
+    assert_eq!(lepton.post("/probe/echo", &[b'x'; 1025]).status, 413);
+    // Without a content-length (chunked), the cap is enforced while reading.
+    let chunked = crate::util::reply(
+        ureq::post(&lepton.url("/probe/echo")).send(std::io::Cursor::new(vec![b'y'; 4096])),
+    );
+    assert_eq!(chunked.status, 413, "{chunked:?}");
+    assert_eq!(lepton.post("/probe/echo", b"small").body, "ok: 5 bytes\n");
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"2s\"\nmax_concurrency = 1\nmax_queue = 0\n",
+    ));
+    let lepton = project.up();
+    let url = lepton.url("/spin");
+    let first = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    let rejected = lepton.get("/spin");
+    assert_eq!(rejected.status, 503);
+    assert_eq!(rejected.header("retry-after"), Some("1"));
+    assert_eq!(first.join().expect("thread").status, 504);
+    assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 1);
+}

@@ -1,0 +1,91 @@
+//! Serving: routes, health, the ready line, the compile cache, graceful shutdown.
+
+use crate::util::{Project, artifacts, manifest};
+
+#[test]
+fn hello_answers_on_its_route_and_prefix() {
+    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let lepton = project.up();
+    let reply = lepton.get("/hello");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
+    assert!(reply.header("x-lepton-request-id").is_some());
+    assert_eq!(lepton.get("/hello/deeper/path").body, "Hello from Lepton\n");
+    assert_eq!(lepton.get("/hellothere").status, 404);
+    assert_eq!(lepton.get("/").status, 404);
+    let health = lepton.get("/.well-known/lepton/health");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let _ = artifacts::HELLO;
+}
+
+#[test]
+fn most_specific_route_wins() {
+    let project = Project::new(&manifest(
+        "[function.root]\ncomponent = \"{PROBE}\"\nroute = \"/\"\n\
+         [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let lepton = project.up();
+    assert_eq!(lepton.get("/hello").body, "Hello from Lepton\n");
+    assert_eq!(lepton.post("/probe/echo", b"abc").body, "ok: 3 bytes\n");
+}
+
+#[test]
+fn concurrent_requests_all_succeed_with_a_small_concurrency_cap() {
+    // Two slots, a deep queue: 32 simultaneous requests wait their turn, none fails.
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\nmax_concurrency = 2\nmax_queue = 64\n",
+    ));
+    let lepton = project.up();
+    let url = lepton.url("/hello");
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()))
+        })
+        .collect();
+    for handle in handles {
+        let reply = handle.join().expect("thread");
+        assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
+    }
+    assert_eq!(lepton.metric("lepton_requests_total", "hello"), 32);
+    assert_eq!(lepton.metric("lepton_requests_failed_total", "hello"), 0);
+}
+
+#[test]
+fn second_start_loads_the_compiled_component_from_the_cache() {
+    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    {
+        let lepton = project.up();
+        lepton.wait_for_log("cached=false");
+    }
+    let lepton = project.up();
+    let log = lepton.wait_for_log("loaded in");
+    assert!(log.contains("cached=true"), "second start compiled again:\n{log}");
+    assert_eq!(lepton.get("/hello").body, "Hello from Lepton\n");
+}
+
+#[test]
+fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
+    // `spin` never returns, so its request ends at its timeout: the shutdown must wait
+    // for that answer (a 504), not cut the connection.
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\n",
+    ));
+    let mut lepton = project.up();
+    let url = lepton.url("/spin");
+    let in_flight = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    let status = lepton.signal_and_wait("TERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(in_flight.join().expect("thread").status, 504);
+    assert_eq!(lepton.rest_of_stdout(), "", "stdout holds only the ready line");
+    let _ = artifacts::SPIN;
+}
+
+#[test]
+fn sigint_stops_an_idle_server_with_exit_zero() {
+    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let mut lepton = project.up();
+    assert_eq!(lepton.get("/hello").status, 200);
+    assert!(lepton.signal_and_wait("INT").success());
+    assert!(std::net::TcpStream::connect(&lepton.address).is_err(), "still accepting after shutdown");
+}

@@ -1,0 +1,235 @@
+//! Starting the real `lepton` binary and talking to it.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use lepton_test_artifacts as artifacts;
+
+/// How long a test waits for something that should happen at once (readiness, a log line).
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A manifest header plus the given function tables, with `{HELLO}`-style
+/// placeholders replaced by the components' absolute paths.
+pub fn manifest(functions: &str) -> String {
+    let mut text = format!("manifest_version = 1\n{functions}");
+    for (name, path) in artifacts::ALL {
+        text = text.replace(&format!("{{{}}}", name.to_uppercase()), path);
+    }
+    text
+}
+
+/// A temporary project directory holding a manifest.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(manifest_text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("lepton.toml"), manifest_text).expect("write manifest");
+        Self { dir }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn manifest(&self) -> PathBuf {
+        self.path("lepton.toml")
+    }
+
+    /// Runs `lepton ARGS...` to completion in this directory.
+    pub fn run(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_lepton"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("LEPTON_LOG", "info")
+            .output()
+            .expect("run lepton");
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `lepton up` on a free port and waits for its ready line.
+    pub fn up(&self) -> Lepton {
+        self.up_with(&[], &[])
+    }
+
+    pub fn up_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_path = self.path(&format!("lepton-{n}.log"));
+        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lepton"))
+            .arg("up")
+            .arg(self.manifest())
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(self.path("state"))
+            .args(extra_args)
+            .envs(env.iter().copied())
+            .env("LEPTON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn lepton up");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line).expect("read ready line");
+        let Some(address) = line.trim_end().strip_prefix("lepton: listening on http://") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("no ready line (read {read} bytes: {line:?}); log:\n{log}");
+        };
+        Lepton { child, stdout, address: address.to_owned(), log_path }
+    }
+}
+
+/// A running `lepton up`; killed when dropped.
+pub struct Lepton {
+    pub child: Child,
+    pub stdout: BufReader<ChildStdout>,
+    pub address: String,
+    pub log_path: PathBuf,
+}
+
+/// A response, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Lepton {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        reply(ureq::get(&self.url(path)).call())
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Reply {
+        reply(ureq::post(&self.url(path)).send_bytes(body))
+    }
+
+    /// The host's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(started.elapsed() < PATIENCE, "log never contained {needle:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A metric's value from `/.well-known/lepton/metrics`.
+    pub fn metric(&self, name: &str, function: &str) -> u64 {
+        let metrics = self.get("/.well-known/lepton/metrics").body;
+        let prefix = format!("{name}{{function=\"{function}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{metrics}"))
+    }
+
+    /// Waits until `metric` of `function` reaches `value`.
+    pub fn wait_for_metric(&self, name: &str, function: &str, value: u64) {
+        let started = Instant::now();
+        while self.metric(name, function) != value {
+            assert!(started.elapsed() < PATIENCE, "{name} of {function} never reached {value}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `signal` (e.g. "TERM") and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        self.child.wait().expect("wait for lepton")
+    }
+
+    /// What the process wrote to stdout after its ready line.
+    pub fn rest_of_stdout(&mut self) -> String {
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).expect("read stdout");
+        rest
+    }
+}
+
+impl Drop for Lepton {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn reply(result: Result<ureq::Response, ureq::Error>) -> Reply {
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(error) => panic!("request failed: {error}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .map(|name| {
+            let value = response.header(&name).unwrap_or_default().to_owned();
+            (name, value)
+        })
+        .collect();
+    let body = response.into_string().expect("utf-8 body");
+    Reply { status, headers, body }
+}
+
+/// A one-thread HTTP server on loopback that answers every request with `pong`,
+/// for outbound-request tests. Returns its `host:port`.
+pub fn pong_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind pong server");
+    let address = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buffer = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buffer);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
+            );
+        }
+    });
+    address
+}
+
+/// Creates `relative` (and its parents) under `root` with `contents`.
+pub fn write_file(root: &Path, relative: &str, contents: &str) {
+    let path = root.join(relative);
+    std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
+    std::fs::write(path, contents).expect("write");
+}
