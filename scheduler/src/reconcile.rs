@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::model::{ClusterSnapshot, DesiredFunction, FunctionSpec, NodeId, NodeStatus, ReplicaState};
 use crate::pipeline::{Rejection, SchedulerConfig, ScoreStep};
 use crate::plan::{AcceleratorClaim, Action, Displacement, Placement, PlacementFailure, Plan, StopReason};
-use crate::state::{Chosen, Compiled, State};
+use crate::state::{AVOID, Chosen, Compiled, OCCUPIED, State};
 
 /// Places functions on nodes. Holds only configuration: every call is a pure function
 /// of its arguments, so one `Scheduler` can serve any number of snapshots and threads.
@@ -55,6 +55,8 @@ struct Work {
     staying: Vec<u32>,
     /// Nodes that hold a replica of the function now.
     occupied: Vec<u32>,
+    /// Nodes where a replica of the function failed: last resort for replacements.
+    avoid: Vec<u32>,
 }
 
 impl Scheduler {
@@ -74,6 +76,8 @@ impl Scheduler {
     /// - Replicas on lost, unknown or draining nodes, failed replicas, and replicas
     ///   whose node no longer meets the function's required constraints are moved
     ///   (re-placed elsewhere), or stopped when the function has enough without them.
+    ///   A failed replica's replacement goes on its node (a restart in place) only when
+    ///   no other node fits.
     /// - Each function is brought to its wanted count clamped into its
     ///   [`ScaleBounds`](crate::ScaleBounds): extra healthy replicas are stopped (pending
     ///   before running, then by node id), missing ones placed through the pipeline.
@@ -140,26 +144,29 @@ impl Scheduler {
 
         // Phase 2: place replacements and new replicas, function by function.
         let mut rng = SmallRng::seed_from_u64(self.config.seed);
-        let mut occupied = vec![false; snapshot.nodes.len()];
+        let mut marks = vec![0u8; snapshot.nodes.len()];
         for (d, work) in desired.iter().zip(works) {
             let want = work.moves.len() + work.fresh;
             if want == 0 {
                 continue;
             }
+            for &n in &work.avoid {
+                marks[n as usize] = AVOID;
+            }
             for &n in &work.occupied {
-                occupied[n as usize] = true;
+                marks[n as usize] = OCCUPIED;
             }
             let outcome = state.pass(
                 &d.spec,
                 &work.compiled,
                 want,
-                &occupied,
+                &marks,
                 &work.staying,
                 &self.config,
                 &mut rng,
             );
-            for &n in &work.occupied {
-                occupied[n as usize] = false;
+            for &n in work.occupied.iter().chain(&work.avoid) {
+                marks[n as usize] = 0;
             }
             let placed = outcome.chosen.len();
             let mut chosen = outcome.chosen.into_iter();
@@ -208,13 +215,13 @@ impl Scheduler {
         let mut healthy: Vec<(usize, u32)> = Vec::new();
         let mut displaced: Vec<(usize, Displacement)> = Vec::new();
         let mut occupied = Vec::with_capacity(replicas.len());
+        let mut avoid = Vec::new();
         for &ri in replicas {
             let r = &snapshot.replicas[ri];
             let Some(n) = state.position(r.node.as_str()) else {
                 displaced.push((ri, Displacement::NodeUnknown));
                 continue;
             };
-            occupied.push(n);
             let status = state.nodes[n as usize].status;
             let why = if status == NodeStatus::Lost {
                 Some(Displacement::NodeLost)
@@ -227,6 +234,13 @@ impl Scheduler {
             } else {
                 None
             };
+            // A failed replica goes away first, so its node may take the replacement,
+            // as a last resort.
+            if why == Some(Displacement::ReplicaFailed) {
+                avoid.push(n);
+            } else {
+                occupied.push(n);
+            }
             match why {
                 Some(why) => displaced.push((ri, why)),
                 None => healthy.push((ri, n)),
@@ -272,6 +286,7 @@ impl Scheduler {
             moves,
             staying: healthy.iter().map(|&(_, n)| n).collect(),
             occupied,
+            avoid,
         }
     }
 

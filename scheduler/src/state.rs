@@ -23,6 +23,10 @@ use crate::pipeline::{LoadPolicy, NodeRejection, Rejection, SchedulerConfig, Sco
 
 /// An interned label value that is not set.
 const UNSET: u32 = u32::MAX;
+/// A pass mark: the node holds a replica of the function.
+pub(crate) const OCCUPIED: u8 = 1;
+/// A pass mark: the node is a last resort for the function (its replica failed there).
+pub(crate) const AVOID: u8 = 2;
 
 /// A node as the run sees it.
 pub(crate) struct NodeState {
@@ -426,20 +430,23 @@ impl<'s> State<'s> {
         c.spread_col.map(|col| self.columns[col][i])
     }
 
-    /// Places up to `want` replicas of a function. `occupied[i]` says node `i` already
-    /// holds one; `staying` lists the nodes whose replicas of it stay (for spread).
-    /// Changes nothing: the caller commits what it keeps.
+    /// Places up to `want` replicas of a function. `marks[i]` says node `i` already holds
+    /// one ([`OCCUPIED`]) or is a last resort ([`AVOID`]: a failed replica's node);
+    /// `staying` lists the nodes whose replicas of it stay (for spread). Changes
+    /// nothing: the caller commits what it keeps.
     pub(crate) fn pass(
         &mut self,
         spec: &FunctionSpec,
         c: &Compiled,
         want: usize,
-        occupied: &[bool],
+        marks: &[u8],
         staying: &[u32],
         config: &SchedulerConfig,
         rng: &mut SmallRng,
     ) -> PassOutcome {
         let weights = config.weights;
+        // Below any node that is not avoided, whatever the weights.
+        let avoid_penalty = weights.iter().sum::<f64>() + 1.0;
         let spread_w = if c.spread_col.is_some() { weights[ScoreStep::Spread.index()] } else { 0.0 };
         let values = self.strings.len() + 1;
         if self.group_of_value.len() < values {
@@ -450,17 +457,20 @@ impl<'s> State<'s> {
         let mut groups: Vec<Vec<Cand>> = Vec::new();
         let mut group_values: Vec<usize> = Vec::new();
         for i in 0..self.nodes.len() {
-            match self.check(c, i, occupied[i]) {
+            match self.check(c, i, marks[i] == OCCUPIED) {
                 Err(r) => rejects.push((index_u32(i), r)),
                 Ok(fit) => {
                     let parts = self.score_parts(c, i, &fit, config.load_policy);
-                    let base = parts
+                    let mut base: f64 = parts
                         .iter()
                         .zip(weights.iter())
                         .enumerate()
                         .filter(|(k, _)| *k != ScoreStep::Spread.index())
                         .map(|(_, (p, w))| p * w)
                         .sum();
+                    if marks[i] == AVOID {
+                        base -= avoid_penalty;
+                    }
                     let cand = Cand { base, tiebreak: rng.next_u64(), node: index_u32(i), fit };
                     let slot = self.spread_value(c, i).map_or(0, value_slot);
                     let g = &mut self.group_of_value[slot];
