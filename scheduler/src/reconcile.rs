@@ -9,7 +9,7 @@ use rand::rngs::SmallRng;
 
 use crate::error::Error;
 use crate::model::{ClusterSnapshot, DesiredFunction, FunctionSpec, NodeId, NodeStatus, ReplicaState};
-use crate::pipeline::{Rejection, SchedulerConfig, ScoreStep};
+use crate::pipeline::{NodeRejection, Rejection, SchedulerConfig, ScoreStep};
 use crate::plan::{AcceleratorClaim, Action, Displacement, Placement, PlacementFailure, Plan, StopReason};
 use crate::state::{AVOID, Chosen, Compiled, OCCUPIED, State};
 
@@ -57,6 +57,10 @@ struct Work {
     occupied: Vec<u32>,
     /// Nodes where a replica of the function failed: last resort for replacements.
     avoid: Vec<u32>,
+    /// Replicas phase 2 looks for, found so far, and why the last pass fell short.
+    wanted: usize,
+    placed: usize,
+    rejections: Vec<NodeRejection>,
 }
 
 impl Scheduler {
@@ -142,63 +146,100 @@ impl Scheduler {
             works.push(self.settle(&mut state, d, replicas, &mut plan));
         }
 
-        // Phase 2: place replacements and new replicas, function by function.
+        // Phase 2: place replacements and new replicas, function by function. A
+        // placement can make a model resident that an earlier function needed, so the
+        // functions left short go round again until a round places nothing: then each
+        // has failed against the final state, and reconciling the applied plan again
+        // finds nothing more to do.
         let mut rng = SmallRng::seed_from_u64(self.config.seed);
         let mut marks = vec![0u8; snapshot.nodes.len()];
-        for (d, work) in desired.iter().zip(works) {
-            let want = work.moves.len() + work.fresh;
-            if want == 0 {
-                continue;
+        let mut round: Vec<(usize, Work)> = desired
+            .iter()
+            .zip(works)
+            .enumerate()
+            .filter(|(_, (_, w))| w.moves.len() + w.fresh > 0)
+            .map(|(i, (_, w))| (i, w))
+            .collect();
+        let mut short = Vec::new();
+        while !round.is_empty() {
+            let mut progressed = false;
+            for (i, mut work) in round.drain(..) {
+                let placed = self.place_round(&mut state, &desired[i].spec, &mut work, &mut marks, &mut rng, &mut plan);
+                progressed |= placed > 0;
+                if work.moves.len() + work.fresh > 0 {
+                    short.push((i, work));
+                }
             }
-            for &n in &work.avoid {
-                marks[n as usize] = AVOID;
+            if progressed {
+                std::mem::swap(&mut round, &mut short);
             }
-            for &n in &work.occupied {
-                marks[n as usize] = OCCUPIED;
-            }
-            let outcome = state.pass(
-                &d.spec,
-                &work.compiled,
-                want,
-                &marks,
-                &work.staying,
-                &self.config,
-                &mut rng,
-            );
-            for &n in work.occupied.iter().chain(&work.avoid) {
-                marks[n as usize] = 0;
-            }
-            let placed = outcome.chosen.len();
-            let mut chosen = outcome.chosen.into_iter();
+        }
+        for (i, work) in short {
+            let spec = &desired[i].spec;
             for (ri, reason) in work.moves {
-                let replica = &snapshot.replicas[ri];
-                match chosen.next() {
-                    Some(ch) => {
-                        let to = place(&mut state, &d.spec, &work.compiled, &ch);
-                        plan.actions.push(Action::Move { from: replica.node.clone(), to, reason });
-                    }
-                    None if reason == Displacement::NodeDraining => {}
-                    None => plan.actions.push(Action::Stop {
+                // A draining node's replica keeps serving until there is room elsewhere.
+                if reason != Displacement::NodeDraining {
+                    let replica = &snapshot.replicas[ri];
+                    plan.actions.push(Action::Stop {
                         function: replica.function.clone(),
                         node: replica.node.clone(),
                         reason: StopReason::Displaced(reason),
-                    }),
+                    });
                 }
             }
-            for ch in chosen {
-                let p = place(&mut state, &d.spec, &work.compiled, &ch);
-                plan.actions.push(Action::Place(p));
-            }
-            if placed < want {
-                plan.failures.push(PlacementFailure {
-                    function: d.spec.id.clone(),
-                    wanted: count_u32(want),
-                    placed: count_u32(placed),
-                    rejections: outcome.rejections,
-                });
-            }
+            plan.failures.push(PlacementFailure {
+                function: spec.id.clone(),
+                wanted: count_u32(work.wanted),
+                placed: count_u32(work.placed),
+                rejections: work.rejections,
+            });
         }
         Ok(plan)
+    }
+
+    /// Runs one placement pass for a function and records what it placed: moves
+    /// first, then new replicas. Returns how many it placed.
+    fn place_round(
+        &self,
+        state: &mut State<'_>,
+        spec: &FunctionSpec,
+        work: &mut Work,
+        marks: &mut [u8],
+        rng: &mut SmallRng,
+        plan: &mut Plan,
+    ) -> usize {
+        let snapshot = state.snapshot();
+        let want = work.moves.len() + work.fresh;
+        for &n in &work.avoid {
+            marks[n as usize] = AVOID;
+        }
+        for &n in &work.occupied {
+            marks[n as usize] = OCCUPIED;
+        }
+        let outcome =
+            state.pass(spec, &work.compiled, want, marks, &work.staying, &self.config, rng);
+        for &n in work.occupied.iter().chain(&work.avoid) {
+            marks[n as usize] = 0;
+        }
+        let placed = outcome.chosen.len();
+        let moved = placed.min(work.moves.len());
+        let mut chosen = outcome.chosen.into_iter();
+        for ((ri, reason), ch) in work.moves.drain(..moved).zip(chosen.by_ref()) {
+            let to = place(state, spec, &work.compiled, &ch);
+            let from = snapshot.replicas[ri].node.clone();
+            plan.actions.push(Action::Move { from, to, reason });
+            work.occupied.push(ch.node);
+            work.staying.push(ch.node);
+        }
+        for ch in chosen {
+            plan.actions.push(Action::Place(place(state, spec, &work.compiled, &ch)));
+            work.fresh -= 1;
+            work.occupied.push(ch.node);
+            work.staying.push(ch.node);
+        }
+        work.placed += placed;
+        work.rejections = outcome.rejections;
+        placed
     }
 
     /// Phase 1 for one function: sorts its replicas into staying, stopping and moving.
@@ -282,6 +323,9 @@ impl Scheduler {
         }
         Work {
             compiled,
+            wanted: need,
+            placed: 0,
+            rejections: Vec::new(),
             fresh: need - moves.len(),
             moves,
             staying: healthy.iter().map(|&(_, n)| n).collect(),

@@ -226,8 +226,6 @@ fn run_round(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
     #[test]
     fn invariants_hold_through_placement_and_churn(
         nodes in arb_nodes(),
