@@ -55,7 +55,11 @@ fn desired() -> Vec<DesiredFunction> {
                 .with_scale(ScaleBounds::new(0, 50));
             if i % 4 == 0 {
                 spec = spec
-                    .with_model(ModelRequirement::new(format!("model-{}", i % 20), "onnx", GIB))
+                    .with_model(ModelRequirement::new(
+                        format!("model-{}", i % 20),
+                        "onnx",
+                        GIB,
+                    ))
                     .with_accelerator(AcceleratorPolicy::Preferred);
             }
             if i % 10 == 0 {
@@ -81,18 +85,24 @@ fn placement(c: &mut Criterion) {
     let scheduler = Scheduler::new(SchedulerConfig::default());
     let expected = FUNCTIONS * REPLICAS_PER_FUNCTION as usize;
 
-    let plan = scheduler.reconcile(&snapshot, &desired).expect("the bench input is valid");
-    assert!(plan.failures.is_empty(), "every replica fits: {:?}", plan.failures.first().map(|f| {
-        let mut reasons = std::collections::BTreeMap::new();
-        for r in &f.rejections {
-            *reasons.entry(r.rejection.reason()).or_insert(0) += 1;
-        }
-        (f.function.clone(), f.wanted, f.placed, reasons)
-    }));
+    let plan = scheduler
+        .reconcile(&snapshot, &desired)
+        .expect("the bench input is valid");
+    assert!(
+        plan.failures.is_empty(),
+        "every replica fits: {:?}",
+        plan.failures.first().map(|f| {
+            let mut reasons = std::collections::BTreeMap::new();
+            for r in &f.rejections {
+                *reasons.entry(r.rejection.reason()).or_insert(0) += 1;
+            }
+            (f.function.clone(), f.wanted, f.placed, reasons)
+        })
+    );
     assert_eq!(plan.placements().count(), expected);
 
     c.bench_function("reconcile 10k replicas, 1k functions, 1k nodes", |b| {
-        b.iter(|| scheduler.reconcile(black_box(&snapshot), black_box(&desired)))
+        b.iter(|| scheduler.reconcile(black_box(&snapshot), black_box(&desired)));
     });
 
     // Our own figure: the best of a few timed runs.

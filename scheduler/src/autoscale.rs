@@ -96,7 +96,11 @@ impl AutoscalerConfig {
     /// In-flight requests per replica to aim for; values below 0.01 count as 0.01.
     #[must_use]
     pub fn with_target(mut self, target: f64) -> Self {
-        self.target = if target.is_finite() { target.max(0.01) } else { DEFAULT_TARGET_CONCURRENCY };
+        self.target = if target.is_finite() {
+            target.max(0.01)
+        } else {
+            DEFAULT_TARGET_CONCURRENCY
+        };
         self
     }
 
@@ -118,8 +122,11 @@ impl AutoscalerConfig {
     /// (at least 1).
     #[must_use]
     pub fn with_panic_threshold(mut self, threshold: f64) -> Self {
-        self.panic_threshold =
-            if threshold.is_finite() { threshold.max(1.0) } else { DEFAULT_PANIC_THRESHOLD };
+        self.panic_threshold = if threshold.is_finite() {
+            threshold.max(1.0)
+        } else {
+            DEFAULT_PANIC_THRESHOLD
+        };
         self
     }
 
@@ -226,12 +233,17 @@ impl Autoscaler {
                 st.panic_replicas = current;
             }
             st.panic_since = Some(now);
-        } else if st.panic_since.is_some_and(|t| now >= t.saturating_add(c.stable_window)) {
+        } else if st
+            .panic_since
+            .is_some_and(|t| now >= t.saturating_add(c.stable_window))
+        {
             st.panic_since = None;
             st.panic_replicas = 0;
         }
         let (mut desired, mode) = if st.panic_since.is_some() {
-            let d = replicas_for(panic, c.target).max(st.panic_replicas).max(current);
+            let d = replicas_for(panic, c.target)
+                .max(st.panic_replicas)
+                .max(current);
             st.panic_replicas = d;
             (d, ScaleMode::Panic)
         } else {
@@ -261,8 +273,14 @@ fn mean_since(samples: &[Sample], now: Duration, window: Duration) -> (f64, usiz
     let (sum, n) = samples
         .iter()
         .filter(|s| s.at <= now && from.is_none_or(|f| s.at > f))
-        .fold((0.0, 0usize), |(sum, n), s| (sum + s.in_flight.max(0.0), n + 1));
-    if n == 0 { (0.0, 0) } else { (sum / n as f64, n) }
+        .fold((0.0, 0usize), |(sum, n), s| {
+            (sum + s.in_flight.max(0.0), n + 1)
+        });
+    if n == 0 {
+        (0.0, 0)
+    } else {
+        (sum / n as f64, n)
+    }
 }
 
 /// `ceil(concurrency / target)`, saturating.
@@ -296,7 +314,13 @@ mod tests {
     #[test]
     fn stable_mode_is_ceil_of_load_over_target() {
         let a = Autoscaler::default();
-        let d = a.decide(BOUNDS, 3, &steady(0, 60, 35.0), &ScaleState::default(), secs(59));
+        let d = a.decide(
+            BOUNDS,
+            3,
+            &steady(0, 60, 35.0),
+            &ScaleState::default(),
+            secs(59),
+        );
         assert_eq!(d.mode, ScaleMode::Stable);
         assert_eq!(d.replicas, 4);
     }
@@ -304,9 +328,21 @@ mod tests {
     #[test]
     fn bounds_clamp_the_answer() {
         let a = Autoscaler::default();
-        let d = a.decide(ScaleBounds::new(2, 3), 2, &steady(0, 60, 1000.0), &ScaleState::default(), secs(59));
+        let d = a.decide(
+            ScaleBounds::new(2, 3),
+            2,
+            &steady(0, 60, 1000.0),
+            &ScaleState::default(),
+            secs(59),
+        );
         assert_eq!(d.replicas, 3);
-        let d = a.decide(ScaleBounds::new(2, 3), 2, &steady(0, 60, 0.0), &ScaleState::default(), secs(59));
+        let d = a.decide(
+            ScaleBounds::new(2, 3),
+            2,
+            &steady(0, 60, 0.0),
+            &ScaleState::default(),
+            secs(59),
+        );
         assert_eq!(d.replicas, 2);
     }
 
@@ -345,7 +381,10 @@ mod tests {
         let a = Autoscaler::default();
         let samples = steady(0, 200, 0.0);
         let d = a.decide(BOUNDS, 1, &samples, &ScaleState::default(), secs(100));
-        assert_eq!(d.replicas, 1, "inside the grace period the last replica stays");
+        assert_eq!(
+            d.replicas, 1,
+            "inside the grace period the last replica stays"
+        );
         let d2 = a.decide(BOUNDS, 1, &samples, &d.state, secs(129));
         assert_eq!(d2.replicas, 1);
         let d3 = a.decide(BOUNDS, 1, &samples, &d2.state, secs(130));
@@ -356,7 +395,13 @@ mod tests {
     fn min_above_zero_forbids_scale_to_zero() {
         let a = Autoscaler::default();
         let samples = steady(0, 200, 0.0);
-        let d = a.decide(ScaleBounds::new(1, 5), 1, &samples, &ScaleState::default(), secs(199));
+        let d = a.decide(
+            ScaleBounds::new(1, 5),
+            1,
+            &samples,
+            &ScaleState::default(),
+            secs(199),
+        );
         let d = a.decide(ScaleBounds::new(1, 5), 1, &samples, &d.state, secs(400));
         assert_eq!(d.replicas, 1);
     }
@@ -371,13 +416,22 @@ mod tests {
         assert_eq!(d.replicas, 1);
         samples.extend(steady(101, 200, 0.0));
         let d = a.decide(BOUNDS, 1, &samples, &d.state, secs(170));
-        assert_eq!(d.replicas, 1, "the zero streak restarted when the window emptied");
+        assert_eq!(
+            d.replicas, 1,
+            "the zero streak restarted when the window emptied"
+        );
     }
 
     #[test]
     fn cold_start_from_zero_scales_up() {
         let a = Autoscaler::default();
-        let d = a.decide(BOUNDS, 0, &[Sample::new(secs(10), 3.0)], &ScaleState::default(), secs(10));
+        let d = a.decide(
+            BOUNDS,
+            0,
+            &[Sample::new(secs(10), 3.0)],
+            &ScaleState::default(),
+            secs(10),
+        );
         assert_eq!(d.replicas, 1);
     }
 

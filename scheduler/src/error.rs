@@ -73,22 +73,33 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::DuplicateNode { node } => write!(f, "node `{node}` appears twice in the snapshot"),
+            Error::DuplicateNode { node } => {
+                write!(f, "node `{node}` appears twice in the snapshot")
+            }
             Error::DuplicateFunction { function } => {
-                write!(f, "function `{function}` appears twice in the desired state")
+                write!(
+                    f,
+                    "function `{function}` appears twice in the desired state"
+                )
             }
             Error::DuplicateReplica { function, node } => {
                 write!(f, "function `{function}` has two replicas on node `{node}`")
             }
             Error::InvalidScaleBounds { function, min, max } => {
-                write!(f, "function `{function}` has min replicas {min:?} above max {max:?}")
+                write!(
+                    f,
+                    "function `{function}` has min replicas {min:?} above max {max:?}"
+                )
             }
             Error::UnknownNode { node } => write!(f, "plan names unknown node `{node}`"),
             Error::UnknownReplica { function, node } => {
                 write!(f, "plan names no replica of `{function}` on node `{node}`")
             }
             Error::ReplicaExists { function, node } => {
-                write!(f, "function `{function}` already has a replica on node `{node}`")
+                write!(
+                    f,
+                    "function `{function}` already has a replica on node `{node}`"
+                )
             }
             Error::OverCapacity { node, resource } => {
                 write!(f, "plan puts node `{node}` over its free {resource}")

@@ -111,10 +111,10 @@ pub use autoscale::{
 };
 pub use error::Error;
 pub use model::{
-    Accelerator, AcceleratorPolicy, ClusterSnapshot, DesiredFunction, ExecutionTarget,
-    FunctionId, FunctionSpec, LabelSelector, ModelId, ModelRequirement, Node, NodeId,
-    NodeStatus, PlacementConstraints, REGION_LABEL, Replica, ReplicaState, Resources,
-    ScaleBounds, SelectorOp, TIER_LABEL, Tier,
+    Accelerator, AcceleratorPolicy, ClusterSnapshot, DesiredFunction, ExecutionTarget, FunctionId,
+    FunctionSpec, LabelSelector, ModelId, ModelRequirement, Node, NodeId, NodeStatus,
+    PlacementConstraints, REGION_LABEL, Replica, ReplicaState, Resources, ScaleBounds, SelectorOp,
+    TIER_LABEL, Tier,
 };
 pub use pipeline::{
     DEFAULT_ACCELERATOR_PREFERRED_WEIGHT, DEFAULT_EDGE_PROXIMITY_WEIGHT, DEFAULT_LOAD_WEIGHT,

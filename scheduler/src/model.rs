@@ -90,7 +90,10 @@ pub struct Resources {
 impl Resources {
     /// Makes a resource amount.
     pub const fn new(cpu_millis: u64, memory_bytes: u64) -> Self {
-        Self { cpu_millis, memory_bytes }
+        Self {
+            cpu_millis,
+            memory_bytes,
+        }
     }
 
     /// Whether `request` fits in `self`, read as a free amount.
@@ -113,7 +116,11 @@ pub struct Accelerator {
 impl Accelerator {
     /// An accelerator with all its memory free.
     pub fn new(kind: impl Into<String>, memory_bytes: u64) -> Self {
-        Self { kind: kind.into(), memory_bytes, free_memory_bytes: memory_bytes }
+        Self {
+            kind: kind.into(),
+            memory_bytes,
+            free_memory_bytes: memory_bytes,
+        }
     }
 }
 
@@ -275,7 +282,9 @@ impl Node {
 
     /// The tier from the `tier` label, if it names one.
     pub fn tier(&self) -> Option<Tier> {
-        self.labels.get(TIER_LABEL).and_then(|v| Tier::from_label(v))
+        self.labels
+            .get(TIER_LABEL)
+            .and_then(|v| Tier::from_label(v))
     }
 
     /// The `region` label.
@@ -298,7 +307,11 @@ pub struct ModelRequirement {
 impl ModelRequirement {
     /// Makes a model requirement.
     pub fn new(id: impl Into<ModelId>, backend: impl Into<String>, memory_bytes: u64) -> Self {
-        Self { id: id.into(), backend: backend.into(), memory_bytes }
+        Self {
+            id: id.into(),
+            backend: backend.into(),
+            memory_bytes,
+        }
     }
 }
 
@@ -339,23 +352,41 @@ pub struct LabelSelector {
 
 impl LabelSelector {
     /// `key` is one of `values`.
-    pub fn is_in<V: Into<String>>(key: impl Into<String>, values: impl IntoIterator<Item = V>) -> Self {
-        Self { key: key.into(), op: SelectorOp::In(values.into_iter().map(Into::into).collect()) }
+    pub fn is_in<V: Into<String>>(
+        key: impl Into<String>,
+        values: impl IntoIterator<Item = V>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            op: SelectorOp::In(values.into_iter().map(Into::into).collect()),
+        }
     }
 
     /// `key` is unset or none of `values`.
-    pub fn not_in<V: Into<String>>(key: impl Into<String>, values: impl IntoIterator<Item = V>) -> Self {
-        Self { key: key.into(), op: SelectorOp::NotIn(values.into_iter().map(Into::into).collect()) }
+    pub fn not_in<V: Into<String>>(
+        key: impl Into<String>,
+        values: impl IntoIterator<Item = V>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            op: SelectorOp::NotIn(values.into_iter().map(Into::into).collect()),
+        }
     }
 
     /// `key` is set.
     pub fn exists(key: impl Into<String>) -> Self {
-        Self { key: key.into(), op: SelectorOp::Exists }
+        Self {
+            key: key.into(),
+            op: SelectorOp::Exists,
+        }
     }
 
     /// `key` is unset.
     pub fn does_not_exist(key: impl Into<String>) -> Self {
-        Self { key: key.into(), op: SelectorOp::DoesNotExist }
+        Self {
+            key: key.into(),
+            op: SelectorOp::DoesNotExist,
+        }
     }
 
     /// Whether a label value (or its absence) satisfies the selector.
@@ -539,7 +570,12 @@ impl Replica {
         state: ReplicaState,
         resources: Resources,
     ) -> Self {
-        Self { function: function.into(), node: node.into(), state, resources }
+        Self {
+            function: function.into(),
+            node: node.into(),
+            state,
+            resources,
+        }
     }
 }
 
@@ -559,7 +595,10 @@ pub struct ClusterSnapshot {
 impl ClusterSnapshot {
     /// A snapshot of nodes with no replicas.
     pub fn new(nodes: Vec<Node>) -> Self {
-        Self { nodes, replicas: Vec::new() }
+        Self {
+            nodes,
+            replicas: Vec::new(),
+        }
     }
 
     /// The node with this id.
@@ -569,7 +608,9 @@ impl ClusterSnapshot {
 
     /// The replicas of a function.
     pub fn replicas_of<'a>(&'a self, function: &'a str) -> impl Iterator<Item = &'a Replica> + 'a {
-        self.replicas.iter().filter(move |r| r.function.as_str() == function)
+        self.replicas
+            .iter()
+            .filter(move |r| r.function.as_str() == function)
     }
 }
 

@@ -138,9 +138,15 @@ impl Rejection {
     /// The reason as a short kebab-case word, for example `insufficient-memory`.
     pub const fn reason(&self) -> &'static str {
         match self {
-            Rejection::NodeNotReady { status: NodeStatus::Lost } => "node-lost",
-            Rejection::NodeNotReady { status: NodeStatus::Draining } => "node-draining",
-            Rejection::NodeNotReady { status: NodeStatus::Ready } => "node-not-ready",
+            Rejection::NodeNotReady {
+                status: NodeStatus::Lost,
+            } => "node-lost",
+            Rejection::NodeNotReady {
+                status: NodeStatus::Draining,
+            } => "node-draining",
+            Rejection::NodeNotReady {
+                status: NodeStatus::Ready,
+            } => "node-not-ready",
             Rejection::TierMismatch { .. } => "tier-mismatch",
             Rejection::AlreadyOnNode => "already-on-node",
             Rejection::LabelMismatch { .. } => "label-mismatch",
@@ -157,9 +163,9 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "filtered by: {}", self.reason())?;
         match self {
-            Rejection::NodeNotReady { .. } | Rejection::AlreadyOnNode | Rejection::NoAccelerator => {
-                Ok(())
-            }
+            Rejection::NodeNotReady { .. }
+            | Rejection::AlreadyOnNode
+            | Rejection::NoAccelerator => Ok(()),
             Rejection::TierMismatch { required, actual } => {
                 let actual = actual.map_or("none", Tier::as_str);
                 write!(f, " (requires `{}`, node is `{actual}`)", required.as_str())
@@ -172,8 +178,14 @@ impl fmt::Display for Rejection {
             Rejection::InsufficientMemory { requested, free } => {
                 write!(f, " (requested {requested} bytes, {free} free)")
             }
-            Rejection::InsufficientAcceleratorMemory { requested, largest_free } => {
-                write!(f, " (requested {requested} bytes, at most {largest_free} free)")
+            Rejection::InsufficientAcceleratorMemory {
+                requested,
+                largest_free,
+            } => {
+                write!(
+                    f,
+                    " (requested {requested} bytes, at most {largest_free} free)"
+                )
             }
         }
     }
@@ -306,7 +318,11 @@ impl SchedulerConfig {
     /// Sets a step's weight; a negative or non-finite weight counts as 0 (step off).
     #[must_use]
     pub fn with_weight(mut self, step: ScoreStep, weight: f64) -> Self {
-        self.weights[step.index()] = if weight.is_finite() && weight > 0.0 { weight } else { 0.0 };
+        self.weights[step.index()] = if weight.is_finite() && weight > 0.0 {
+            weight
+        } else {
+            0.0
+        };
         self
     }
 
@@ -347,10 +363,18 @@ mod tests {
 
     #[test]
     fn rejection_text_names_step_reason_and_values() {
-        let r = Rejection::InsufficientMemory { requested: 512, free: 128 };
+        let r = Rejection::InsufficientMemory {
+            requested: 512,
+            free: 128,
+        };
         assert_eq!(r.step(), FilterStep::Resources);
-        assert_eq!(r.to_string(), "filtered by: insufficient-memory (requested 512 bytes, 128 free)");
-        let r = Rejection::NodeNotReady { status: NodeStatus::Lost };
+        assert_eq!(
+            r.to_string(),
+            "filtered by: insufficient-memory (requested 512 bytes, 128 free)"
+        );
+        let r = Rejection::NodeNotReady {
+            status: NodeStatus::Lost,
+        };
         assert_eq!(r.to_string(), "filtered by: node-lost");
     }
 
@@ -361,6 +385,9 @@ mod tests {
             .with_weight(ScoreStep::Load, -1.0);
         assert_eq!(c.weight(ScoreStep::Spread), 0.0);
         assert_eq!(c.weight(ScoreStep::Load), 0.0);
-        assert_eq!(c.weight(ScoreStep::ModelResident), DEFAULT_MODEL_RESIDENT_WEIGHT);
+        assert_eq!(
+            c.weight(ScoreStep::ModelResident),
+            DEFAULT_MODEL_RESIDENT_WEIGHT
+        );
     }
 }

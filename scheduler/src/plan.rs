@@ -193,8 +193,12 @@ impl ClusterSnapshot {
     /// the cluster layer can use as its optimistic view until heartbeats confirm it.
     pub fn apply(&mut self, plan: &Plan) -> Result<(), Error> {
         let mut next = self.clone();
-        let node_at: HashMap<NodeId, usize> =
-            next.nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
+        let node_at: HashMap<NodeId, usize> = next
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.clone(), i))
+            .collect();
         let mut replica_at: HashMap<(FunctionId, NodeId), usize> = next
             .replicas
             .iter()
@@ -208,9 +212,12 @@ impl ClusterSnapshot {
                 Action::Move { from, to, .. } => (&to.function, from),
                 Action::Place(_) => continue,
             };
-            let at = replica_at.remove(&(function.clone(), node.clone())).ok_or_else(|| {
-                Error::UnknownReplica { function: function.clone(), node: node.clone() }
-            })?;
+            let at = replica_at
+                .remove(&(function.clone(), node.clone()))
+                .ok_or_else(|| Error::UnknownReplica {
+                    function: function.clone(),
+                    node: node.clone(),
+                })?;
             removed[at] = true;
             let resources = next.replicas[at].resources;
             if let Some(&n) = node_at.get(node) {
@@ -225,13 +232,18 @@ impl ClusterSnapshot {
             !removed[i - 1]
         });
         for p in plan.placements() {
-            if replica_at.insert((p.function.clone(), p.node.clone()), usize::MAX).is_some() {
+            if replica_at
+                .insert((p.function.clone(), p.node.clone()), usize::MAX)
+                .is_some()
+            {
                 return Err(Error::ReplicaExists {
                     function: p.function.clone(),
                     node: p.node.clone(),
                 });
             }
-            let n = *node_at.get(&p.node).ok_or_else(|| Error::UnknownNode { node: p.node.clone() })?;
+            let n = *node_at.get(&p.node).ok_or_else(|| Error::UnknownNode {
+                node: p.node.clone(),
+            })?;
             take(&mut next.nodes[n], p)?;
             next.replicas.push(Replica {
                 function: p.function.clone(),
@@ -247,16 +259,29 @@ impl ClusterSnapshot {
 
 /// Takes a placement's resources out of a node.
 fn take(n: &mut Node, p: &Placement) -> Result<(), Error> {
-    let over = |resource| Error::OverCapacity { node: p.node.clone(), resource };
-    n.free.cpu_millis =
-        n.free.cpu_millis.checked_sub(p.resources.cpu_millis).ok_or_else(|| over("cpu"))?;
+    let over = |resource| Error::OverCapacity {
+        node: p.node.clone(),
+        resource,
+    };
+    n.free.cpu_millis = n
+        .free
+        .cpu_millis
+        .checked_sub(p.resources.cpu_millis)
+        .ok_or_else(|| over("cpu"))?;
     let memory = p.resources.memory_bytes.saturating_add(p.host_model_bytes);
-    n.free.memory_bytes = n.free.memory_bytes.checked_sub(memory).ok_or_else(|| over("memory"))?;
+    n.free.memory_bytes = n
+        .free
+        .memory_bytes
+        .checked_sub(memory)
+        .ok_or_else(|| over("memory"))?;
     if let Some(claim) = p.accelerator {
-        let a = n.accelerators.get_mut(claim.index).ok_or_else(|| Error::UnknownAccelerator {
-            node: p.node.clone(),
-            index: claim.index,
-        })?;
+        let a = n
+            .accelerators
+            .get_mut(claim.index)
+            .ok_or_else(|| Error::UnknownAccelerator {
+                node: p.node.clone(),
+                index: claim.index,
+            })?;
         a.free_memory_bytes = a
             .free_memory_bytes
             .checked_sub(claim.memory_bytes)

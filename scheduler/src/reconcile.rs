@@ -8,10 +8,14 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::error::Error;
-use crate::model::{ClusterSnapshot, DesiredFunction, FunctionSpec, NodeId, NodeStatus, ReplicaState};
+use crate::model::{
+    ClusterSnapshot, DesiredFunction, FunctionSpec, NodeId, NodeStatus, ReplicaState,
+};
 use crate::pipeline::{NodeRejection, Rejection, SchedulerConfig, ScoreStep};
-use crate::plan::{AcceleratorClaim, Action, Displacement, Placement, PlacementFailure, Plan, StopReason};
-use crate::state::{AVOID, Chosen, Compiled, OCCUPIED, State};
+use crate::plan::{
+    AcceleratorClaim, Action, Displacement, Placement, PlacementFailure, Plan, StopReason,
+};
+use crate::state::{AVOID, Chosen, Compiled, OCCUPIED, PassJob, State};
 
 /// Places functions on nodes. Holds only configuration: every call is a pure function
 /// of its arguments, so one `Scheduler` can serve any number of snapshots and threads.
@@ -41,7 +45,10 @@ pub struct NodeScore {
 impl NodeScore {
     /// One step's normalised score.
     pub fn step(&self, step: ScoreStep) -> f64 {
-        self.steps.iter().find(|(s, _)| *s == step).map_or(0.0, |(_, v)| *v)
+        self.steps
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map_or(0.0, |(_, v)| *v)
     }
 }
 
@@ -117,7 +124,9 @@ impl Scheduler {
                 });
             }
             if wanted.insert(spec.id.as_str(), i).is_some() {
-                return Err(Error::DuplicateFunction { function: spec.id.clone() });
+                return Err(Error::DuplicateFunction {
+                    function: spec.id.clone(),
+                });
             }
         }
 
@@ -164,7 +173,14 @@ impl Scheduler {
         while !round.is_empty() {
             let mut progressed = false;
             for (i, mut work) in round.drain(..) {
-                let placed = self.place_round(&mut state, &desired[i].spec, &mut work, &mut marks, &mut rng, &mut plan);
+                let placed = self.place_round(
+                    &mut state,
+                    &desired[i].spec,
+                    &mut work,
+                    &mut marks,
+                    &mut rng,
+                    &mut plan,
+                );
                 progressed |= placed > 0;
                 if work.moves.len() + work.fresh > 0 {
                     short.push((i, work));
@@ -216,8 +232,14 @@ impl Scheduler {
         for &n in &work.occupied {
             marks[n as usize] = OCCUPIED;
         }
-        let outcome =
-            state.pass(spec, &work.compiled, want, marks, &work.staying, &self.config, rng);
+        let job = PassJob {
+            spec,
+            compiled: &work.compiled,
+            want,
+            marks,
+            staying: &work.staying,
+        };
+        let outcome = state.pass(job, &self.config, rng);
         for &n in work.occupied.iter().chain(&work.avoid) {
             marks[n as usize] = 0;
         }
@@ -232,7 +254,8 @@ impl Scheduler {
             work.staying.push(ch.node);
         }
         for ch in chosen {
-            plan.actions.push(Action::Place(place(state, spec, &work.compiled, &ch)));
+            plan.actions
+                .push(Action::Place(place(state, spec, &work.compiled, &ch)));
             work.fresh -= 1;
             work.occupied.push(ch.node);
             work.staying.push(ch.node);
@@ -291,7 +314,9 @@ impl Scheduler {
             healthy.sort_by(|a, b| {
                 let (ra, rb) = (&snapshot.replicas[a.0], &snapshot.replicas[b.0]);
                 let pending = |s| u8::from(s == ReplicaState::Pending);
-                pending(rb.state).cmp(&pending(ra.state)).then_with(|| rb.node.cmp(&ra.node))
+                pending(rb.state)
+                    .cmp(&pending(ra.state))
+                    .then_with(|| rb.node.cmp(&ra.node))
             });
             let excess = healthy.len() - target;
             for (ri, n) in healthy.drain(..excess) {
@@ -353,7 +378,9 @@ impl Scheduler {
         for r in snapshot.replicas_of(spec.id.as_str()) {
             if let Some(n) = state.position(r.node.as_str()) {
                 occupied[n as usize] = true;
-                *spread_counts.entry(state.spread_value(&compiled, n as usize)).or_default() += 1;
+                *spread_counts
+                    .entry(state.spread_value(&compiled, n as usize))
+                    .or_default() += 1;
             }
         }
         let weights = self.config.weights;
@@ -365,18 +392,25 @@ impl Scheduler {
                 let outcome = match state.check(&compiled, i, occupied[i]) {
                     Err(r) => Err(r.to_public(spec)),
                     Ok(fit) => {
-                        let mut parts = state.score_parts(&compiled, i, &fit, self.config.load_policy);
+                        let mut parts =
+                            state.score_parts(&compiled, i, &fit, self.config.load_policy);
                         if spec.placement.spread_key.is_some() {
                             let value = state.spread_value(&compiled, i);
                             let n = spread_counts.get(&value).copied().unwrap_or(0);
                             parts[ScoreStep::Spread.index()] = 1.0 / (1.0 + f64::from(n));
                         }
                         let total = parts.iter().zip(weights.iter()).map(|(p, w)| p * w).sum();
-                        let steps = ScoreStep::ALL.iter().map(|s| (*s, parts[s.index()])).collect();
+                        let steps = ScoreStep::ALL
+                            .iter()
+                            .map(|s| (*s, parts[s.index()]))
+                            .collect();
                         Ok(NodeScore { total, steps })
                     }
                 };
-                NodeVerdict { node: node.id.clone(), outcome }
+                NodeVerdict {
+                    node: node.id.clone(),
+                    outcome,
+                }
             })
             .collect();
         Ok(verdicts)
@@ -392,7 +426,10 @@ fn place(state: &mut State<'_>, spec: &FunctionSpec, c: &Compiled, ch: &Chosen) 
         node: state.snapshot().nodes[ch.node as usize].id.clone(),
         resources: spec.request,
         load_models,
-        accelerator: ch.fit.accel.map(|(index, memory_bytes)| AcceleratorClaim { index, memory_bytes }),
+        accelerator: ch.fit.accel.map(|(index, memory_bytes)| AcceleratorClaim {
+            index,
+            memory_bytes,
+        }),
         host_model_bytes: ch.fit.host_model_bytes,
         score: ch.score,
     }
@@ -412,7 +449,10 @@ fn validate_replicas(snapshot: &ClusterSnapshot) -> Result<(), Error> {
     let mut seen = HashSet::with_capacity(snapshot.replicas.len());
     for r in &snapshot.replicas {
         if !seen.insert((r.function.as_str(), r.node.as_str())) {
-            return Err(Error::DuplicateReplica { function: r.function.clone(), node: r.node.clone() });
+            return Err(Error::DuplicateReplica {
+                function: r.function.clone(),
+                node: r.node.clone(),
+            });
         }
     }
     Ok(())

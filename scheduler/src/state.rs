@@ -74,16 +74,28 @@ impl Reject {
             Reject::Tier(required, actual) => Rejection::TierMismatch { required, actual },
             Reject::AlreadyOnNode => Rejection::AlreadyOnNode,
             Reject::Label(i) => Rejection::LabelMismatch {
-                key: spec.placement.selectors.get(i).map(|s| s.key.clone()).unwrap_or_default(),
+                key: spec
+                    .placement
+                    .selectors
+                    .get(i)
+                    .map(|s| s.key.clone())
+                    .unwrap_or_default(),
             },
             Reject::NoAccelerator => Rejection::NoAccelerator,
             Reject::Backend(i) => Rejection::MissingBackend {
-                backend: spec.models.get(i).map(|m| m.backend.clone()).unwrap_or_default(),
+                backend: spec
+                    .models
+                    .get(i)
+                    .map(|m| m.backend.clone())
+                    .unwrap_or_default(),
             },
             Reject::Cpu(requested, free) => Rejection::InsufficientCpu { requested, free },
             Reject::Memory(requested, free) => Rejection::InsufficientMemory { requested, free },
             Reject::AccelMemory(requested, largest_free) => {
-                Rejection::InsufficientAcceleratorMemory { requested, largest_free }
+                Rejection::InsufficientAcceleratorMemory {
+                    requested,
+                    largest_free,
+                }
             }
         }
     }
@@ -130,7 +142,9 @@ impl PartialOrd for Cand {
 }
 impl Ord for Cand {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.base.total_cmp(&other.base).then(self.tiebreak.cmp(&other.tiebreak))
+        self.base
+            .total_cmp(&other.base)
+            .then(self.tiebreak.cmp(&other.tiebreak))
     }
 }
 
@@ -155,7 +169,9 @@ impl PartialOrd for GroupHead {
 }
 impl Ord for GroupHead {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.total.total_cmp(&other.total).then(self.tiebreak.cmp(&other.tiebreak))
+        self.total
+            .total_cmp(&other.total)
+            .then(self.tiebreak.cmp(&other.tiebreak))
     }
 }
 
@@ -165,6 +181,18 @@ pub(crate) struct Chosen {
     pub(crate) node: u32,
     pub(crate) fit: Fit,
     pub(crate) score: f64,
+}
+
+/// What a pass is asked to place.
+#[derive(Clone, Copy)]
+pub(crate) struct PassJob<'a> {
+    pub(crate) spec: &'a FunctionSpec,
+    pub(crate) compiled: &'a Compiled,
+    pub(crate) want: usize,
+    /// Per node: 0, [`OCCUPIED`] or [`AVOID`].
+    pub(crate) marks: &'a [u8],
+    /// Nodes whose replicas of the function stay (for spread).
+    pub(crate) staying: &'a [u32],
 }
 
 /// What a pass found.
@@ -204,8 +232,11 @@ impl<'s> State<'s> {
         for (i, node) in snap.nodes.iter().enumerate() {
             state.pos.insert(node.id.as_str(), index_u32(i));
             let backends = node.backends.iter().map(|b| state.intern(b)).collect();
-            let mut resident: Vec<u32> =
-                node.resident_models.iter().map(|m| state.intern(m.as_str())).collect();
+            let mut resident: Vec<u32> = node
+                .resident_models
+                .iter()
+                .map(|m| state.intern(m.as_str()))
+                .collect();
             resident.sort_unstable();
             let region = node.region().map_or(UNSET, |r| state.intern(r));
             state.nodes.push(NodeState {
@@ -214,7 +245,11 @@ impl<'s> State<'s> {
                 region,
                 free: node.free,
                 capacity: node.capacity,
-                accel_free: node.accelerators.iter().map(|a| a.free_memory_bytes).collect(),
+                accel_free: node
+                    .accelerators
+                    .iter()
+                    .map(|a| a.free_memory_bytes)
+                    .collect(),
                 gpu: !node.accelerators.is_empty() && node.targets.contains(&ExecutionTarget::Gpu),
                 backends,
                 resident,
@@ -275,10 +310,20 @@ impl<'s> State<'s> {
         let models = spec
             .models
             .iter()
-            .map(|m| (self.intern(m.id.as_str()), self.intern(&m.backend), m.memory_bytes))
+            .map(|m| {
+                (
+                    self.intern(m.id.as_str()),
+                    self.intern(&m.backend),
+                    m.memory_bytes,
+                )
+            })
             .collect();
         let spread_col = spec.placement.spread_key.as_deref().map(|k| self.column(k));
-        let near_region = spec.placement.near_region.as_deref().map(|r| self.intern(r));
+        let near_region = spec
+            .placement
+            .near_region
+            .as_deref()
+            .map(|r| self.intern(r));
         Compiled {
             tier: spec.placement.tier,
             selectors,
@@ -381,7 +426,11 @@ impl<'s> State<'s> {
             let largest = n.accel_free.iter().copied().max().unwrap_or(0);
             return Err(Reject::AccelMemory(missing_bytes, largest));
         }
-        Ok(Fit { accel, host_model_bytes, resident_models })
+        Ok(Fit {
+            accel,
+            host_model_bytes,
+            resident_models,
+        })
     }
 
     /// The normalised score of every step but spread, indexed by [`ScoreStep::index`].
@@ -399,15 +448,21 @@ impl<'s> State<'s> {
                 f64::from(fit.resident_models) / c.models.len() as f64;
         }
         let share = |free: u64, used: u64, cap: u64| {
-            if cap == 0 { 0.0 } else { free.saturating_sub(used) as f64 / cap as f64 }
+            if cap == 0 {
+                0.0
+            } else {
+                free.saturating_sub(used) as f64 / cap as f64
+            }
         };
-        let free_share = (share(n.free.cpu_millis, c.request.cpu_millis, n.capacity.cpu_millis)
-            + share(
-                n.free.memory_bytes,
-                c.request.memory_bytes.saturating_add(fit.host_model_bytes),
-                n.capacity.memory_bytes,
-            ))
-            / 2.0;
+        let free_share = (share(
+            n.free.cpu_millis,
+            c.request.cpu_millis,
+            n.capacity.cpu_millis,
+        ) + share(
+            n.free.memory_bytes,
+            c.request.memory_bytes.saturating_add(fit.host_model_bytes),
+            n.capacity.memory_bytes,
+        )) / 2.0;
         let free_share = free_share.clamp(0.0, 1.0);
         parts[ScoreStep::Load.index()] = match policy {
             LoadPolicy::LeastLoaded => free_share,
@@ -419,8 +474,11 @@ impl<'s> State<'s> {
         if let Some(region) = c.near_region
             && n.region == region
         {
-            parts[ScoreStep::EdgeProximity.index()] =
-                if n.tier == Some(Tier::Edge) { 1.0 } else { 0.75 };
+            parts[ScoreStep::EdgeProximity.index()] = if n.tier == Some(Tier::Edge) {
+                1.0
+            } else {
+                0.75
+            };
         }
         parts
     }
@@ -430,24 +488,31 @@ impl<'s> State<'s> {
         c.spread_col.map(|col| self.columns[col][i])
     }
 
-    /// Places up to `want` replicas of a function. `marks[i]` says node `i` already holds
+    /// Places up to `job.want` replicas of a function. `job.marks[i]` says node `i` holds
     /// one ([`OCCUPIED`]) or is a last resort ([`AVOID`]: a failed replica's node);
-    /// `staying` lists the nodes whose replicas of it stay (for spread). Changes
+    /// `job.staying` lists the nodes whose replicas of it stay (for spread). Changes
     /// nothing: the caller commits what it keeps.
     pub(crate) fn pass(
         &mut self,
-        spec: &FunctionSpec,
-        c: &Compiled,
-        want: usize,
-        marks: &[u8],
-        staying: &[u32],
+        job: PassJob<'_>,
         config: &SchedulerConfig,
         rng: &mut SmallRng,
     ) -> PassOutcome {
+        let PassJob {
+            spec,
+            compiled: c,
+            want,
+            marks,
+            staying,
+        } = job;
         let weights = config.weights;
         // Below any node that is not avoided, whatever the weights.
         let avoid_penalty = weights.iter().sum::<f64>() + 1.0;
-        let spread_w = if c.spread_col.is_some() { weights[ScoreStep::Spread.index()] } else { 0.0 };
+        let spread_w = if c.spread_col.is_some() {
+            weights[ScoreStep::Spread.index()]
+        } else {
+            0.0
+        };
         let values = self.strings.len() + 1;
         if self.group_of_value.len() < values {
             self.group_of_value.resize(values, usize::MAX);
@@ -456,8 +521,8 @@ impl<'s> State<'s> {
         rejects.clear();
         let mut groups: Vec<Vec<Cand>> = Vec::new();
         let mut group_values: Vec<usize> = Vec::new();
-        for i in 0..self.nodes.len() {
-            match self.check(c, i, marks[i] == OCCUPIED) {
+        for (i, &mark) in marks.iter().enumerate().take(self.nodes.len()) {
+            match self.check(c, i, mark == OCCUPIED) {
                 Err(r) => rejects.push((index_u32(i), r)),
                 Ok(fit) => {
                     let parts = self.score_parts(c, i, &fit, config.load_policy);
@@ -468,10 +533,15 @@ impl<'s> State<'s> {
                         .filter(|(k, _)| *k != ScoreStep::Spread.index())
                         .map(|(_, (p, w))| p * w)
                         .sum();
-                    if marks[i] == AVOID {
+                    if mark == AVOID {
                         base -= avoid_penalty;
                     }
-                    let cand = Cand { base, tiebreak: rng.next_u64(), node: index_u32(i), fit };
+                    let cand = Cand {
+                        base,
+                        tiebreak: rng.next_u64(),
+                        node: index_u32(i),
+                        fit,
+                    };
                     let slot = self.spread_value(c, i).map_or(0, value_slot);
                     let g = &mut self.group_of_value[slot];
                     if *g == usize::MAX {
@@ -505,14 +575,21 @@ impl<'s> State<'s> {
                 group,
             })
         };
-        let mut outer: BinaryHeap<GroupHead> =
-            heaps.iter().enumerate().filter_map(|(g, h)| head(h, g, counts[g])).collect();
+        let mut outer: BinaryHeap<GroupHead> = heaps
+            .iter()
+            .enumerate()
+            .filter_map(|(g, h)| head(h, g, counts[g]))
+            .collect();
         let mut chosen = Vec::with_capacity(want.min(self.nodes.len()));
         while chosen.len() < want {
             let Some(top) = outer.pop() else { break };
             let g = top.group;
             let Some(cand) = heaps[g].pop() else { continue };
-            chosen.push(Chosen { node: cand.node, fit: cand.fit, score: top.total });
+            chosen.push(Chosen {
+                node: cand.node,
+                fit: cand.fit,
+                score: top.total,
+            });
             counts[g] += 1;
             if let Some(h) = head(&heaps[g], g, counts[g]) {
                 outer.push(h);

@@ -1,5 +1,8 @@
 //! Tests of `lepton-scheduler` through its public API, one module per area.
-#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected `None`/`Err`")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "tests fail loudly on unexpected `None`/`Err`"
+)]
 
 mod autoscale_props;
 mod filters;
@@ -8,8 +11,7 @@ mod reconcile;
 mod scores;
 
 use lepton_scheduler::{
-    ClusterSnapshot, FunctionSpec, Node, NodeVerdict, Rejection, Resources, Scheduler,
-    ScoreStep,
+    ClusterSnapshot, FunctionSpec, Node, NodeVerdict, Rejection, Resources, Scheduler, ScoreStep,
 };
 
 pub const GIB: u64 = 1 << 30;
@@ -27,7 +29,9 @@ pub fn function(id: &str) -> FunctionSpec {
 
 /// How every node fares for `spec`, with the default configuration.
 pub fn explain(nodes: Vec<Node>, spec: &FunctionSpec) -> Vec<NodeVerdict> {
-    Scheduler::default().explain(&ClusterSnapshot::new(nodes), spec).unwrap()
+    Scheduler::default()
+        .explain(&ClusterSnapshot::new(nodes), spec)
+        .unwrap()
 }
 
 /// The rejection of the only node, or a panic if it passes.

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use lepton_scheduler::{
-    Accelerator, AcceleratorPolicy, ClusterSnapshot, DesiredFunction, FunctionSpec,
-    LabelSelector, ModelRequirement, Node, NodeStatus, Plan, ReplicaState, Resources,
-    ScaleBounds, Scheduler, SchedulerConfig, LoadPolicy, Tier,
+    Accelerator, AcceleratorPolicy, ClusterSnapshot, DesiredFunction, FunctionSpec, LabelSelector,
+    LoadPolicy, ModelRequirement, Node, NodeStatus, Plan, ReplicaState, Resources, ScaleBounds,
+    Scheduler, SchedulerConfig, Tier,
 };
 
 use crate::{GIB, MIB};
@@ -27,23 +27,25 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
         any::<bool>(),
         prop::collection::vec(any::<bool>(), MODELS.len()),
     )
-        .prop_map(move |(edge, region, cpu, mem_gib, accel_gib, onnx, resident)| {
-            let mut n = Node::new(format!("n{i}"), Resources::new(cpu, mem_gib * GIB))
-                .with_tier(if edge { Tier::Edge } else { Tier::Cloud })
-                .with_region(REGIONS[region]);
-            if let Some(g) = accel_gib {
-                n = n.with_accelerator(Accelerator::new("gpu", g * GIB));
-            }
-            if onnx {
-                n = n.with_backend("onnx");
-            }
-            for (m, r) in MODELS.iter().zip(resident) {
-                if r {
-                    n = n.with_resident_model(*m);
+        .prop_map(
+            move |(edge, region, cpu, mem_gib, accel_gib, onnx, resident)| {
+                let mut n = Node::new(format!("n{i}"), Resources::new(cpu, mem_gib * GIB))
+                    .with_tier(if edge { Tier::Edge } else { Tier::Cloud })
+                    .with_region(REGIONS[region]);
+                if let Some(g) = accel_gib {
+                    n = n.with_accelerator(Accelerator::new("gpu", g * GIB));
                 }
-            }
-            n
-        })
+                if onnx {
+                    n = n.with_backend("onnx");
+                }
+                for (m, r) in MODELS.iter().zip(resident) {
+                    if r {
+                        n = n.with_resident_model(*m);
+                    }
+                }
+                n
+            },
+        )
 }
 
 fn arb_nodes() -> impl Strategy<Value = Vec<Node>> {
@@ -55,7 +57,11 @@ fn arb_function(i: usize) -> impl Strategy<Value = DesiredFunction> {
         100u64..3_000,
         128u64..4_096,
         prop::collection::vec((0..MODELS.len(), 1u64..12), 0..3),
-        prop_oneof![Just(AcceleratorPolicy::None), Just(AcceleratorPolicy::Preferred), Just(AcceleratorPolicy::Required)],
+        prop_oneof![
+            Just(AcceleratorPolicy::None),
+            Just(AcceleratorPolicy::Preferred),
+            Just(AcceleratorPolicy::Required)
+        ],
         prop::option::of(any::<bool>()),
         prop::option::of(0..REGIONS.len()),
         any::<bool>(),
@@ -63,31 +69,45 @@ fn arb_function(i: usize) -> impl Strategy<Value = DesiredFunction> {
         (0u32..3, 0u32..5),
         0u32..9,
     )
-        .prop_map(move |(cpu, mem_mib, models, accel, tier, selector, spread, near, (min, extra), replicas)| {
-            let mut spec = FunctionSpec::new(format!("f{i}"), Resources::new(cpu, mem_mib * MIB))
-                .with_accelerator(accel)
-                .with_scale(ScaleBounds::new(min, min + extra));
-            let mut seen = Vec::new();
-            for (m, gib) in models {
-                if !seen.contains(&m) {
-                    seen.push(m);
-                    spec = spec.with_model(ModelRequirement::new(MODELS[m], "onnx", gib * GIB));
+        .prop_map(
+            move |(
+                cpu,
+                mem_mib,
+                models,
+                accel,
+                tier,
+                selector,
+                spread,
+                near,
+                (min, extra),
+                replicas,
+            )| {
+                let mut spec =
+                    FunctionSpec::new(format!("f{i}"), Resources::new(cpu, mem_mib * MIB))
+                        .with_accelerator(accel)
+                        .with_scale(ScaleBounds::new(min, min + extra));
+                let mut seen = Vec::new();
+                for (m, gib) in models {
+                    if !seen.contains(&m) {
+                        seen.push(m);
+                        spec = spec.with_model(ModelRequirement::new(MODELS[m], "onnx", gib * GIB));
+                    }
                 }
-            }
-            if let Some(edge) = tier {
-                spec = spec.with_tier(if edge { Tier::Edge } else { Tier::Cloud });
-            }
-            if let Some(r) = selector {
-                spec = spec.with_selector(LabelSelector::not_in("region", [REGIONS[r]]));
-            }
-            if spread {
-                spec = spec.with_spread_key("region");
-            }
-            if let Some(r) = near {
-                spec = spec.with_near_region(REGIONS[r]);
-            }
-            DesiredFunction::new(spec, replicas)
-        })
+                if let Some(edge) = tier {
+                    spec = spec.with_tier(if edge { Tier::Edge } else { Tier::Cloud });
+                }
+                if let Some(r) = selector {
+                    spec = spec.with_selector(LabelSelector::not_in("region", [REGIONS[r]]));
+                }
+                if spread {
+                    spec = spec.with_spread_key("region");
+                }
+                if let Some(r) = near {
+                    spec = spec.with_near_region(REGIONS[r]);
+                }
+                DesiredFunction::new(spec, replicas)
+            },
+        )
 }
 
 fn arb_desired() -> impl Strategy<Value = Vec<DesiredFunction>> {
@@ -110,7 +130,12 @@ fn arb_churn() -> impl Strategy<Value = Churn> {
         prop::collection::vec(prop::option::of(0u32..9), 6),
         prop::collection::vec(prop::bool::weighted(0.2), 6),
     )
-        .prop_map(|(statuses, failed, new_counts, flip_tier)| Churn { statuses, failed, new_counts, flip_tier })
+        .prop_map(|(statuses, failed, new_counts, flip_tier)| Churn {
+            statuses,
+            failed,
+            new_counts,
+            flip_tier,
+        })
 }
 
 fn churn(snapshot: &mut ClusterSnapshot, desired: &mut [DesiredFunction], c: &Churn) {
@@ -168,14 +193,31 @@ fn meets_required(node: &Node, spec: &FunctionSpec) -> Result<(), String> {
 }
 
 /// Checks a plan against the snapshot it was computed from.
-fn check_plan(before: &ClusterSnapshot, desired: &[DesiredFunction], plan: &Plan) -> Result<(), TestCaseError> {
-    let specs: HashMap<_, _> = desired.iter().map(|d| (d.spec.id.clone(), &d.spec)).collect();
+fn check_plan(
+    before: &ClusterSnapshot,
+    desired: &[DesiredFunction],
+    plan: &Plan,
+) -> Result<(), TestCaseError> {
+    let specs: HashMap<_, _> = desired
+        .iter()
+        .map(|d| (d.spec.id.clone(), &d.spec))
+        .collect();
     for p in plan.placements() {
-        let node = before.node(p.node.as_str()).ok_or_else(|| TestCaseError::fail("unknown node"))?;
-        prop_assert!(node.status != NodeStatus::Lost, "lost node `{}` received `{}`", node.id, p.function);
+        let node = before
+            .node(p.node.as_str())
+            .ok_or_else(|| TestCaseError::fail("unknown node"))?;
+        prop_assert!(
+            node.status != NodeStatus::Lost,
+            "lost node `{}` received `{}`",
+            node.id,
+            p.function
+        );
         let spec = specs[&p.function];
         if let Err(why) = meets_required(node, spec) {
-            return Err(TestCaseError::fail(format!("`{}` placed against its constraints: {why}", p.function)));
+            return Err(TestCaseError::fail(format!(
+                "`{}` placed against its constraints: {why}",
+                p.function
+            )));
         }
     }
     Ok(())
@@ -188,10 +230,24 @@ fn check_capacity(after: &ClusterSnapshot) -> Result<(), TestCaseError> {
             .replicas
             .iter()
             .filter(|r| r.node == n.id)
-            .fold((0, 0), |(c, m), r| (c + r.resources.cpu_millis, m + r.resources.memory_bytes));
-        prop_assert!(cpu <= n.capacity.cpu_millis, "node `{}` over cpu: {cpu} > {}", n.id, n.capacity.cpu_millis);
-        prop_assert!(mem <= n.capacity.memory_bytes, "node `{}` over memory", n.id);
-        prop_assert!(n.free.cpu_millis <= n.capacity.cpu_millis && n.free.memory_bytes <= n.capacity.memory_bytes);
+            .fold((0, 0), |(c, m), r| {
+                (c + r.resources.cpu_millis, m + r.resources.memory_bytes)
+            });
+        prop_assert!(
+            cpu <= n.capacity.cpu_millis,
+            "node `{}` over cpu: {cpu} > {}",
+            n.id,
+            n.capacity.cpu_millis
+        );
+        prop_assert!(
+            mem <= n.capacity.memory_bytes,
+            "node `{}` over memory",
+            n.id
+        );
+        prop_assert!(
+            n.free.cpu_millis <= n.capacity.cpu_millis
+                && n.free.memory_bytes <= n.capacity.memory_bytes
+        );
         for a in &n.accelerators {
             prop_assert!(a.free_memory_bytes <= a.memory_bytes);
         }
@@ -204,10 +260,18 @@ fn run_round(
     snapshot: &mut ClusterSnapshot,
     desired: &[DesiredFunction],
 ) -> Result<Plan, TestCaseError> {
-    let plan = scheduler.reconcile(snapshot, desired).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let plan = scheduler
+        .reconcile(snapshot, desired)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     check_plan(snapshot, desired, &plan)?;
-    prop_assert_eq!(&plan, &scheduler.reconcile(snapshot, desired).expect("valid"), "deterministic");
-    snapshot.apply(&plan).map_err(|e| TestCaseError::fail(format!("apply: {e}")))?;
+    prop_assert_eq!(
+        &plan,
+        &scheduler.reconcile(snapshot, desired).expect("valid"),
+        "deterministic"
+    );
+    snapshot
+        .apply(&plan)
+        .map_err(|e| TestCaseError::fail(format!("apply: {e}")))?;
     check_capacity(snapshot)?;
     // Every function has its clamped count unless the plan says it fell short.
     for d in desired {
@@ -215,13 +279,18 @@ fn run_round(
             prop_assert_eq!(
                 snapshot.replicas_of(d.spec.id.as_str()).count(),
                 d.spec.scale.clamp(d.replicas) as usize,
-                "function `{}`", d.spec.id
+                "function `{}`",
+                d.spec.id
             );
         }
     }
     // Idempotent: the applied plan leaves nothing to do.
     let again = scheduler.reconcile(snapshot, desired).expect("valid");
-    prop_assert!(again.is_empty(), "second reconcile not empty: {:?}", again.actions);
+    prop_assert!(
+        again.is_empty(),
+        "second reconcile not empty: {:?}",
+        again.actions
+    );
     Ok(plan)
 }
 

@@ -20,7 +20,10 @@ fn reconcile(snapshot: &ClusterSnapshot, desired: &[DesiredFunction]) -> Plan {
 fn converge(snapshot: &mut ClusterSnapshot, desired: &[DesiredFunction]) -> Plan {
     let plan = reconcile(snapshot, desired);
     snapshot.apply(&plan).unwrap();
-    assert!(reconcile(snapshot, desired).is_empty(), "reconcile is idempotent");
+    assert!(
+        reconcile(snapshot, desired).is_empty(),
+        "reconcile is idempotent"
+    );
     plan
 }
 
@@ -53,7 +56,13 @@ fn scaling_up_and_down_adds_and_stops_replicas() {
     assert_eq!(up.actions.len(), 2);
     assert_eq!(count(&s, "f"), 4);
     let down = converge(&mut s, &[DesiredFunction::new(function("f"), 1)]);
-    assert!(down.actions.iter().all(|a| matches!(a, Action::Stop { reason: StopReason::ScaledDown, .. })));
+    assert!(down.actions.iter().all(|a| matches!(
+        a,
+        Action::Stop {
+            reason: StopReason::ScaledDown,
+            ..
+        }
+    )));
     assert_eq!(count(&s, "f"), 1);
     assert!(s.nodes.iter().filter(|n| n.free == n.capacity).count() == 4);
 }
@@ -89,10 +98,22 @@ fn the_count_is_clamped_into_the_bounds() {
 #[test]
 fn a_removed_function_is_stopped_and_its_resources_freed() {
     let mut s = cluster(2);
-    converge(&mut s, &[DesiredFunction::new(function("f"), 2), DesiredFunction::new(function("g"), 1)]);
+    converge(
+        &mut s,
+        &[
+            DesiredFunction::new(function("f"), 2),
+            DesiredFunction::new(function("g"), 1),
+        ],
+    );
     let plan = converge(&mut s, &[DesiredFunction::new(function("g"), 1)]);
     assert_eq!(plan.actions.len(), 2);
-    assert!(plan.actions.iter().all(|a| matches!(a, Action::Stop { reason: StopReason::FunctionRemoved, .. })));
+    assert!(plan.actions.iter().all(|a| matches!(
+        a,
+        Action::Stop {
+            reason: StopReason::FunctionRemoved,
+            ..
+        }
+    )));
     assert_eq!(count(&s, "f"), 0);
     assert_eq!(count(&s, "g"), 1);
 }
@@ -105,7 +126,13 @@ fn replicas_on_a_lost_node_move_elsewhere() {
     s.nodes.iter_mut().find(|n| n.id == lost).unwrap().status = NodeStatus::Lost;
     let plan = converge(&mut s, &[DesiredFunction::new(function("f"), 2)]);
     match &plan.actions[..] {
-        [Action::Move { from, to, reason: Displacement::NodeLost }] => {
+        [
+            Action::Move {
+                from,
+                to,
+                reason: Displacement::NodeLost,
+            },
+        ] => {
             assert_eq!(from, &lost);
             assert_ne!(to.node, lost);
         }
@@ -118,9 +145,20 @@ fn replicas_on_a_lost_node_move_elsewhere() {
 #[test]
 fn replicas_on_an_unknown_node_move_elsewhere() {
     let mut s = cluster(2);
-    s.replicas.push(Replica::new("f", "gone", ReplicaState::Running, function("f").request));
+    s.replicas.push(Replica::new(
+        "f",
+        "gone",
+        ReplicaState::Running,
+        function("f").request,
+    ));
     let plan = converge(&mut s, &[DesiredFunction::new(function("f"), 1)]);
-    assert!(matches!(&plan.actions[..], [Action::Move { reason: Displacement::NodeUnknown, .. }]));
+    assert!(matches!(
+        &plan.actions[..],
+        [Action::Move {
+            reason: Displacement::NodeUnknown,
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -128,9 +166,19 @@ fn a_draining_node_is_emptied_when_there_is_room_and_kept_when_not() {
     let mut s = cluster(2);
     converge(&mut s, &[DesiredFunction::new(function("f"), 1)]);
     let draining = s.replicas[0].node.clone();
-    s.nodes.iter_mut().find(|n| n.id == draining).unwrap().status = NodeStatus::Draining;
+    s.nodes
+        .iter_mut()
+        .find(|n| n.id == draining)
+        .unwrap()
+        .status = NodeStatus::Draining;
     let plan = converge(&mut s, &[DesiredFunction::new(function("f"), 1)]);
-    assert!(matches!(&plan.actions[..], [Action::Move { reason: Displacement::NodeDraining, .. }]));
+    assert!(matches!(
+        &plan.actions[..],
+        [Action::Move {
+            reason: Displacement::NodeDraining,
+            ..
+        }]
+    ));
     // Now drain the other node too: nowhere to go, so the replica keeps serving.
     for n in &mut s.nodes {
         n.status = NodeStatus::Draining;
@@ -138,7 +186,10 @@ fn a_draining_node_is_emptied_when_there_is_room_and_kept_when_not() {
     let plan = reconcile(&s, &[DesiredFunction::new(function("f"), 1)]);
     assert!(plan.is_empty());
     assert_eq!(plan.failures.len(), 1);
-    assert_eq!(plan.failures[0].rejections[0].rejection.reason(), "node-draining");
+    assert_eq!(
+        plan.failures[0].rejections[0].rejection.reason(),
+        "node-draining"
+    );
 }
 
 #[test]
@@ -149,7 +200,13 @@ fn a_failed_replica_is_replaced_on_another_node() {
     s.replicas[0].state = ReplicaState::Failed;
     let plan = converge(&mut s, &[DesiredFunction::new(function("f"), 1)]);
     match &plan.actions[..] {
-        [Action::Move { from, to, reason: Displacement::ReplicaFailed }] => {
+        [
+            Action::Move {
+                from,
+                to,
+                reason: Displacement::ReplicaFailed,
+            },
+        ] => {
             assert_eq!(from, &failed);
             assert_ne!(to.node, failed);
         }
@@ -165,17 +222,41 @@ fn a_constraint_change_moves_replicas_that_no_longer_qualify() {
         node("e1").with_tier(Tier::Edge),
         node("e2").with_tier(Tier::Edge),
     ]);
-    converge(&mut s, &[DesiredFunction::new(function("f").with_tier(Tier::Cloud), 2)]);
-    let plan = converge(&mut s, &[DesiredFunction::new(function("f").with_tier(Tier::Edge), 2)]);
-    assert_eq!(plan.actions.len(), 2);
-    assert!(plan.actions.iter().all(|a| matches!(a, Action::Move { reason: Displacement::ConstraintsChanged, .. })));
-    assert!(s.replicas.iter().all(|r| r.node.as_str().starts_with('e')));
-    // Required constraints no node meets: the replicas stop, with the reasons reported.
-    let plan = reconcile(&s, &[DesiredFunction::new(function("f").with_accelerator(lepton_scheduler::AcceleratorPolicy::Required), 2)]);
+    converge(
+        &mut s,
+        &[DesiredFunction::new(
+            function("f").with_tier(Tier::Cloud),
+            2,
+        )],
+    );
+    let plan = converge(
+        &mut s,
+        &[DesiredFunction::new(function("f").with_tier(Tier::Edge), 2)],
+    );
     assert_eq!(plan.actions.len(), 2);
     assert!(plan.actions.iter().all(|a| matches!(
         a,
-        Action::Stop { reason: StopReason::Displaced(Displacement::ConstraintsChanged), .. }
+        Action::Move {
+            reason: Displacement::ConstraintsChanged,
+            ..
+        }
+    )));
+    assert!(s.replicas.iter().all(|r| r.node.as_str().starts_with('e')));
+    // Required constraints no node meets: the replicas stop, with the reasons reported.
+    let plan = reconcile(
+        &s,
+        &[DesiredFunction::new(
+            function("f").with_accelerator(lepton_scheduler::AcceleratorPolicy::Required),
+            2,
+        )],
+    );
+    assert_eq!(plan.actions.len(), 2);
+    assert!(plan.actions.iter().all(|a| matches!(
+        a,
+        Action::Stop {
+            reason: StopReason::Displaced(Displacement::ConstraintsChanged),
+            ..
+        }
     )));
     assert_eq!(plan.failures[0].rejections.len(), 4);
 }
@@ -189,14 +270,20 @@ fn displaced_replicas_beyond_the_count_are_stopped_not_moved() {
     let plan = converge(&mut s, &[DesiredFunction::new(function("f"), 2)]);
     assert!(matches!(
         &plan.actions[..],
-        [Action::Stop { reason: StopReason::Displaced(Displacement::NodeLost), .. }]
+        [Action::Stop {
+            reason: StopReason::Displaced(Displacement::NodeLost),
+            ..
+        }]
     ));
 }
 
 #[test]
 fn stops_free_room_for_placements_in_the_same_plan() {
     // One node, room for one replica: swapping functions must stop before it places.
-    let mut s = ClusterSnapshot::new(vec![lepton_scheduler::Node::new("n", Resources::new(500, GIB))]);
+    let mut s = ClusterSnapshot::new(vec![lepton_scheduler::Node::new(
+        "n",
+        Resources::new(500, GIB),
+    )]);
     converge(&mut s, &[DesiredFunction::new(function("old"), 1)]);
     let plan = converge(&mut s, &[DesiredFunction::new(function("new"), 1)]);
     assert_eq!(plan.actions.len(), 2);
@@ -207,7 +294,9 @@ fn stops_free_room_for_placements_in_the_same_plan() {
 #[test]
 fn the_same_inputs_give_the_same_plan() {
     let s = cluster(20);
-    let desired: Vec<_> = (0..10).map(|i| DesiredFunction::new(function(&format!("f{i}")), 3)).collect();
+    let desired: Vec<_> = (0..10)
+        .map(|i| DesiredFunction::new(function(&format!("f{i}")), 3))
+        .collect();
     assert_eq!(reconcile(&s, &desired), reconcile(&s, &desired));
 }
 
@@ -221,7 +310,13 @@ fn apply_rejects_a_plan_that_does_not_fit() {
     }
     let before = s.clone();
     let err = s.apply(&bigger).unwrap_err();
-    assert_eq!(err, Error::OverCapacity { node: "n0".into(), resource: "memory" });
+    assert_eq!(
+        err,
+        Error::OverCapacity {
+            node: "n0".into(),
+            resource: "memory"
+        }
+    );
     assert_eq!(s, before, "a failed apply changes nothing");
     s.apply(&plan).unwrap();
     assert!(matches!(s.apply(&plan), Err(Error::ReplicaExists { .. })));
