@@ -166,7 +166,9 @@ impl fmt::Display for PlacementFailure {
 /// a node is briefly over its free capacity.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
-    /// The actions, grouped by function in desired-state order.
+    /// The actions: stops first (removed functions, scale-downs, displaced replicas
+    /// not needed), then moves and placements in desired-state order, then stops of
+    /// displaced replicas that found no other node.
     pub actions: Vec<Action>,
     /// Functions left short of replicas, with the reasons.
     pub failures: Vec<PlacementFailure>,
