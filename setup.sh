@@ -18,7 +18,8 @@ fi
 # Native ONNX Runtime and the Magika model, both taken from their PyPI wheels
 # (nothing binary is committed). The host loads the library through
 # `ORT_DYLIB_PATH=.cache/onnxruntime/libonnxruntime.so`; `lepton.toml`'s `detect`
-# function reads the model and its config from `.cache/models/magika/`.
+# function reads the model, its config and Magika's content-type table (which
+# labels are text) from `.cache/models/magika/`.
 onnxruntime_version=1.32.0
 magika_version=1.0.3
 magika_model=standard_v3_3
@@ -57,12 +58,21 @@ if [ ! -f "$ort_dir/libonnxruntime.so" ]; then
 fi
 
 magika_dir=.cache/models/magika
-if [ ! -f "$magika_dir/model.onnx" ] || [ ! -f "$magika_dir/config.min.json" ]; then
+magika_files=(
+    "models/$magika_model/model.onnx"
+    "models/$magika_model/config.min.json"
+    "config/content_types_kb.min.json"
+)
+magika_missing=0
+for file in "${magika_files[@]}"; do
+    [ -f "$magika_dir/${file##*/}" ] || magika_missing=1
+done
+if [ "$magika_missing" = 1 ]; then
     fetch_wheel magika "$magika_version"
-    say "extracting the Magika $magika_model model and config into $magika_dir"
+    say "extracting the Magika $magika_model model, its config and the content-type table into $magika_dir"
     mkdir -p "$magika_dir"
     magika_wheel=$(compgen -G "$wheels/magika-$magika_version-*.whl" | head -n1)
-    for file in model.onnx config.min.json; do
-        extract "$magika_wheel" "magika/models/$magika_model/$file" "$magika_dir/$file"
+    for file in "${magika_files[@]}"; do
+        extract "$magika_wheel" "magika/$file" "$magika_dir/${file##*/}"
     done
 fi
