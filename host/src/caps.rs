@@ -17,6 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::manifest::{FunctionSpec, OutboundHost};
+use crate::nn::{NnCtx, NnView};
 
 /// Longest line of guest output kept in one log record.
 pub const MAX_LOG_LINE: usize = 4096;
@@ -28,11 +29,12 @@ pub struct InstanceState {
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
     outbound: OutboundPolicy,
+    nn: NnCtx,
 }
 
 impl InstanceState {
     /// Builds the state for one request of `spec`.
-    pub fn new(spec: &FunctionSpec, request_id: &str) -> anyhow::Result<Self> {
+    pub fn new(spec: &FunctionSpec, request_id: &str, nn: NnCtx) -> anyhow::Result<Self> {
         let function: Arc<str> = Arc::from(spec.name.as_str());
         let request_id: Arc<str> = Arc::from(request_id);
         let mut wasi = WasiCtxBuilder::new();
@@ -59,7 +61,13 @@ impl InstanceState {
                 request_id,
                 allowed: Arc::from(spec.allowed_outbound_hosts.as_slice()),
             },
+            nn,
         })
+    }
+
+    /// The `wasi:nn` view of this instance.
+    pub fn nn(&mut self) -> NnView<'_> {
+        NnView::new(&self.nn, &mut self.table)
     }
 }
 

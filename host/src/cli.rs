@@ -61,7 +61,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Check { manifest, state_dir } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
-            check(&manifest, &state_dir)
+            runtime.block_on(async { check(&manifest, &state_dir) })
         }
     }
 }
@@ -89,8 +89,26 @@ async fn up(manifest: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Re
 fn check(manifest: &Path, state_dir: &Path) -> anyhow::Result<()> {
     let deployment = Deployment::load(manifest)?;
     let runtime = Runtime::new()?;
-    App::load(&runtime, &deployment, state_dir)?;
+    let app = App::load(&runtime, &deployment, state_dir)?;
     let mut stdout = std::io::stdout().lock();
+    if let Some(models) = app.models() {
+        for model in &deployment.models {
+            if let Some(loaded) = models.get(&model.name) {
+                let onnx = loaded.onnx();
+                let describe = |ios: &[crate::nn::Io]| {
+                    ios.iter().map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape)).collect::<Vec<_>>().join(", ")
+                };
+                writeln!(
+                    stdout,
+                    "ok: model `{}` on {:?}: inputs [{}] outputs [{}]",
+                    model.name,
+                    onnx.target(),
+                    describe(onnx.inputs()),
+                    describe(onnx.outputs())
+                )?;
+            }
+        }
+    }
     for function in &deployment.functions {
         writeln!(stdout, "ok: function `{}` serves {}", function.name, function.route)?;
     }

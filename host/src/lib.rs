@@ -25,8 +25,10 @@
 //! ```
 #![deny(missing_docs)]
 
+mod bindings;
 pub mod caps;
 pub mod cli;
 pub mod engine;
 pub mod http;
 pub mod manifest;
+pub mod nn;

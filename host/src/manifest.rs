@@ -45,6 +45,8 @@ pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 << 20;
 pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 /// Longest accepted `timeout` (a request is not a batch job).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default cap on a model a guest loads from bytes (`allow_model_upload`).
+pub const DEFAULT_MAX_MODEL_UPLOAD_SIZE: u64 = 64 << 20;
 /// Paths under this prefix belong to the host (health, metrics).
 pub const RESERVED_ROUTE_PREFIX: &str = "/.well-known/lepton";
 
@@ -87,6 +89,44 @@ pub struct RawManifest {
     /// `[function.NAME]` tables.
     #[serde(default)]
     pub function: BTreeMap<String, RawFunction>,
+    /// `[model.NAME]` tables.
+    #[serde(default)]
+    pub model: BTreeMap<String, RawModel>,
+}
+
+/// One `[model.NAME]` table as written.
+///
+/// ```toml
+/// [model.magika]
+/// path = "models/magika.onnx"          # ONNX file, relative to the manifest
+/// target = "cpu"                       # or "gpu": CUDA where it registers, else CPU (logged)
+/// batch = { max_size = 16, max_wait = "2ms" }   # optional dynamic batching along dim 0
+/// sessions = 2                         # parallel ONNX Runtime sessions (default: CPU cores)
+/// threads = 1                          # intra-op threads per session (default 1)
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// Path of the ONNX file, relative to the manifest.
+    pub path: String,
+    /// `"cpu"` (default) or `"gpu"`.
+    pub target: Option<String>,
+    /// Dynamic batching.
+    pub batch: Option<RawBatch>,
+    /// Sessions run in parallel.
+    pub sessions: Option<u32>,
+    /// Intra-op threads per session.
+    pub threads: Option<u32>,
+}
+
+/// `batch = { max_size = 16, max_wait = "2ms" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    /// Most rows (dim 0) in one batched run.
+    pub max_size: u32,
+    /// Longest a request waits for others to join its batch.
+    pub max_wait: String,
 }
 
 /// One `[function.NAME]` table as written.
@@ -116,6 +156,14 @@ pub struct RawFunction {
     /// `scheme://host:port` the guest may send HTTP requests to.
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
+    /// Names of `[model.*]` tables this function may load by name.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Whether wasi-nn `load` from bytes is allowed.
+    #[serde(default)]
+    pub allow_model_upload: bool,
+    /// Cap on a model loaded from bytes, e.g. `"64MiB"`.
+    pub max_model_upload_size: Option<String>,
 }
 
 /// One entry of `files`.
@@ -135,6 +183,46 @@ pub struct Deployment {
     pub manifest_path: PathBuf,
     /// Functions, ordered by name.
     pub functions: Vec<FunctionSpec>,
+    /// Models, ordered by name.
+    pub models: Vec<ModelSpec>,
+}
+
+/// Where a model should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU where one registers; the CPU otherwise (logged).
+    Gpu,
+}
+
+/// A validated model.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ModelSpec {
+    /// Validated name.
+    pub name: String,
+    /// Absolute path of the ONNX file.
+    pub path: PathBuf,
+    /// sha256 of the file, lowercase hex.
+    pub digest: String,
+    /// Requested target.
+    pub target: Target,
+    /// Dynamic batching, if configured.
+    pub batch: Option<BatchSpec>,
+    /// Sessions run in parallel.
+    pub sessions: u32,
+    /// Intra-op threads per session.
+    pub threads: u32,
+}
+
+/// Dynamic batching settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSpec {
+    /// Most rows in one run.
+    pub max_size: u32,
+    /// Longest wait for a batch to fill.
+    pub max_wait: Duration,
 }
 
 /// A validated function.
@@ -165,6 +253,12 @@ pub struct FunctionSpec {
     pub files: Vec<FileMount>,
     /// Outbound HTTP destinations granted to the guest.
     pub allowed_outbound_hosts: Vec<OutboundHost>,
+    /// Models the guest may load by name.
+    pub models: Vec<String>,
+    /// Whether the guest may load models from bytes.
+    pub allow_model_upload: bool,
+    /// Cap on a model loaded from bytes.
+    pub max_model_upload_size: u64,
 }
 
 /// A host directory preopened read-only in the guest.
@@ -251,10 +345,20 @@ impl Deployment {
         }
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let mut models = Vec::with_capacity(raw.model.len());
+        for (name, model) in raw.model {
+            let spec = resolve_model(&name, model, &base).map_err(|message| invalid(format!("model `{name}`: {message}")))?;
+            models.push(spec);
+        }
         let mut functions = Vec::with_capacity(raw.function.len());
         for (name, function) in raw.function {
             let spec = resolve_function(&name, function, &base)
                 .map_err(|message| invalid(format!("function `{name}`: {message}")))?;
+            if let Some(missing) = spec.models.iter().find(|m| !models.iter().any(|model| &model.name == *m)) {
+                return Err(invalid(format!(
+                    "function `{name}`: `models`: no model named {missing:?} (declare it as [model.{missing}])"
+                )));
+            }
             functions.push(spec);
         }
         for (i, a) in functions.iter().enumerate() {
@@ -265,7 +369,7 @@ impl Deployment {
                 )));
             }
         }
-        Ok(Self { manifest_path: path.to_owned(), functions })
+        Ok(Self { manifest_path: path.to_owned(), functions, models })
     }
 }
 
@@ -331,7 +435,18 @@ fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<Functio
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("`allowed_outbound_hosts`: {e}"))?;
 
+    for model in &raw.models {
+        validate_name(model).map_err(|e| format!("`models`: {model:?}: {e}"))?;
+    }
+    let max_model_upload_size = match raw.max_model_upload_size {
+        Some(text) => parse_size(&text).map_err(|e| format!("`max_model_upload_size`: {e}"))?,
+        None => DEFAULT_MAX_MODEL_UPLOAD_SIZE,
+    };
+
     Ok(FunctionSpec {
+        models: raw.models,
+        allow_model_upload: raw.allow_model_upload,
+        max_model_upload_size,
         name: name.to_owned(),
         component_path,
         component_digest,
@@ -345,6 +460,36 @@ fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<Functio
         files,
         allowed_outbound_hosts,
     })
+}
+
+fn resolve_model(name: &str, raw: RawModel, base: &Path) -> Result<ModelSpec, String> {
+    validate_name(name)?;
+    let path = base.join(&raw.path);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("`path`: cannot read {:?}: {e}", path.display().to_string()))?;
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let target = match raw.target.as_deref() {
+        None | Some("cpu") => Target::Cpu,
+        Some("gpu") => Target::Gpu,
+        Some(other) => return Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
+    };
+    let batch = match raw.batch {
+        Some(batch) => {
+            let max_wait = parse_duration(&batch.max_wait).map_err(|e| format!("`batch.max_wait`: {e}"))?;
+            if batch.max_size < 1 || max_wait > Duration::from_secs(1) {
+                return Err("`batch`: `max_size` must be at least 1 and `max_wait` at most 1s".to_owned());
+            }
+            Some(BatchSpec { max_size: batch.max_size, max_wait })
+        }
+        None => None,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let sessions = raw.sessions.unwrap_or(cores);
+    let threads = raw.threads.unwrap_or(1);
+    if !(1..=256).contains(&sessions) || !(1..=256).contains(&threads) {
+        return Err("`sessions` and `threads` must be between 1 and 256".to_owned());
+    }
+    Ok(ModelSpec { name: name.to_owned(), path, digest, target, batch, sessions, threads })
 }
 
 /// Names: 1 to 64 characters of `a-z`, `0-9`, `-` and `_`, starting with a letter.

@@ -22,6 +22,7 @@ use super::{Body, text};
 use crate::caps::InstanceState;
 use crate::engine::Runtime;
 use crate::manifest::FunctionSpec;
+use crate::nn::{ModelRegistry, NnCtx};
 
 /// Header carrying the request id on every response of a function.
 pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
@@ -30,6 +31,8 @@ pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
 pub struct Function {
     spec: FunctionSpec,
     pre: ProxyPre<InstanceState>,
+    models: Option<Arc<ModelRegistry>>,
+    granted_models: Arc<[String]>,
     engine: wasmtime::Engine,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
@@ -51,6 +54,7 @@ impl Function {
         linker: &Linker<InstanceState>,
         spec: &FunctionSpec,
         cache_dir: &Path,
+        models: Option<Arc<ModelRegistry>>,
     ) -> anyhow::Result<Self> {
         let loaded = runtime.load_component(&spec.component_path, &spec.component_digest, cache_dir)?;
         let instance_pre = linker
@@ -71,6 +75,8 @@ impl Function {
         Ok(Self {
             spec: spec.clone(),
             pre,
+            models,
+            granted_models: Arc::from(spec.models.as_slice()),
             engine: runtime.engine().clone(),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
@@ -221,7 +227,13 @@ impl Function {
         request_id: &str,
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<()> {
-        let state = InstanceState::new(&self.spec, request_id)?;
+        let nn = NnCtx::new(
+            self.models.clone(),
+            Arc::clone(&self.granted_models),
+            self.spec.allow_model_upload,
+            self.spec.max_model_upload_size,
+        );
+        let state = InstanceState::new(&self.spec, request_id, nn)?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never

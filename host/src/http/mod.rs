@@ -26,6 +26,7 @@ use wasmtime::component::Linker;
 use crate::caps::InstanceState;
 use crate::engine::Runtime;
 use crate::manifest::{Deployment, RESERVED_ROUTE_PREFIX};
+use crate::nn::ModelRegistry;
 
 pub use function::Function;
 
@@ -39,24 +40,38 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_
 pub struct App {
     /// Ordered by route length, longest first, so the first match is the most specific.
     functions: Vec<Arc<Function>>,
+    /// The node's models, when the deployment declares any.
+    models: Option<Arc<ModelRegistry>>,
 }
 
 impl App {
     /// Loads every function of `deployment`: compiles each component once (cached
-    /// under `state_dir`) and checks that it is a `wasi:http` proxy this host can run.
+    /// under `state_dir`) and checks that it is a `wasi:http` proxy this host can run;
+    /// loads every model once. Call it inside a tokio runtime (batching models start a task).
     pub fn load(runtime: &Runtime, deployment: &Deployment, state_dir: &Path) -> anyhow::Result<Self> {
         let mut linker = Linker::<InstanceState>::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking wasi:http")?;
+        crate::nn::add_to_linker(&mut linker, InstanceState::nn).map_err(anyhow::Error::from).context("linking wasi:nn")?;
+        let models = if deployment.models.is_empty() {
+            None
+        } else {
+            Some(Arc::new(ModelRegistry::load(deployment)?))
+        };
         let cache_dir = state_dir.join("components");
         let mut functions = Vec::with_capacity(deployment.functions.len());
         for spec in &deployment.functions {
-            let function = Function::load(runtime, &linker, spec, &cache_dir)
+            let function = Function::load(runtime, &linker, spec, &cache_dir, models.clone())
                 .with_context(|| format!("function `{}`", spec.name))?;
             functions.push(Arc::new(function));
         }
         functions.sort_by_key(|f| std::cmp::Reverse(f.spec().route.len()));
-        Ok(Self { functions })
+        Ok(Self { functions, models })
+    }
+
+    /// The node's models, when the deployment declares any.
+    pub fn models(&self) -> Option<&Arc<ModelRegistry>> {
+        self.models.as_ref()
     }
 
     /// The functions, most specific route first.

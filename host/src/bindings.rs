@@ -1,0 +1,22 @@
+//! The host's one `bindgen!`: the `lepton:function/imports` world (wasi:nn today).
+//!
+//! `wasi:http` and the rest of WASI come bound by `wasmtime-wasi` and
+//! `wasmtime-wasi-http`.
+
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "lepton:function/imports",
+    imports: {
+        "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+        "wasi:nn/graph.load": async | trappable,
+        default: trappable,
+    },
+    with: {
+        "wasi:nn/tensor.tensor": crate::nn::Tensor,
+        "wasi:nn/graph.graph": crate::nn::Graph,
+        "wasi:nn/inference.graph-execution-context": crate::nn::ExecutionContext,
+        "wasi:nn/errors.error": crate::nn::NnError,
+    },
+    require_store_data_send: true,
+});

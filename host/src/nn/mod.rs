@@ -1,0 +1,331 @@
+//! `wasi:nn` for guests: models loaded once per node, shared by every instance.
+//!
+//! A function reaches only the models its manifest grants (`models = [...]`):
+//! `load-by-name` of any other name fails with `not-found`, whether or not the node
+//! has such a model. `load` from bytes is denied unless the function sets
+//! `allow_model_upload = true`, and is capped by `max_model_upload_size`.
+//!
+//! `compute` validates its inputs against the graph (names, types, shapes, byte
+//! lengths: `invalid-argument` otherwise), then runs on a pooled ONNX Runtime session
+//! on a blocking thread, so a long inference never holds an async worker and
+//! requests to one model run in parallel, up to its `sessions`. With `batch` set,
+//! concurrent requests are stacked along dimension 0 into one run and split back.
+
+mod batch;
+mod onnx;
+mod tensor;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use dashmap::DashMap;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
+pub use self::tensor::{Tensor, element_size};
+use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
+use crate::manifest::{Deployment, ModelSpec, Target};
+use errors::ErrorCode;
+use graph::{ExecutionTarget, GraphEncoding};
+use wit_tensor::TensorType;
+
+/// A guest-visible `wasi:nn` error: a code and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NnError {
+    /// The `wasi:nn` error code.
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl NnError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: String) -> Self {
+        Self { code, message }
+    }
+}
+
+/// A model in the registry: the ONNX model, and its batcher when batching is on.
+pub struct Model {
+    onnx: Arc<OnnxModel>,
+    batcher: Option<batch::Batcher>,
+}
+
+impl Model {
+    /// The ONNX model.
+    pub fn onnx(&self) -> &Arc<OnnxModel> {
+        &self.onnx
+    }
+
+    /// Runs one inference (batched with concurrent ones when configured).
+    pub async fn compute(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+        match &self.batcher {
+            Some(batcher) => {
+                self.onnx.validate(&inputs)?;
+                batcher.run(inputs).await
+            }
+            None => self.onnx.run(inputs).await,
+        }
+    }
+}
+
+/// Every model of the node, by name; loaded once, shared by all instances.
+pub struct ModelRegistry {
+    runtime: OnnxRuntime,
+    models: DashMap<String, Arc<Model>>,
+}
+
+impl ModelRegistry {
+    /// Loads ONNX Runtime (see [`OnnxRuntime::locate`]) and every model of `deployment`.
+    /// Must run inside a tokio runtime when a model batches.
+    pub fn load(deployment: &Deployment) -> anyhow::Result<Self> {
+        let manifest_dir = deployment.manifest_path.parent().unwrap_or(Path::new("."));
+        let library = OnnxRuntime::locate(manifest_dir)?;
+        let runtime = OnnxRuntime::load(&library)?;
+        tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+        let registry = Self { runtime, models: DashMap::new() };
+        for spec in &deployment.models {
+            registry.insert(spec)?;
+        }
+        Ok(registry)
+    }
+
+    fn insert(&self, spec: &ModelSpec) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let onnx = OnnxModel::load(&self.runtime, &spec.name, &Source::File(&spec.path), spec.target, spec.sessions, spec.threads)
+            .with_context(|| format!("model `{}`", spec.name))?;
+        let onnx = Arc::new(onnx);
+        tracing::info!(
+            model = %spec.name,
+            digest = %&spec.digest[..12],
+            target = ?onnx.target(),
+            sessions = spec.sessions,
+            batch = ?spec.batch,
+            "loaded in {:.1?}",
+            started.elapsed()
+        );
+        let batcher = spec.batch.map(|b| batch::Batcher::spawn(Arc::clone(&onnx), b));
+        self.models.insert(spec.name.clone(), Arc::new(Model { onnx, batcher }));
+        Ok(())
+    }
+
+    /// The model named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Model>> {
+        self.models.get(name).map(|m| Arc::clone(m.value()))
+    }
+
+    /// The ONNX Runtime in use.
+    pub fn runtime(&self) -> &OnnxRuntime {
+        &self.runtime
+    }
+}
+
+/// A `wasi:nn` graph resource.
+pub struct Graph {
+    model: Arc<Model>,
+}
+
+/// A `wasi:nn` graph-execution-context resource.
+pub struct ExecutionContext {
+    model: Arc<Model>,
+}
+
+/// What one instance may reach through `wasi:nn`.
+pub struct NnCtx {
+    registry: Option<Arc<ModelRegistry>>,
+    granted: Arc<[String]>,
+    allow_upload: bool,
+    max_upload: u64,
+}
+
+impl NnCtx {
+    /// Grants `granted` models of `registry`; uploads when `allow_upload`, up to `max_upload` bytes.
+    pub fn new(registry: Option<Arc<ModelRegistry>>, granted: Arc<[String]>, allow_upload: bool, max_upload: u64) -> Self {
+        Self { registry, granted, allow_upload, max_upload }
+    }
+}
+
+/// A borrowed view of an instance's `wasi:nn` state; the host traits are implemented on it.
+pub struct NnView<'a> {
+    ctx: &'a NnCtx,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> NnView<'a> {
+    /// A view over `ctx` and the store's resource table.
+    pub fn new(ctx: &'a NnCtx, table: &'a mut ResourceTable) -> Self {
+        Self { ctx, table }
+    }
+
+    fn fail<T>(&mut self, code: ErrorCode, message: String) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        tracing::debug!(?code, "wasi-nn error: {message}");
+        Ok(Err(self.table.push(NnError::new(code, message))?))
+    }
+}
+
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds `wasi:nn` to `linker`; `view` hands out each store's [`NnView`].
+pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T) -> NnView<'_>) -> wasmtime::Result<()> {
+    graph::add_to_linker::<T, HasNn>(linker, view)?;
+    wit_tensor::add_to_linker::<T, HasNn>(linker, view)?;
+    inference::add_to_linker::<T, HasNn>(linker, view)?;
+    errors::add_to_linker::<T, HasNn>(linker, view)?;
+    Ok(())
+}
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builders: Vec<graph::GraphBuilder>,
+        encoding: GraphEncoding,
+        target: ExecutionTarget,
+    ) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
+        if !self.ctx.allow_upload {
+            return self.fail(
+                ErrorCode::Security,
+                "loading a model from bytes is not allowed for this function (`allow_model_upload`)".into(),
+            );
+        }
+        let Some(registry) = self.ctx.registry.clone() else {
+            return self.fail(ErrorCode::UnsupportedOperation, "this node has no inference backend".into());
+        };
+        if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
+            return self.fail(ErrorCode::InvalidEncoding, format!("{encoding:?} is not supported; use onnx"));
+        }
+        let [bytes] = builders.as_slice() else {
+            return self.fail(ErrorCode::InvalidArgument, format!("an ONNX graph is one builder, got {}", builders.len()));
+        };
+        if bytes.len() as u64 > self.ctx.max_upload {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!("model is {} bytes; the limit is {} (`max_model_upload_size`)", bytes.len(), self.ctx.max_upload),
+            );
+        }
+        let target = if matches!(target, ExecutionTarget::Gpu) { Target::Gpu } else { Target::Cpu };
+        let bytes = bytes.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            OnnxModel::load(registry.runtime(), "uploaded", &Source::Bytes(&bytes), target, 1, 1)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(onnx)) => {
+                let model = Arc::new(Model { onnx: Arc::new(onnx), batcher: None });
+                Ok(Ok(self.table.push(Graph { model })?))
+            }
+            Ok(Err(error)) => self.fail(ErrorCode::InvalidEncoding, format!("{error:#}")),
+            Err(error) => self.fail(ErrorCode::RuntimeError, error.to_string()),
+        }
+    }
+
+    fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
+        // Ungranted and unknown names answer alike: no hint that a model exists.
+        let model = self
+            .ctx
+            .granted
+            .iter()
+            .any(|granted| granted == &name)
+            .then(|| self.ctx.registry.as_ref().and_then(|r| r.get(&name)))
+            .flatten();
+        match model {
+            Some(model) => Ok(Ok(self.table.push(Graph { model })?)),
+            None => self.fail(ErrorCode::NotFound, format!("no model named {name:?}")),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    fn init_execution_context(
+        &mut self,
+        graph: Resource<Graph>,
+    ) -> wasmtime::Result<Result<Resource<ExecutionContext>, Resource<NnError>>> {
+        let model = Arc::clone(&self.table.get(&graph)?.model);
+        Ok(Ok(self.table.push(ExecutionContext { model })?))
+    }
+
+    fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        context: Resource<ExecutionContext>,
+        inputs: Vec<(String, Resource<Tensor>)>,
+    ) -> wasmtime::Result<Result<Vec<(String, Resource<Tensor>)>, Resource<NnError>>> {
+        let model = Arc::clone(&self.table.get(&context)?.model);
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            tensors.push((name, self.table.get(&tensor)?.clone()));
+        }
+        match model.compute(tensors).await {
+            Ok(outputs) => {
+                let mut resources = Vec::with_capacity(outputs.len());
+                for (name, tensor) in outputs {
+                    resources.push((name, self.table.push(tensor)?));
+                }
+                Ok(Ok(resources))
+            }
+            Err(error) => self.fail(error.code, error.message),
+        }
+    }
+
+    fn drop(&mut self, context: Resource<ExecutionContext>) -> wasmtime::Result<()> {
+        self.table.delete(context)?;
+        Ok(())
+    }
+}
+
+impl wit_tensor::Host for NnView<'_> {}
+
+impl wit_tensor::HostTensor for NnView<'_> {
+    fn new(&mut self, dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<Tensor>> {
+        // A length that does not match the dimensions is reported by `compute`
+        // (constructors cannot fail in WIT).
+        Ok(self.table.push(Tensor { dims, ty, data })?)
+    }
+
+    fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.dims.clone())
+    }
+
+    fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.data.clone())
+    }
+
+    fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
+        self.table.delete(tensor)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,343 @@
+//! The ONNX Runtime backend: a pool of sessions per model, run off the async workers.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use ort::session::Session;
+use ort::value::{DynValue, TensorElementType, ValueType};
+use tokio::sync::Semaphore;
+
+use super::{NnError, Tensor};
+use crate::bindings::wasi::nn::errors::ErrorCode;
+use crate::bindings::wasi::nn::tensor::TensorType;
+use crate::manifest::Target;
+
+/// The file name the setup step installs ONNX Runtime under, in `.cache/onnxruntime/`.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so";
+
+/// The loaded ONNX Runtime library and its environment.
+pub struct OnnxRuntime {
+    env: ort::environment::Environment,
+    library: PathBuf,
+}
+
+impl OnnxRuntime {
+    /// Where ONNX Runtime is: `$ORT_DYLIB_PATH`, else `.cache/onnxruntime/libonnxruntime.so`
+    /// beside the manifest (where `./setup.sh` puts it), else in the working directory.
+    pub fn locate(manifest_dir: &Path) -> anyhow::Result<PathBuf> {
+        if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+            let path = PathBuf::from(path);
+            anyhow::ensure!(path.is_file(), "ORT_DYLIB_PATH is `{}`, which is not a file", path.display());
+            return Ok(path);
+        }
+        let candidates = [
+            manifest_dir.join(".cache/onnxruntime").join(ORT_LIBRARY),
+            PathBuf::from(".cache/onnxruntime").join(ORT_LIBRARY),
+        ];
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "ONNX Runtime not found (looked in {}); run ./setup.sh, or set ORT_DYLIB_PATH to a libonnxruntime.so \
+                 (from the `onnxruntime` wheel on PyPI: onnxruntime/capi/)",
+                candidates.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// Loads the library at `path` and creates the environment.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let env = ort::init_from(path)
+            .with_context(|| format!("loading ONNX Runtime from `{}`", path.display()))?
+            .with_name("lepton")
+            .build()
+            .map_err(|e| anyhow::anyhow!("creating the ONNX Runtime environment: {e}"))?;
+        Ok(Self { env, library: path.to_owned() })
+    }
+
+    /// The library file in use.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+}
+
+/// A model input or output as the graph declares it.
+#[derive(Debug, Clone)]
+pub struct Io {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub ty: TensorType,
+    /// Dimensions; `-1` where any size goes.
+    pub shape: Vec<i64>,
+}
+
+/// An ONNX model with a pool of sessions.
+pub struct OnnxModel {
+    name: String,
+    inputs: Vec<Io>,
+    outputs: Vec<Io>,
+    sessions: Mutex<Vec<Session>>,
+    slots: Arc<Semaphore>,
+    target: Target,
+}
+
+/// Where the bytes of a model come from.
+pub enum Source<'a> {
+    /// A file.
+    File(&'a Path),
+    /// Bytes in memory (`wasi:nn` `load`).
+    Bytes(&'a [u8]),
+}
+
+impl OnnxModel {
+    /// Creates `sessions` sessions of `threads` intra-op threads each. A `Gpu` target
+    /// uses CUDA where it registers and the CPU otherwise, with a warning.
+    pub fn load(
+        runtime: &OnnxRuntime,
+        name: &str,
+        source: &Source<'_>,
+        target: Target,
+        sessions: u32,
+        threads: u32,
+    ) -> anyhow::Result<Self> {
+        let mut pool = Vec::with_capacity(sessions as usize);
+        let mut effective = target;
+        for _ in 0..sessions.max(1) {
+            let (session, used) = new_session(runtime, name, source, effective, threads)?;
+            effective = used;
+            pool.push(session);
+        }
+        let first = pool.first().context("no session")?;
+        let inputs = describe(first.inputs()).with_context(|| format!("model `{name}` inputs"))?;
+        let outputs = describe(first.outputs()).with_context(|| format!("model `{name}` outputs"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            inputs,
+            outputs,
+            slots: Arc::new(Semaphore::new(pool.len())),
+            sessions: Mutex::new(pool),
+            target: effective,
+        })
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Declared inputs.
+    pub fn inputs(&self) -> &[Io] {
+        &self.inputs
+    }
+
+    /// Declared outputs.
+    pub fn outputs(&self) -> &[Io] {
+        &self.outputs
+    }
+
+    /// Where it runs (after any GPU fallback).
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// Checks inputs against the graph's declaration: names, types, shapes, byte lengths.
+    pub fn validate(&self, inputs: &[(String, Tensor)]) -> Result<(), NnError> {
+        let invalid = |message: String| NnError::new(ErrorCode::InvalidArgument, message);
+        for (name, _) in inputs {
+            if !self.inputs.iter().any(|io| &io.name == name) {
+                return Err(invalid(format!(
+                    "unknown input `{name}`; model `{}` takes {}",
+                    self.name,
+                    self.inputs.iter().map(|io| format!("`{}`", io.name)).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        for io in &self.inputs {
+            let Some((_, tensor)) = inputs.iter().find(|(name, _)| name == &io.name) else {
+                return Err(invalid(format!("missing input `{}`", io.name)));
+            };
+            if tensor.ty != io.ty {
+                return Err(invalid(format!("input `{}` is {:?}, the model takes {:?}", io.name, tensor.ty, io.ty)));
+            }
+            let fits = tensor.dims.len() == io.shape.len()
+                && tensor.dims.iter().zip(&io.shape).all(|(&d, &s)| s < 0 || i64::from(d) == s);
+            if !fits {
+                return Err(invalid(format!(
+                    "input `{}` has dimensions {:?}, the model takes {:?} (-1: any)",
+                    io.name, tensor.dims, io.shape
+                )));
+            }
+            tensor.check_length().map_err(|e| invalid(format!("input `{}`: {e}", io.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Validates and runs one inference on a pooled session, on a blocking thread.
+    pub async fn run(self: &Arc<Self>, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+        self.validate(&inputs)?;
+        self.run_validated(inputs).await
+    }
+
+    /// Runs inputs already validated.
+    pub(crate) async fn run_validated(
+        self: &Arc<Self>,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, NnError> {
+        let permit = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| NnError::new(ErrorCode::RuntimeError, "model is shutting down".into()))?;
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut session = this.take_session();
+            let result = run_session(&mut session, inputs);
+            this.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(session);
+            result
+        })
+        .await
+        .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("inference task failed: {e}")))?
+    }
+
+    fn take_session(&self) -> Session {
+        // A permit is held, so a session is free: the pool has as many as permits.
+        #[expect(clippy::expect_used, reason = "the semaphore guarantees a free session")]
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .expect("a permit guarantees a free session")
+    }
+}
+
+fn new_session(
+    runtime: &OnnxRuntime,
+    name: &str,
+    source: &Source<'_>,
+    target: Target,
+    threads: u32,
+) -> anyhow::Result<(Session, Target)> {
+    let error = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow::anyhow!("{e}");
+    let mut builder = Session::builder(&runtime.env)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_intra_threads(threads as usize)
+        .map_err(error)?
+        .with_inter_threads(1)
+        .map_err(error)?;
+    let mut used = Target::Cpu;
+    if target == Target::Gpu {
+        let cuda = ort::ep::CUDA::default().build().error_on_failure();
+        match builder.with_execution_providers([cuda]) {
+            Ok(with_cuda) => {
+                builder = with_cuda;
+                used = Target::Gpu;
+            }
+            Err(e) => {
+                tracing::warn!(model = name, "target \"gpu\": CUDA is not available ({e}); running on the CPU");
+                builder = e.recover();
+            }
+        }
+    }
+    let session = match source {
+        Source::File(path) => builder.commit_from_file(path),
+        Source::Bytes(bytes) => builder.commit_from_memory(bytes),
+    }
+    .map_err(|e| anyhow::anyhow!("ONNX Runtime rejected model `{name}`: {e}"))?;
+    Ok((session, used))
+}
+
+fn describe(outlets: &[ort::value::Outlet]) -> anyhow::Result<Vec<Io>> {
+    outlets
+        .iter()
+        .map(|outlet| match outlet.dtype() {
+            ValueType::Tensor { ty, shape, .. } => Ok(Io {
+                name: outlet.name().to_owned(),
+                ty: from_element_type(*ty)
+                    .ok_or_else(|| anyhow::anyhow!("`{}` has element type {ty:?}, which wasi-nn cannot carry", outlet.name()))?,
+                shape: shape.iter().copied().collect(),
+            }),
+            other => anyhow::bail!("`{}` is a {other:?}, not a tensor", outlet.name()),
+        })
+        .collect()
+}
+
+fn from_element_type(ty: TensorElementType) -> Option<TensorType> {
+    Some(match ty {
+        TensorElementType::Float16 => TensorType::Fp16,
+        TensorElementType::Float32 => TensorType::Fp32,
+        TensorElementType::Float64 => TensorType::Fp64,
+        TensorElementType::Bfloat16 => TensorType::Bf16,
+        TensorElementType::Uint8 => TensorType::U8,
+        TensorElementType::Int32 => TensorType::I32,
+        TensorElementType::Int64 => TensorType::I64,
+        _ => return None,
+    })
+}
+
+macro_rules! decode {
+    ($bytes:expr, $t:ty, $n:literal) => {
+        $bytes
+            .chunks_exact($n)
+            .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])))
+            .collect::<Vec<$t>>()
+    };
+}
+
+fn to_value(tensor: Tensor) -> ort::Result<DynValue> {
+    let shape: Vec<i64> = tensor.dims.iter().map(|&d| i64::from(d)).collect();
+    let data = &tensor.data;
+    Ok(match tensor.ty {
+        TensorType::Fp32 => ort::value::Tensor::from_array((shape, decode!(data, f32, 4)))?.into_dyn(),
+        TensorType::Fp64 => ort::value::Tensor::from_array((shape, decode!(data, f64, 8)))?.into_dyn(),
+        TensorType::I32 => ort::value::Tensor::from_array((shape, decode!(data, i32, 4)))?.into_dyn(),
+        TensorType::I64 => ort::value::Tensor::from_array((shape, decode!(data, i64, 8)))?.into_dyn(),
+        TensorType::U8 => ort::value::Tensor::from_array((shape, tensor.data))?.into_dyn(),
+        TensorType::Fp16 => ort::value::Tensor::from_array((shape, decode!(data, half::f16, 2)))?.into_dyn(),
+        TensorType::Bf16 => ort::value::Tensor::from_array((shape, decode!(data, half::bf16, 2)))?.into_dyn(),
+    })
+}
+
+macro_rules! encode {
+    ($value:expr, $t:ty) => {{
+        let (shape, values) = $value.try_extract_tensor::<$t>()?;
+        let dims = shape.iter().map(|&d| u32::try_from(d).unwrap_or(0)).collect::<Vec<u32>>();
+        (dims, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+    }};
+}
+
+fn from_value(value: &DynValue) -> Result<Tensor, NnError> {
+    let ValueType::Tensor { ty, .. } = value.dtype() else {
+        return Err(NnError::new(ErrorCode::UnsupportedOperation, "output is not a tensor".into()));
+    };
+    let ty = *ty;
+    let runtime = |e: ort::Error| NnError::new(ErrorCode::RuntimeError, e.to_string());
+    let extract = || -> ort::Result<Option<Tensor>> {
+        let (dims, data, ty) = match ty {
+            TensorElementType::Float32 => { let (d, b) = encode!(value, f32); (d, b, TensorType::Fp32) }
+            TensorElementType::Float64 => { let (d, b) = encode!(value, f64); (d, b, TensorType::Fp64) }
+            TensorElementType::Int32 => { let (d, b) = encode!(value, i32); (d, b, TensorType::I32) }
+            TensorElementType::Int64 => { let (d, b) = encode!(value, i64); (d, b, TensorType::I64) }
+            TensorElementType::Uint8 => { let (d, b) = encode!(value, u8); (d, b, TensorType::U8) }
+            TensorElementType::Float16 => { let (d, b) = encode!(value, half::f16); (d, b, TensorType::Fp16) }
+            TensorElementType::Bfloat16 => { let (d, b) = encode!(value, half::bf16); (d, b, TensorType::Bf16) }
+            _ => return Ok(None),
+        };
+        Ok(Some(Tensor { dims, ty, data }))
+    };
+    extract()
+        .map_err(runtime)?
+        .ok_or_else(|| NnError::new(ErrorCode::UnsupportedOperation, format!("output element type {ty:?} is not a wasi-nn type")))
+}
+
+fn run_session(session: &mut Session, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+    let invalid = |e: ort::Error| NnError::new(ErrorCode::InvalidArgument, e.to_string());
+    let values = inputs
+        .into_iter()
+        .map(|(name, tensor)| Ok((name, to_value(tensor)?)))
+        .collect::<Result<Vec<(String, DynValue)>, ort::Error>>()
+        .map_err(invalid)?;
+    let outputs = session
+        .run(values)
+        .map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?;
+    outputs.iter().map(|(name, value)| Ok((name.to_owned(), from_value(&value)?))).collect()
+}
