@@ -25,11 +25,14 @@
 //! What the function may reach is decided by its manifest entry: environment
 //! variables, read-only directories and outbound hosts are denied unless granted.
 //! [`outbound::send`] makes an outgoing HTTP request; a host that is not in
-//! `allowed_outbound_hosts` answers it with an error.
+//! `allowed_outbound_hosts` answers it with an error. [`nn`] runs the models the
+//! manifest grants through the standard `wasi:nn` interfaces.
 #![deny(missing_docs)]
 
 pub use http;
 
+mod bindings;
+pub mod nn;
 pub mod outbound;
 mod wasi_http;
 
