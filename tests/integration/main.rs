@@ -1,12 +1,14 @@
 //! Integration tests: the real `lepton` binary on `127.0.0.1:0`, real components
 //! built from `guest-examples/`, real HTTP requests.
 
+mod onnx;
 mod util;
 
 mod caps;
 mod cli;
 mod limits;
 mod manifest;
+mod nn;
 mod serve;
 
 /// Every guest example is exercised by at least one test here.

@@ -144,10 +144,12 @@ impl Lepton {
         }
     }
 
-    /// A metric's value from `/.well-known/lepton/metrics`.
-    pub fn metric(&self, name: &str, function: &str) -> u64 {
+    /// A metric's value from `/.well-known/lepton/metrics`, by its one label's value
+    /// (the function's or the model's name).
+    pub fn metric(&self, name: &str, label: &str) -> u64 {
         let metrics = self.get("/.well-known/lepton/metrics").body;
-        let prefix = format!("{name}{{function=\"{function}\"}} ");
+        let kind = if name.starts_with("lepton_model_") { "model" } else { "function" };
+        let prefix = format!("{name}{{{kind}=\"{label}\"}} ");
         metrics
             .lines()
             .find_map(|line| line.strip_prefix(&prefix))

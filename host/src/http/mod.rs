@@ -108,6 +108,9 @@ impl App {
         for function in &self.functions {
             function.write_metrics(&mut out);
         }
+        if let Some(models) = &self.models {
+            models.write_metrics(&mut out);
+        }
         out
     }
 }

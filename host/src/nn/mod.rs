@@ -51,6 +51,7 @@ impl NnError {
 pub struct Model {
     onnx: Arc<OnnxModel>,
     batcher: Option<batch::Batcher>,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl Model {
@@ -61,6 +62,7 @@ impl Model {
 
     /// Runs one inference (batched with concurrent ones when configured).
     pub async fn compute(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.batcher {
             Some(batcher) => {
                 self.onnx.validate(&inputs)?;
@@ -107,13 +109,27 @@ impl ModelRegistry {
             started.elapsed()
         );
         let batcher = spec.batch.map(|b| batch::Batcher::spawn(Arc::clone(&onnx), b));
-        self.models.insert(spec.name.clone(), Arc::new(Model { onnx, batcher }));
+        self.models.insert(spec.name.clone(), Arc::new(Model { onnx, batcher, requests: 0.into() }));
         Ok(())
     }
 
     /// The model named `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Model>> {
         self.models.get(name).map(|m| Arc::clone(m.value()))
+    }
+
+    /// Appends each model's counters in the Prometheus text format.
+    pub fn write_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let mut names: Vec<String> = self.models.iter().map(|m| m.key().clone()).collect();
+        names.sort();
+        for name in names {
+            if let Some(model) = self.get(&name) {
+                let requests = model.requests.load(std::sync::atomic::Ordering::Relaxed);
+                let _ = writeln!(out, "lepton_model_requests_total{{model=\"{name}\"}} {requests}");
+                let _ = writeln!(out, "lepton_model_runs_total{{model=\"{name}\"}} {}", model.onnx.runs());
+            }
+        }
     }
 
     /// The ONNX Runtime in use.
@@ -216,7 +232,7 @@ impl graph::Host for NnView<'_> {
         .await;
         match loaded {
             Ok(Ok(onnx)) => {
-                let model = Arc::new(Model { onnx: Arc::new(onnx), batcher: None });
+                let model = Arc::new(Model { onnx: Arc::new(onnx), batcher: None, requests: 0.into() });
                 Ok(Ok(self.table.push(Graph { model })?))
             }
             Ok(Err(error)) => self.fail(ErrorCode::InvalidEncoding, format!("{error:#}")),

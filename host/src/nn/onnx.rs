@@ -31,10 +31,11 @@ impl OnnxRuntime {
             anyhow::ensure!(path.is_file(), "ORT_DYLIB_PATH is `{}`, which is not a file", path.display());
             return Ok(path);
         }
-        let candidates = [
-            manifest_dir.join(".cache/onnxruntime").join(ORT_LIBRARY),
-            PathBuf::from(".cache/onnxruntime").join(ORT_LIBRARY),
-        ];
+        let mut candidates = vec![manifest_dir.join(".cache/onnxruntime").join(ORT_LIBRARY)];
+        let in_working_dir = PathBuf::from(".cache/onnxruntime").join(ORT_LIBRARY);
+        if candidates[0] != in_working_dir {
+            candidates.push(in_working_dir);
+        }
         candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
             anyhow::anyhow!(
                 "ONNX Runtime not found (looked in {}); run ./setup.sh, or set ORT_DYLIB_PATH to a libonnxruntime.so \
@@ -79,6 +80,7 @@ pub struct OnnxModel {
     sessions: Mutex<Vec<Session>>,
     slots: Arc<Semaphore>,
     target: Target,
+    runs: std::sync::atomic::AtomicU64,
 }
 
 /// Where the bytes of a model come from.
@@ -117,6 +119,7 @@ impl OnnxModel {
             slots: Arc::new(Semaphore::new(pool.len())),
             sessions: Mutex::new(pool),
             target: effective,
+            runs: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -138,6 +141,11 @@ impl OnnxModel {
     /// Where it runs (after any GPU fallback).
     pub fn target(&self) -> Target {
         self.target
+    }
+
+    /// Backend runs so far (a batch is one run).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Checks inputs against the graph's declaration: names, types, shapes, byte lengths.
@@ -187,6 +195,7 @@ impl OnnxModel {
             .acquire_owned()
             .await
             .map_err(|_| NnError::new(ErrorCode::RuntimeError, "model is shutting down".into()))?;
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;

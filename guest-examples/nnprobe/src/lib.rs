@@ -1,0 +1,96 @@
+//! `nnprobe`: drives `wasi:nn` through the raw WIT bindings (as a component written in
+//! any language would), so host tests can send anything, malformed tensors included.
+//!
+//! - `GET /nn/load/NAME`: `load-by-name`, answers `ok`.
+//! - `POST /nn/compute/NAME`: `load-by-name` + `compute`. Body and answer: one tensor
+//!   per line, `name TYPE d1,d2,... hexdata` (TYPE: FP16 FP32 FP64 BF16 U8 I32 I64).
+//! - `POST /nn/upload`: `load` of the body as an ONNX graph, answers `ok`.
+//!
+//! Failures answer 400 with `error: CODE: message`.
+
+use lepton_sdk::{Request, Response};
+
+wit_bindgen::generate!({
+    world: "lepton:function/imports",
+    path: "../../wit",
+    generate_all,
+});
+
+use wasi::nn::{errors, graph, tensor};
+
+fn reply(status: u16, body: String) -> Response {
+    let mut response = Response::new(body.into_bytes());
+    *response.status_mut() = lepton_sdk::http::StatusCode::from_u16(status).unwrap_or_default();
+    response
+}
+
+fn failure(error: errors::Error) -> String {
+    format!("error: {:?}: {}", error.code(), error.data())
+}
+
+const TYPES: [(&str, tensor::TensorType); 7] = [
+    ("FP16", tensor::TensorType::Fp16),
+    ("FP32", tensor::TensorType::Fp32),
+    ("FP64", tensor::TensorType::Fp64),
+    ("BF16", tensor::TensorType::Bf16),
+    ("U8", tensor::TensorType::U8),
+    ("I32", tensor::TensorType::I32),
+    ("I64", tensor::TensorType::I64),
+];
+
+fn parse_tensor(line: &str) -> Result<(String, tensor::Tensor), String> {
+    let mut parts = line.split(' ');
+    let (Some(name), Some(ty), Some(dims), data) = (parts.next(), parts.next(), parts.next(), parts.next().unwrap_or(""))
+    else {
+        return Err(format!("bad line {line:?}"));
+    };
+    let ty = TYPES.iter().find(|(n, _)| *n == ty).map(|(_, t)| *t).ok_or(format!("bad type {ty:?}"))?;
+    let dims = dims
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse::<u32>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = (0..data.len() / 2)
+        .map(|i| u8::from_str_radix(&data[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name.to_owned(), tensor::Tensor::new(&dims, ty, &data)))
+}
+
+fn format_tensor(name: &str, tensor: &tensor::Tensor) -> String {
+    let ty = TYPES.iter().find(|(_, t)| *t == tensor.ty()).map_or("?", |(n, _)| n);
+    let dims = tensor.dimensions().iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let data: String = tensor.data().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name} {ty} {dims} {data}\n")
+}
+
+fn compute(model: &str, body: &str) -> Result<String, String> {
+    let graph = graph::load_by_name(model).map_err(failure)?;
+    let context = graph.init_execution_context().map_err(failure)?;
+    let inputs = body.lines().filter(|l| !l.is_empty()).map(parse_tensor).collect::<Result<Vec<_>, _>>()?;
+    let outputs = context.compute(inputs).map_err(failure)?;
+    let mut outputs: Vec<_> = outputs.into_iter().collect();
+    outputs.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(outputs.iter().map(|(name, t)| format_tensor(name, t)).collect())
+}
+
+fn nnprobe(request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let result = if let Some(name) = path.strip_prefix("/nn/load/") {
+        graph::load_by_name(name).map(|_| "ok\n".to_owned()).map_err(failure)
+    } else if let Some(name) = path.strip_prefix("/nn/compute/") {
+        compute(name, &String::from_utf8_lossy(request.body()))
+    } else if path == "/nn/upload" {
+        graph::load(&[request.body().clone()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)
+            .and_then(|g| g.init_execution_context())
+            .map(|_| "ok\n".to_owned())
+            .map_err(failure)
+    } else {
+        Err(format!("unknown path {path:?}"))
+    };
+    match result {
+        Ok(body) => reply(200, body),
+        Err(error) => reply(400, error),
+    }
+}
+
+lepton_sdk::http_handler!(nnprobe);

@@ -1,0 +1,152 @@
+//! wasi-nn: tensors of every type in and out, grants, uploads, bad inputs, batching.
+
+use crate::onnx::identity_model;
+use crate::util::{Lepton, Project, artifacts, manifest};
+
+const ALL_TYPES: [(&str, &str); 7] =
+    [("a", "FP16"), ("b", "FP32"), ("c", "FP64"), ("d", "BF16"), ("e", "U8"), ("f", "I32"), ("g", "I64")];
+
+/// A tensor line of the nnprobe protocol: `name TYPE d1,d2 hexdata`.
+fn line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
+    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name} {ty} {dims} {hex}\n")
+}
+
+fn element_size(ty: &str) -> usize {
+    match ty {
+        "U8" => 1,
+        "FP16" | "BF16" => 2,
+        "FP32" | "I32" => 4,
+        _ => 8,
+    }
+}
+
+/// A project serving nnprobe with an identity model `ident` over all types, a
+/// second model `other` it is not granted, and `extra` manifest lines for the function.
+fn project(extra: &str, model_extra: &str) -> Project {
+    let project = Project::new(&manifest(&format!(
+        "[model.ident]\npath = \"ident.onnx\"\n{model_extra}\n\
+         [model.other]\npath = \"other.onnx\"\n\
+         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn\"\nmodels = [\"ident\"]\n{extra}\n"
+    )));
+    std::fs::write(project.path("ident.onnx"), identity_model(&ALL_TYPES, 3)).expect("write model");
+    std::fs::write(project.path("other.onnx"), identity_model(&[("x", "FP32")], 1)).expect("write model");
+    project
+}
+
+fn start(project: &Project) -> Lepton {
+    // ONNX Runtime as ./setup.sh installs it, unless ORT_DYLIB_PATH says otherwise.
+    let library = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.cache/onnxruntime/libonnxruntime.so").to_owned()
+    });
+    project.up_with(&[], &[("ORT_DYLIB_PATH", &library)])
+}
+
+fn all_inputs(rows: u32, seed: u8) -> String {
+    ALL_TYPES
+        .iter()
+        .map(|(name, ty)| {
+            let len = rows as usize * 3 * element_size(ty);
+            let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            line(name, ty, &[rows, 3], &data)
+        })
+        .collect()
+}
+
+#[test]
+fn every_tensor_type_goes_in_and_comes_out_unchanged() {
+    let project = project("", "");
+    let lepton = start(&project);
+    let inputs = all_inputs(2, 7);
+    let reply = lepton.post("/nn/compute/ident", inputs.as_bytes());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let expected: String = inputs.lines().map(|l| format!("out_{l}\n")).collect();
+    assert_eq!(reply.body, expected);
+    let _ = artifacts::NNPROBE;
+}
+
+#[test]
+fn only_granted_models_load_and_others_look_absent() {
+    let project = project("", "");
+    let lepton = start(&project);
+    assert_eq!(lepton.get("/nn/load/ident").body, "ok\n");
+    let not_granted = lepton.get("/nn/load/other");
+    let unknown = lepton.get("/nn/load/nowhere");
+    assert_eq!(not_granted.status, 400);
+    assert_eq!(not_granted.body, "error: ErrorCode::NotFound: no model named \"other\"");
+    assert_eq!(unknown.body, "error: ErrorCode::NotFound: no model named \"nowhere\"");
+}
+
+#[test]
+fn loading_from_bytes_needs_allow_model_upload_and_is_capped() {
+    let model = identity_model(&[("x", "FP32")], 1);
+    let denied = start(&project("", ""));
+    assert_eq!(
+        denied.post("/nn/upload", &model).body,
+        "error: ErrorCode::Security: loading a model from bytes is not allowed for this function (`allow_model_upload`)"
+    );
+    let allowed = start(&project("allow_model_upload = true\nmax_model_upload_size = \"1KiB\"", ""));
+    assert_eq!(allowed.post("/nn/upload", &model).body, "ok\n");
+    let too_large = allowed.post("/nn/upload", &vec![0u8; 2048]);
+    assert!(too_large.body.starts_with("error: ErrorCode::TooLarge: model is 2048 bytes"), "{too_large:?}");
+    let garbage = allowed.post("/nn/upload", b"not an onnx model");
+    assert!(garbage.body.starts_with("error: ErrorCode::InvalidEncoding: "), "{garbage:?}");
+    assert_eq!(allowed.get("/.well-known/lepton/health").status, 200);
+}
+
+#[test]
+fn malformed_inputs_are_invalid_argument_errors() {
+    let project = project("", "");
+    let lepton = start(&project);
+    let good = all_inputs(1, 1);
+    let compute = |body: String| lepton.post("/nn/compute/ident", body.as_bytes()).body;
+
+    let renamed = good.replacen("a FP16", "zz FP16", 1);
+    assert_eq!(
+        compute(renamed),
+        "error: ErrorCode::InvalidArgument: unknown input `zz`; model `ident` takes `a`, `b`, `c`, `d`, `e`, `f`, `g`"
+    );
+    let missing: String = good.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    assert_eq!(compute(missing), "error: ErrorCode::InvalidArgument: missing input `a`");
+    let wrong_type = good.replacen("b FP32", "b I32", 1);
+    assert_eq!(compute(wrong_type), "error: ErrorCode::InvalidArgument: input `b` is TensorType::I32, the model takes TensorType::Fp32");
+    let wrong_shape = good.replacen("e U8 1,3 ", "e U8 3,1 ", 1);
+    assert_eq!(
+        compute(wrong_shape),
+        "error: ErrorCode::InvalidArgument: input `e` has dimensions [3, 1], the model takes [-1, 3] (-1: any)"
+    );
+    let short = good.replacen("e U8 1,3 ", "e U8 1,3 ff", 1);
+    assert_eq!(
+        compute(short),
+        "error: ErrorCode::InvalidArgument: input `e`: tensor of dimensions [1, 3] and type TensorType::U8 needs 3 bytes, got 4"
+    );
+    // The server is unharmed.
+    assert_eq!(lepton.post("/nn/compute/ident", good.as_bytes()).status, 200);
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_each_gets_its_own_rows_back() {
+    let project = project("max_concurrency = 64", "batch = { max_size = 64, max_wait = \"200ms\" }");
+    let lepton = start(&project);
+    let url = lepton.url("/nn/compute/ident");
+    let handles: Vec<_> = (0..16u8)
+        .map(|seed| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let inputs = all_inputs(1 + u32::from(seed % 3), seed);
+                let reply = crate::util::reply(ureq::post(&url).send_bytes(inputs.as_bytes()));
+                (inputs, reply)
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (inputs, reply) = handle.join().expect("thread");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let expected: String = inputs.lines().map(|l| format!("out_{l}\n")).collect();
+        assert_eq!(reply.body, expected);
+    }
+    let runs = lepton.metric("lepton_model_runs_total", "ident");
+    assert_eq!(lepton.metric("lepton_model_requests_total", "ident"), 16);
+    assert!(runs < 16, "16 concurrent requests took {runs} runs: nothing was batched");
+}

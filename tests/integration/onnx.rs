@@ -1,0 +1,86 @@
+//! Tiny ONNX models written byte by byte (protobuf), so the tests need no model
+//! files and no Python: a graph of `Identity` nodes, one per input.
+
+fn varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn int_field(out: &mut Vec<u8>, field: u64, value: u64) {
+    varint(out, field << 3);
+    varint(out, value);
+}
+
+fn bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    varint(out, (field << 3) | 2);
+    varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// ONNX `TensorProto.DataType` codes of the wasi-nn types.
+pub fn onnx_type(wasi_type: &str) -> u64 {
+    match wasi_type {
+        "FP32" => 1,
+        "U8" => 2,
+        "I32" => 6,
+        "I64" => 7,
+        "FP16" => 10,
+        "FP64" => 11,
+        "BF16" => 16,
+        other => panic!("no ONNX type for {other}"),
+    }
+}
+
+/// `ValueInfoProto` of a tensor; `None` dimensions are symbolic (`N`).
+fn value_info(name: &str, elem_type: u64, dims: &[Option<i64>]) -> Vec<u8> {
+    let mut shape = Vec::new();
+    for dim in dims {
+        let mut d = Vec::new();
+        match dim {
+            Some(n) => int_field(&mut d, 1, *n as u64),
+            None => bytes_field(&mut d, 2, b"N"),
+        }
+        bytes_field(&mut shape, 1, &d);
+    }
+    let mut tensor_type = Vec::new();
+    int_field(&mut tensor_type, 1, elem_type);
+    bytes_field(&mut tensor_type, 2, &shape);
+    let mut type_proto = Vec::new();
+    bytes_field(&mut type_proto, 1, &tensor_type);
+    let mut info = Vec::new();
+    bytes_field(&mut info, 1, name.as_bytes());
+    bytes_field(&mut info, 2, &type_proto);
+    info
+}
+
+/// A model with, for each `(input, wasi type)`, an `Identity` node to output `out_<input>`
+/// of the same type; every input has shape `[N, width]`.
+pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
+    let mut graph = Vec::new();
+    for (name, _) in inputs {
+        let mut node = Vec::new();
+        bytes_field(&mut node, 1, name.as_bytes());
+        bytes_field(&mut node, 2, format!("out_{name}").as_bytes());
+        bytes_field(&mut node, 3, format!("identity_{name}").as_bytes());
+        bytes_field(&mut node, 4, b"Identity");
+        bytes_field(&mut graph, 1, &node);
+    }
+    bytes_field(&mut graph, 2, b"identity");
+    for (name, ty) in inputs {
+        bytes_field(&mut graph, 11, &value_info(name, onnx_type(ty), &[None, Some(width)]));
+    }
+    for (name, ty) in inputs {
+        bytes_field(&mut graph, 12, &value_info(&format!("out_{name}"), onnx_type(ty), &[None, Some(width)]));
+    }
+    let mut opset = Vec::new();
+    bytes_field(&mut opset, 1, b"");
+    int_field(&mut opset, 2, 17);
+    let mut model = Vec::new();
+    int_field(&mut model, 1, 8); // ir_version
+    bytes_field(&mut model, 8, &opset);
+    bytes_field(&mut model, 7, &graph);
+    model
+}
