@@ -9,24 +9,20 @@
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
 
+#[path = "support.rs"]
+mod support;
+
 use std::convert::Infallible;
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use support::{Load, Server, print_header, report, run_load};
 
 const BODY: &[u8] = b"Hello from Lepton\n";
-
-struct Figures {
-    requests_per_second: f64,
-    p50: Duration,
-    p99: Duration,
-    errors: u64,
-}
 
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -47,30 +43,31 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut lepton = Server::lepton(&manifest);
+    let lepton = Server::lepton(&manifest, &[]);
     let native = native_server();
-    let mut wasmtime = Server::wasmtime_serve();
+    let wasmtime = wasmtime_serve();
 
+    let hello = |path| Load { path, body: None, expect: |b| b == BODY };
     let load = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     println!("hello function, {seconds} s per run, loopback, keep-alive connections");
-    println!("{:<34} {:>5} {:>10} {:>9} {:>9} {:>7}", "target", "conns", "req/s", "p50", "p99", "errors");
+    print_header();
     for &c in &connections {
-        let native_figures = load.block_on(run_load(native, "/hello", c, duration));
+        let native_figures = load.block_on(run_load(native, hello("/hello"), c, duration));
         report("native hyper (baseline)", c, &native_figures);
         let wasmtime_figures = wasmtime.as_ref().map(|server| {
-            let figures = load.block_on(run_load(server.address, "/", c, duration));
+            let figures = load.block_on(run_load(server.address, hello("/"), c, duration));
             report("wasmtime serve -S cli (baseline)", c, &figures);
             figures
         });
-        let lepton_figures = load.block_on(run_load(lepton.address, "/hello", c, duration));
+        let lepton_figures = load.block_on(run_load(lepton.address, hello("/hello"), c, duration));
         report("lepton up", c, &lepton_figures);
         println!(
-            "  ratio lepton/native hyper: {:.2}x throughput (goal >= 0.5x)",
+            "  ratio lepton / native hyper: {:.2}x throughput (goal >= 0.5x)",
             lepton_figures.requests_per_second / native_figures.requests_per_second
         );
         if let Some(figures) = wasmtime_figures {
             println!(
-                "  ratio lepton/wasmtime serve: {:.2}x throughput (goal >= 1.2x)",
+                "  ratio lepton / wasmtime serve: {:.2}x throughput (goal >= 1.2x)",
                 lepton_figures.requests_per_second / figures.requests_per_second
             );
         }
@@ -78,68 +75,29 @@ fn main() {
     if wasmtime.is_none() {
         println!("(no `wasmtime` binary found: set WASMTIME=/path/to/wasmtime for that baseline)");
     }
-    lepton.stop();
-    if let Some(server) = wasmtime.as_mut() {
-        server.stop();
-    }
 }
 
-fn report(name: &str, connections: usize, f: &Figures) {
-    println!(
-        "{name:<34} {connections:>5} {:>10.0} {:>7.0}µs {:>7.0}µs {:>7}",
-        f.requests_per_second,
-        f.p50.as_secs_f64() * 1e6,
-        f.p99.as_secs_f64() * 1e6,
-        f.errors
-    );
-}
-
-struct Server {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl Server {
-    fn lepton(manifest: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lepton"))
-            .arg("up")
-            .arg(manifest)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("LEPTON_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let address = line.trim().strip_prefix("lepton: listening on http://").unwrap().parse().unwrap();
-        Self { child, address }
-    }
-
-    fn wasmtime_serve() -> Option<Self> {
-        let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
-        Command::new(&binary).arg("--version").output().ok().filter(|o| o.status.success())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(&binary)
-            .args(["serve", "-S", "cli", "--addr", &address.to_string(), lepton_test_artifacts::HELLO])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(address).is_err() {
-            if started.elapsed() > Duration::from_secs(30) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+/// `wasmtime serve -S cli` on the hello component, when a `wasmtime` binary is there.
+fn wasmtime_serve() -> Option<Server> {
+    let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
+    Command::new(&binary).arg("--version").output().ok().filter(|o| o.status.success())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Command::new(&binary)
+        .args(["serve", "-S", "cli", "--addr", &address.to_string(), lepton_test_artifacts::HELLO])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = Server { child, address };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(address).is_err() {
+        if started.elapsed() > Duration::from_secs(30) {
+            return None;
         }
-        Some(Self { child, address })
+        std::thread::sleep(Duration::from_millis(10));
     }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Some(server)
 }
 
 /// A hyper server on its own two-thread runtime answering the same bytes.
@@ -166,63 +124,4 @@ fn native_server() -> SocketAddr {
         });
     });
     address
-}
-
-/// `connections` keep-alive connections, each sending requests back to back for `duration`.
-async fn run_load(address: SocketAddr, path: &'static str, connections: usize, duration: Duration) -> Figures {
-    // Warm up: one request per connection's worth, not measured.
-    let _ = one_connection(address, path, Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(one_connection(address, path, duration)))
-        .collect();
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for task in tasks {
-        let (mut l, e) = task.await.unwrap();
-        latencies.append(&mut l);
-        errors += e;
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    let pick = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
-    Figures {
-        requests_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: pick(0.50),
-        p99: pick(0.99),
-        errors,
-    }
-}
-
-async fn one_connection(address: SocketAddr, path: &'static str, duration: Duration) -> (Vec<Duration>, u64) {
-    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    let mut latencies = Vec::with_capacity(16 * 1024);
-    let mut errors = 0;
-    let deadline = Instant::now() + duration;
-    while Instant::now() < deadline {
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let started = Instant::now();
-        match sender.send_request(request).await {
-            Ok(response) => {
-                let ok = response.status().is_success();
-                let body = response.into_body().collect().await.map(|b| b.to_bytes());
-                if ok && body.is_ok_and(|b| b.as_ref() == BODY) {
-                    latencies.push(started.elapsed());
-                } else {
-                    errors += 1;
-                }
-            }
-            Err(_) => {
-                errors += 1;
-                break;
-            }
-        }
-    }
-    (latencies, errors)
 }
