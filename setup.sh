@@ -76,3 +76,35 @@ if [ "$magika_missing" = 1 ]; then
         extract "$magika_wheel" "magika/$file" "$magika_dir/${file##*/}"
     done
 fi
+
+# The `learn` example (trainer and model `digits`): scikit-learn's digits split into
+# `.cache/data/digits/{train,test}.json` and the untrained 64-32-10 MLP
+# `.cache/models/digits/digits-mlp.onnx`, written by guest-examples/learn/make_digits.py
+# in a virtual environment `.cache/venv`, which also serves the numpy baseline
+# (guest-examples/learn/train_numpy.py). onnxruntime comes from the wheel above and
+# checks the generated model.
+venv=.cache/venv
+digits_outputs=(
+    .cache/data/digits/train.json
+    .cache/data/digits/test.json
+    .cache/models/digits/digits-mlp.onnx
+)
+digits_missing=0
+for file in "${digits_outputs[@]}"; do
+    [ -f "$file" ] || digits_missing=1
+done
+if [ "$digits_missing" = 1 ]; then
+    if [ ! -x "$venv/bin/python" ]; then
+        say "creating the Python virtual environment $venv"
+        python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/python" -c 'import numpy, sklearn, onnx, onnxruntime' 2>/dev/null; then
+        say "installing numpy, scikit-learn, onnx and onnxruntime into $venv"
+        fetch_wheel onnxruntime "$onnxruntime_version"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --only-binary=:all: --find-links "$wheels" \
+            numpy==2.2.6 scikit-learn==1.6.1 onnx==1.17.0 "onnxruntime==$onnxruntime_version"
+    fi
+    say "writing the digits data and the untrained digits MLP"
+    "$venv/bin/python" guest-examples/learn/make_digits.py
+fi
