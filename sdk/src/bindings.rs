@@ -1,5 +1,5 @@
 //! The guest bindings of the `lepton:function/imports` world (`wit/function.wit`):
-//! the one `wit_bindgen::generate!` of this crate. Private; [`crate::nn`] wraps it.
+//! the one `wit_bindgen::generate!` of this crate. Private; [`crate::nn`] and [`crate::train`] wrap it.
 
 wit_bindgen::generate!({
     world: "lepton:function/imports",

@@ -26,7 +26,8 @@
 //! variables, read-only directories and outbound hosts are denied unless granted.
 //! [`outbound::send`] makes an outgoing HTTP request; a host that is not in
 //! `allowed_outbound_hosts` answers it with an error. [`nn`] runs the models the
-//! manifest grants through the standard `wasi:nn` interfaces.
+//! manifest grants through the standard `wasi:nn` interfaces, and [`train`] trains
+//! the ones it declares as trainers through Lepton's `lepton:nn/training`.
 #![deny(missing_docs)]
 
 pub use http;
@@ -34,6 +35,7 @@ pub use http;
 mod bindings;
 pub mod nn;
 pub mod outbound;
+pub mod train;
 mod wasi_http;
 
 /// An incoming HTTP request, with its body read in full.

@@ -288,8 +288,17 @@ impl Tensor {
         }
     }
 
-    fn to_wit(&self) -> tensor::Tensor {
+    pub(crate) fn to_wit(&self) -> tensor::Tensor {
         tensor::Tensor::new(&self.dims, self.ty.into(), &self.data)
+    }
+
+    /// Named inputs as `wasi:nn` named tensors, for [`ExecutionContext::compute`]
+    /// and [`crate::train`].
+    pub(crate) fn named_to_wit(inputs: &[(&str, &Tensor)]) -> Vec<(String, tensor::Tensor)> {
+        inputs
+            .iter()
+            .map(|(name, tensor)| ((*name).to_owned(), tensor.to_wit()))
+            .collect()
     }
 
     fn from_wit(tensor: &tensor::Tensor) -> Result<Self, Error> {
@@ -327,13 +336,9 @@ pub struct ExecutionContext(inference::GraphExecutionContext);
 impl ExecutionContext {
     /// Runs the model on named inputs and returns its named outputs.
     pub fn compute(&self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
-        let inputs = inputs
-            .iter()
-            .map(|(name, tensor)| ((*name).to_owned(), tensor.to_wit()))
-            .collect();
         let outputs = self
             .0
-            .compute(inputs)?
+            .compute(Tensor::named_to_wit(inputs))?
             .iter()
             .map(|(name, tensor)| Ok((name.clone(), Tensor::from_wit(tensor)?)))
             .collect::<Result<_, Error>>()?;
