@@ -32,3 +32,4 @@ pub mod engine;
 pub mod http;
 pub mod manifest;
 pub mod nn;
+pub mod train;

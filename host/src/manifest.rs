@@ -92,6 +92,51 @@ pub struct RawManifest {
     /// `[model.NAME]` tables.
     #[serde(default)]
     pub model: BTreeMap<String, RawModel>,
+    /// `[trainer.NAME]` tables.
+    #[serde(default)]
+    pub trainer: BTreeMap<String, RawTrainer>,
+}
+
+/// One `[trainer.NAME]` table as written.
+///
+/// ```toml
+/// [trainer.digits]
+/// init = "models/digits-mlp.onnx"        # ONNX graph; its float initializers are the weights
+/// loss = "cross-entropy"                 # or "mse"
+/// optimizer = { kind = "adamw", lr = 1e-3 }   # or { kind = "sgd", lr = 0.1, momentum = 0.9 }
+/// target = "cpu"                         # "gpu": CUDA when built with it, else CPU (logged)
+/// checkpoint_every = "30s"
+/// publishes = "digits"                   # the [model.*] that publish() may replace
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrainer {
+    /// Initial ONNX graph, relative to the manifest.
+    pub init: String,
+    /// `"cross-entropy"` or `"mse"`.
+    pub loss: String,
+    /// The optimizer.
+    pub optimizer: RawOptimizer,
+    /// `"cpu"` (default) or `"gpu"`.
+    pub target: Option<String>,
+    /// How often a changed trainer is checkpointed (default 30s).
+    pub checkpoint_every: Option<String>,
+    /// The model name `publish()` may replace.
+    pub publishes: Option<String>,
+}
+
+/// `optimizer = { kind = "adamw", lr = 1e-3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOptimizer {
+    /// `"adamw"` or `"sgd"`.
+    pub kind: String,
+    /// Learning rate.
+    pub lr: f64,
+    /// SGD momentum (default 0).
+    pub momentum: Option<f64>,
+    /// AdamW weight decay (default 0.01).
+    pub weight_decay: Option<f64>,
 }
 
 /// One `[model.NAME]` table as written.
@@ -164,6 +209,9 @@ pub struct RawFunction {
     pub allow_model_upload: bool,
     /// Cap on a model loaded from bytes, e.g. `"64MiB"`.
     pub max_model_upload_size: Option<String>,
+    /// Names of `[trainer.*]` tables this function may open.
+    #[serde(default)]
+    pub trainers: Vec<String>,
 }
 
 /// One entry of `files`.
@@ -185,6 +233,58 @@ pub struct Deployment {
     pub functions: Vec<FunctionSpec>,
     /// Models, ordered by name.
     pub models: Vec<ModelSpec>,
+    /// Trainers, ordered by name.
+    pub trainers: Vec<TrainerSpec>,
+}
+
+/// The loss a trainer minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Softmax cross-entropy of logits `[N, C]` against class indices `[N]`.
+    CrossEntropy,
+    /// Mean squared error against targets shaped like the output.
+    Mse,
+}
+
+/// A trainer's optimizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    /// AdamW (betas 0.9, 0.999; eps 1e-8).
+    AdamW {
+        /// Learning rate.
+        lr: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+    /// Stochastic gradient descent with momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum (0: plain SGD).
+        momentum: f64,
+    },
+}
+
+/// A validated trainer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TrainerSpec {
+    /// Validated name.
+    pub name: String,
+    /// Absolute path of the initial ONNX graph.
+    pub init: PathBuf,
+    /// sha256 of that file, lowercase hex.
+    pub init_digest: String,
+    /// The loss.
+    pub loss: Loss,
+    /// The optimizer.
+    pub optimizer: Optimizer,
+    /// Requested target.
+    pub target: Target,
+    /// Checkpoint period.
+    pub checkpoint_every: Duration,
+    /// The model `publish()` may replace.
+    pub publishes: Option<String>,
 }
 
 /// Where a model should run.
@@ -259,6 +359,8 @@ pub struct FunctionSpec {
     pub allow_model_upload: bool,
     /// Cap on a model loaded from bytes.
     pub max_model_upload_size: u64,
+    /// Trainers the guest may open.
+    pub trainers: Vec<String>,
 }
 
 /// A host directory preopened read-only in the guest.
@@ -350,6 +452,19 @@ impl Deployment {
             let spec = resolve_model(&name, model, &base).map_err(|message| invalid(format!("model `{name}`: {message}")))?;
             models.push(spec);
         }
+        let mut trainers = Vec::with_capacity(raw.trainer.len());
+        for (name, trainer) in raw.trainer {
+            let spec =
+                resolve_trainer(&name, trainer, &base).map_err(|message| invalid(format!("trainer `{name}`: {message}")))?;
+            if let Some(model) = &spec.publishes {
+                if !models.iter().any(|m| &m.name == model) {
+                    return Err(invalid(format!(
+                        "trainer `{name}`: `publishes`: no model named {model:?} (declare it as [model.{model}])"
+                    )));
+                }
+            }
+            trainers.push(spec);
+        }
         let mut functions = Vec::with_capacity(raw.function.len());
         for (name, function) in raw.function {
             let spec = resolve_function(&name, function, &base)
@@ -357,6 +472,11 @@ impl Deployment {
             if let Some(missing) = spec.models.iter().find(|m| !models.iter().any(|model| &model.name == *m)) {
                 return Err(invalid(format!(
                     "function `{name}`: `models`: no model named {missing:?} (declare it as [model.{missing}])"
+                )));
+            }
+            if let Some(missing) = spec.trainers.iter().find(|t| !trainers.iter().any(|trainer| &trainer.name == *t)) {
+                return Err(invalid(format!(
+                    "function `{name}`: `trainers`: no trainer named {missing:?} (declare it as [trainer.{missing}])"
                 )));
             }
             functions.push(spec);
@@ -369,7 +489,7 @@ impl Deployment {
                 )));
             }
         }
-        Ok(Self { manifest_path: path.to_owned(), functions, models })
+        Ok(Self { manifest_path: path.to_owned(), functions, models, trainers })
     }
 }
 
@@ -443,7 +563,11 @@ fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<Functio
         None => DEFAULT_MAX_MODEL_UPLOAD_SIZE,
     };
 
+    for trainer in &raw.trainers {
+        validate_name(trainer).map_err(|e| format!("`trainers`: {trainer:?}: {e}"))?;
+    }
     Ok(FunctionSpec {
+        trainers: raw.trainers,
         models: raw.models,
         allow_model_upload: raw.allow_model_upload,
         max_model_upload_size,
@@ -460,6 +584,55 @@ fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<Functio
         files,
         allowed_outbound_hosts,
     })
+}
+
+fn resolve_trainer(name: &str, raw: RawTrainer, base: &Path) -> Result<TrainerSpec, String> {
+    validate_name(name)?;
+    let init = base.join(&raw.init);
+    let bytes = std::fs::read(&init)
+        .map_err(|e| format!("`init`: cannot read {:?}: {e}", init.display().to_string()))?;
+    let init_digest = hex::encode(Sha256::digest(&bytes));
+    let loss = match raw.loss.as_str() {
+        "cross-entropy" => Loss::CrossEntropy,
+        "mse" => Loss::Mse,
+        other => return Err(format!("`loss`: {other:?} is not \"cross-entropy\" or \"mse\"")),
+    };
+    let lr = raw.optimizer.lr;
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(format!("`optimizer.lr`: {lr} must be a positive number"));
+    }
+    let optimizer = match raw.optimizer.kind.as_str() {
+        "adamw" => {
+            if raw.optimizer.momentum.is_some() {
+                return Err("`optimizer.momentum` applies to \"sgd\" only".to_owned());
+            }
+            Optimizer::AdamW { lr, weight_decay: raw.optimizer.weight_decay.unwrap_or(0.01) }
+        }
+        "sgd" => {
+            if raw.optimizer.weight_decay.is_some() {
+                return Err("`optimizer.weight_decay` applies to \"adamw\" only".to_owned());
+            }
+            let momentum = raw.optimizer.momentum.unwrap_or(0.0);
+            if !(0.0..1.0).contains(&momentum) {
+                return Err(format!("`optimizer.momentum`: {momentum} must be in [0, 1)"));
+            }
+            Optimizer::Sgd { lr, momentum }
+        }
+        other => return Err(format!("`optimizer.kind`: {other:?} is not \"adamw\" or \"sgd\"")),
+    };
+    let target = match raw.target.as_deref() {
+        None | Some("cpu") => Target::Cpu,
+        Some("gpu") => Target::Gpu,
+        Some(other) => return Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
+    };
+    let checkpoint_every = match raw.checkpoint_every {
+        Some(text) => parse_duration(&text).map_err(|e| format!("`checkpoint_every`: {e}"))?,
+        None => Duration::from_secs(30),
+    };
+    if checkpoint_every.is_zero() {
+        return Err("`checkpoint_every`: must be more than 0s".to_owned());
+    }
+    Ok(TrainerSpec { name: name.to_owned(), init, init_digest, loss, optimizer, target, checkpoint_every, publishes: raw.publishes })
 }
 
 fn resolve_model(name: &str, raw: RawModel, base: &Path) -> Result<ModelSpec, String> {

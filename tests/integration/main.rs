@@ -11,6 +11,7 @@ mod limits;
 mod manifest;
 mod nn;
 mod serve;
+mod train;
 
 /// Every guest example is exercised by at least one test here.
 #[test]

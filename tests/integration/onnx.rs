@@ -84,3 +84,41 @@ pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
     bytes_field(&mut model, 7, &graph);
     model
 }
+
+/// A one-node graph `op(x) -> y` over FLOAT `[N, 4]`, with optional float
+/// initializers (name, length) appended, e.g. to test what a trainer refuses.
+pub fn one_node_model(op: &str, node_name: &str, int_attributes: &[(&str, i64)], initializers: &[(&str, usize)]) -> Vec<u8> {
+    let mut graph = Vec::new();
+    let mut node = Vec::new();
+    bytes_field(&mut node, 1, b"x");
+    bytes_field(&mut node, 2, b"y");
+    bytes_field(&mut node, 3, node_name.as_bytes());
+    bytes_field(&mut node, 4, op.as_bytes());
+    for (name, value) in int_attributes {
+        let mut attribute = Vec::new();
+        bytes_field(&mut attribute, 1, name.as_bytes());
+        int_field(&mut attribute, 3, *value as u64); // i
+        int_field(&mut attribute, 20, 2); // type: INT
+        bytes_field(&mut node, 5, &attribute);
+    }
+    bytes_field(&mut graph, 1, &node);
+    bytes_field(&mut graph, 2, b"one-node");
+    for (name, len) in initializers {
+        let mut tensor = Vec::new();
+        int_field(&mut tensor, 1, *len as u64); // dims
+        int_field(&mut tensor, 2, 1); // data_type: FLOAT
+        bytes_field(&mut tensor, 8, name.as_bytes());
+        bytes_field(&mut tensor, 9, &vec![0u8; len * 4]); // raw_data
+        bytes_field(&mut graph, 5, &tensor);
+    }
+    bytes_field(&mut graph, 11, &value_info("x", 1, &[None, Some(4)]));
+    bytes_field(&mut graph, 12, &value_info("y", 1, &[None, Some(4)]));
+    let mut opset = Vec::new();
+    bytes_field(&mut opset, 1, b"");
+    int_field(&mut opset, 2, 17);
+    let mut model = Vec::new();
+    int_field(&mut model, 1, 8);
+    bytes_field(&mut model, 8, &opset);
+    bytes_field(&mut model, 7, &graph);
+    model
+}

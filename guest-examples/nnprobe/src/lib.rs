@@ -5,6 +5,11 @@
 //! - `POST /nn/compute/NAME`: `load-by-name` + `compute`. Body and answer: one tensor
 //!   per line, `name TYPE d1,d2,... hexdata` (TYPE: FP16 FP32 FP64 BF16 U8 I32 I64).
 //! - `POST /nn/upload`: `load` of the body as an ONNX graph, answers `ok`.
+//! - `POST /nn/step/TRAINER` (and `/nn/evaluate/TRAINER`): `lepton:nn/training` `open` +
+//!   `step` (`evaluate`); the tensor named `targets` is the targets, the others the
+//!   inputs; answers `loss L steps N`.
+//! - `POST /nn/publish/TRAINER/MODEL`: `open` + `publish(MODEL)`, answers `ok`.
+//! - `POST /nn/checkpoint/TRAINER`: `open` + `checkpoint()`, answers `ok`.
 //!
 //! Failures answer 400 with `error: CODE: message`.
 
@@ -16,6 +21,7 @@ wit_bindgen::generate!({
     generate_all,
 });
 
+use lepton::nn::training;
 use wasi::nn::{errors, graph, tensor};
 
 fn reply(status: u16, body: String) -> Response {
@@ -73,12 +79,30 @@ fn compute(model: &str, body: &str) -> Result<String, String> {
     Ok(outputs.iter().map(|(name, t)| format_tensor(name, t)).collect())
 }
 
+fn train(trainer: &str, body: &str, update: bool) -> Result<String, String> {
+    let trainer = training::open(trainer).map_err(failure)?;
+    let mut inputs = body.lines().filter(|l| !l.is_empty()).map(parse_tensor).collect::<Result<Vec<_>, _>>()?;
+    let position = inputs.iter().position(|(name, _)| name == "targets").ok_or("no `targets` tensor")?;
+    let (_, targets) = inputs.remove(position);
+    let loss = if update { trainer.step(inputs, targets) } else { trainer.evaluate(inputs, targets) };
+    Ok(format!("loss {} steps {}\n", loss.map_err(failure)?, trainer.steps()))
+}
+
 fn nnprobe(request: Request) -> Response {
     let path = request.uri().path().to_owned();
     let result = if let Some(name) = path.strip_prefix("/nn/load/") {
         graph::load_by_name(name).map(|_| "ok\n".to_owned()).map_err(failure)
     } else if let Some(name) = path.strip_prefix("/nn/compute/") {
         compute(name, &String::from_utf8_lossy(request.body()))
+    } else if let Some(name) = path.strip_prefix("/nn/step/") {
+        train(name, &String::from_utf8_lossy(request.body()), true)
+    } else if let Some(name) = path.strip_prefix("/nn/evaluate/") {
+        train(name, &String::from_utf8_lossy(request.body()), false)
+    } else if let Some(rest) = path.strip_prefix("/nn/publish/") {
+        let (trainer, model) = rest.split_once('/').unwrap_or((rest, ""));
+        training::open(trainer).and_then(|t| t.publish(model)).map(|()| "ok\n".to_owned()).map_err(failure)
+    } else if let Some(name) = path.strip_prefix("/nn/checkpoint/") {
+        training::open(name).and_then(|t| t.checkpoint()).map(|()| "ok\n".to_owned()).map_err(failure)
     } else if path == "/nn/upload" {
         graph::load(&[request.body().clone()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)
             .and_then(|g| g.init_execution_context())

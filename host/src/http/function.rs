@@ -23,6 +23,7 @@ use crate::caps::InstanceState;
 use crate::engine::Runtime;
 use crate::manifest::FunctionSpec;
 use crate::nn::{ModelRegistry, NnCtx};
+use crate::train::TrainerRegistry;
 
 /// Header carrying the request id on every response of a function.
 pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
@@ -33,6 +34,8 @@ pub struct Function {
     pre: ProxyPre<InstanceState>,
     models: Option<Arc<ModelRegistry>>,
     granted_models: Arc<[String]>,
+    trainers: Option<Arc<TrainerRegistry>>,
+    granted_trainers: Arc<[String]>,
     engine: wasmtime::Engine,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
@@ -55,6 +58,7 @@ impl Function {
         spec: &FunctionSpec,
         cache_dir: &Path,
         models: Option<Arc<ModelRegistry>>,
+        trainers: Option<Arc<TrainerRegistry>>,
     ) -> anyhow::Result<Self> {
         let loaded = runtime.load_component(&spec.component_path, &spec.component_digest, cache_dir)?;
         let instance_pre = linker
@@ -77,6 +81,8 @@ impl Function {
             pre,
             models,
             granted_models: Arc::from(spec.models.as_slice()),
+            trainers,
+            granted_trainers: Arc::from(spec.trainers.as_slice()),
             engine: runtime.engine().clone(),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
@@ -232,7 +238,8 @@ impl Function {
             Arc::clone(&self.granted_models),
             self.spec.allow_model_upload,
             self.spec.max_model_upload_size,
-        );
+        )
+        .with_trainers(self.trainers.clone(), Arc::clone(&self.granted_trainers));
         let state = InstanceState::new(&self.spec, request_id, nn)?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);

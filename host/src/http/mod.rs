@@ -27,6 +27,7 @@ use crate::caps::InstanceState;
 use crate::engine::Runtime;
 use crate::manifest::{Deployment, RESERVED_ROUTE_PREFIX};
 use crate::nn::ModelRegistry;
+use crate::train::TrainerRegistry;
 
 pub use function::Function;
 
@@ -42,6 +43,8 @@ pub struct App {
     functions: Vec<Arc<Function>>,
     /// The node's models, when the deployment declares any.
     models: Option<Arc<ModelRegistry>>,
+    /// The node's trainers, when the deployment declares any.
+    trainers: Option<Arc<TrainerRegistry>>,
 }
 
 impl App {
@@ -58,20 +61,30 @@ impl App {
         } else {
             Some(Arc::new(ModelRegistry::load(deployment)?))
         };
+        let trainers = if deployment.trainers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(TrainerRegistry::load(deployment, state_dir)?))
+        };
         let cache_dir = state_dir.join("components");
         let mut functions = Vec::with_capacity(deployment.functions.len());
         for spec in &deployment.functions {
-            let function = Function::load(runtime, &linker, spec, &cache_dir, models.clone())
+            let function = Function::load(runtime, &linker, spec, &cache_dir, models.clone(), trainers.clone())
                 .with_context(|| format!("function `{}`", spec.name))?;
             functions.push(Arc::new(function));
         }
         functions.sort_by_key(|f| std::cmp::Reverse(f.spec().route.len()));
-        Ok(Self { functions, models })
+        Ok(Self { functions, models, trainers })
     }
 
     /// The node's models, when the deployment declares any.
     pub fn models(&self) -> Option<&Arc<ModelRegistry>> {
         self.models.as_ref()
+    }
+
+    /// The node's trainers, when the deployment declares any.
+    pub fn trainers(&self) -> Option<&Arc<TrainerRegistry>> {
+        self.trainers.as_ref()
     }
 
     /// The functions, most specific route first.
@@ -110,6 +123,9 @@ impl App {
         }
         if let Some(models) = &self.models {
             models.write_metrics(&mut out);
+        }
+        if let Some(trainers) = &self.trainers {
+            trainers.write_metrics(&mut out);
         }
         out
     }
@@ -173,6 +189,9 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout: closing remaining connections"),
+    }
+    if let Some(trainers) = app.trainers() {
+        trainers.checkpoint_all().await;
     }
     Ok(())
 }

@@ -25,8 +25,10 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
 pub use self::tensor::{Tensor, element_size};
+use crate::bindings::lepton::nn::training;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
 use crate::manifest::{Deployment, ModelSpec, Target};
+use crate::train::{TrainerRegistry, TrainerResource};
 use errors::ErrorCode;
 use graph::{ExecutionTarget, GraphEncoding};
 use wit_tensor::TensorType;
@@ -77,6 +79,7 @@ impl Model {
 pub struct ModelRegistry {
     runtime: OnnxRuntime,
     models: DashMap<String, Arc<Model>>,
+    specs: Vec<ModelSpec>,
 }
 
 impl ModelRegistry {
@@ -87,16 +90,24 @@ impl ModelRegistry {
         let library = OnnxRuntime::locate(manifest_dir)?;
         let runtime = OnnxRuntime::load(&library)?;
         tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-        let registry = Self { runtime, models: DashMap::new() };
+        let registry = Self { runtime, models: DashMap::new(), specs: deployment.models.clone() };
         for spec in &deployment.models {
-            registry.insert(spec)?;
+            registry.insert(spec, &Source::File(&spec.path))?;
         }
         Ok(registry)
     }
 
-    fn insert(&self, spec: &ModelSpec) -> anyhow::Result<()> {
+    /// Replaces model `name` with the ONNX graph `bytes` (loaded with the model's
+    /// settings); requests that already hold the old one finish on it. Call it
+    /// inside a tokio runtime when the model batches.
+    pub fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let spec = self.specs.iter().find(|s| s.name == name).with_context(|| format!("no model named {name:?}"))?;
+        self.insert(spec, &Source::Bytes(bytes))
+    }
+
+    fn insert(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<()> {
         let started = Instant::now();
-        let onnx = OnnxModel::load(&self.runtime, &spec.name, &Source::File(&spec.path), spec.target, spec.sessions, spec.threads)
+        let onnx = OnnxModel::load(&self.runtime, &spec.name, source, spec.target, spec.sessions, spec.threads)
             .with_context(|| format!("model `{}`", spec.name))?;
         let onnx = Arc::new(onnx);
         tracing::info!(
@@ -154,12 +165,22 @@ pub struct NnCtx {
     granted: Arc<[String]>,
     allow_upload: bool,
     max_upload: u64,
+    trainers: Option<Arc<TrainerRegistry>>,
+    granted_trainers: Arc<[String]>,
 }
 
 impl NnCtx {
     /// Grants `granted` models of `registry`; uploads when `allow_upload`, up to `max_upload` bytes.
     pub fn new(registry: Option<Arc<ModelRegistry>>, granted: Arc<[String]>, allow_upload: bool, max_upload: u64) -> Self {
-        Self { registry, granted, allow_upload, max_upload }
+        Self { registry, granted, allow_upload, max_upload, trainers: None, granted_trainers: Arc::from([]) }
+    }
+
+    /// Also grants `granted` trainers of `trainers`.
+    #[must_use]
+    pub fn with_trainers(mut self, trainers: Option<Arc<TrainerRegistry>>, granted: Arc<[String]>) -> Self {
+        self.trainers = trainers;
+        self.granted_trainers = granted;
+        self
     }
 }
 
@@ -193,6 +214,7 @@ pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T)
     wit_tensor::add_to_linker::<T, HasNn>(linker, view)?;
     inference::add_to_linker::<T, HasNn>(linker, view)?;
     errors::add_to_linker::<T, HasNn>(linker, view)?;
+    training::add_to_linker::<T, HasNn>(linker, view)?;
     Ok(())
 }
 
@@ -342,6 +364,96 @@ impl errors::HostError for NnView<'_> {
 
     fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
         self.table.delete(error)?;
+        Ok(())
+    }
+}
+
+impl NnView<'_> {
+    fn tensors(&self, inputs: Vec<(String, Resource<Tensor>)>) -> wasmtime::Result<Vec<(String, Tensor)>> {
+        inputs.into_iter().map(|(name, t)| Ok((name, self.table.get(&t)?.clone()))).collect()
+    }
+
+    fn answer<T>(&mut self, result: Result<T, NnError>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        match result {
+            Ok(value) => Ok(Ok(value)),
+            Err(error) => self.fail(error.code, error.message),
+        }
+    }
+}
+
+impl training::Host for NnView<'_> {
+    fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<TrainerResource>, Resource<NnError>>> {
+        // Ungranted and unknown names answer alike.
+        let trainer = self
+            .ctx
+            .granted_trainers
+            .iter()
+            .any(|granted| granted == &name)
+            .then(|| self.ctx.trainers.as_ref().and_then(|t| t.get(&name)))
+            .flatten();
+        match trainer {
+            Some(trainer) => Ok(Ok(self.table.push(TrainerResource(trainer))?)),
+            None => self.fail(ErrorCode::NotFound, format!("no trainer named {name:?}")),
+        }
+    }
+}
+
+impl training::HostTrainer for NnView<'_> {
+    async fn step(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+        inputs: Vec<(String, Resource<Tensor>)>,
+        targets: Resource<Tensor>,
+    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let inputs = self.tensors(inputs)?;
+        let targets = self.table.get(&targets)?.clone();
+        let result = handle.step(inputs, targets).await;
+        self.answer(result)
+    }
+
+    async fn evaluate(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+        inputs: Vec<(String, Resource<Tensor>)>,
+        targets: Resource<Tensor>,
+    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let inputs = self.tensors(inputs)?;
+        let targets = self.table.get(&targets)?.clone();
+        let result = handle.evaluate(inputs, targets).await;
+        self.answer(result)
+    }
+
+    fn steps(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<u64> {
+        Ok(Arc::clone(&self.table.get(&trainer)?.0).steps())
+    }
+
+    async fn export(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<Vec<u8>, Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let result = handle.export().await;
+        self.answer(result)
+    }
+
+    async fn publish(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+        model: String,
+    ) -> wasmtime::Result<Result<(), Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let registry = self.ctx.registry.clone();
+        let result = handle.publish(&model, registry.as_ref()).await;
+        self.answer(result)
+    }
+
+    async fn checkpoint(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<(), Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let result = handle.checkpoint().await;
+        self.answer(result)
+    }
+
+    fn drop(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<()> {
+        self.table.delete(trainer)?;
         Ok(())
     }
 }

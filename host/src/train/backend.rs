@@ -1,0 +1,370 @@
+//! A trainer's state and arithmetic: an ONNX graph whose float initializers are
+//! candle `Var`s; forward through `candle-onnx`, loss, backward, optimizer update.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use candle_core::{DType, Device, Tensor as CTensor, Var};
+use candle_nn::optim::{AdamW, Optimizer as _, ParamsAdamW};
+use candle_onnx::onnx::{ModelProto, StringStringEntryProto, TensorProto, tensor_proto::DataType, type_proto};
+use prost::Message as _;
+
+use crate::bindings::wasi::nn::errors::ErrorCode;
+use crate::bindings::wasi::nn::tensor::TensorType;
+use crate::manifest::{Loss, Optimizer, Target, TrainerSpec};
+use crate::nn::{NnError, Tensor};
+
+/// Ops a trainer refuses at start, with the reason given to the operator.
+fn unsupported(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "LSTM" | "GRU" | "RNN" => "recurrent ops stop gradients in candle-onnx",
+        "BatchNormalization" => "training-mode batch normalization is not supported",
+        "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" | "LpPool" | "GlobalLpPool" | "MaxRoiPool"
+        | "MaxUnpool" => "pooling is not supported for training",
+        "Dropout" => "dropout has no training mode here",
+        _ => return None,
+    })
+}
+
+const STEPS_KEY: &str = "lepton.steps";
+const INIT_KEY: &str = "lepton.init_digest";
+
+/// A declared graph input: name and dimensions (`None`: any size).
+struct Input {
+    name: String,
+    dims: Vec<Option<usize>>,
+}
+
+enum OptimizerState {
+    AdamW(AdamW),
+    Sgd { lr: f64, momentum: f64, velocity: Vec<Option<CTensor>> },
+}
+
+/// A trainer: the graph, its weights, the optimizer, the step count.
+pub struct Trainer {
+    name: String,
+    /// The graph with its float initializers taken out (they live in `weights`).
+    graph: ModelProto,
+    weights: Vec<(TensorProto, Var)>,
+    inputs: Vec<Input>,
+    output: String,
+    loss: Loss,
+    optimizer: OptimizerState,
+    steps: u64,
+    device: Device,
+    init_digest: String,
+    checkpoint: PathBuf,
+}
+
+fn invalid(message: String) -> NnError {
+    NnError::new(ErrorCode::InvalidArgument, message)
+}
+
+fn runtime(error: impl std::fmt::Display) -> NnError {
+    NnError::new(ErrorCode::RuntimeError, error.to_string())
+}
+
+impl Trainer {
+    /// Loads `spec` (resuming from its checkpoint under `state_dir` when one was
+    /// written from the same initial graph) and checks that it can be trained.
+    pub fn load(spec: &TrainerSpec, state_dir: &Path) -> anyhow::Result<Self> {
+        let dir = state_dir.join("trainers").join(&spec.name);
+        let checkpoint = dir.join("checkpoint.onnx");
+        let mut model = candle_onnx::read_file(&spec.init)
+            .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", spec.init.display()))?;
+        let mut steps = 0;
+        if checkpoint.exists() {
+            let saved = candle_onnx::read_file(&checkpoint)
+                .map_err(|e| anyhow::anyhow!("reading checkpoint `{}`: {e}", checkpoint.display()))?;
+            let meta = |key: &str| saved.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone());
+            if meta(INIT_KEY).as_deref() == Some(spec.init_digest.as_str()) {
+                steps = meta(STEPS_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
+                model = saved;
+                tracing::info!(trainer = %spec.name, steps, "resuming from checkpoint");
+            } else {
+                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph");
+            }
+        }
+        model.metadata_props.retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
+
+        let device = device(spec.target, &spec.name);
+        let graph_proto = model.graph.as_mut().context("the ONNX file has no graph")?;
+        for node in &graph_proto.node {
+            if let Some(reason) = unsupported(&node.op_type) {
+                anyhow::bail!("node `{}` (op `{}`) cannot be trained: {reason}", node.name, node.op_type);
+            }
+            if matches!(node.op_type.as_str(), "Softmax" | "LogSoftmax") && !node.attribute.iter().any(|a| a.name == "axis") {
+                anyhow::bail!(
+                    "node `{}` (op `{}`) has no `axis`: gradients stop there in candle-onnx; set the axis",
+                    node.name,
+                    node.op_type
+                );
+            }
+        }
+        let mut weights = Vec::new();
+        let mut kept = Vec::new();
+        for init in std::mem::take(&mut graph_proto.initializer) {
+            if init.data_type == DataType::Float as i32 {
+                let tensor = candle_onnx::eval::get_tensor(&init, &init.name)
+                    .and_then(|t| t.to_device(&device))
+                    .map_err(|e| anyhow::anyhow!("initializer `{}`: {e}", init.name))?;
+                let var = Var::from_tensor(&tensor).map_err(|e| anyhow::anyhow!("initializer `{}`: {e}", init.name))?;
+                weights.push((init, var));
+            } else {
+                kept.push(init);
+            }
+        }
+        graph_proto.initializer = kept;
+        anyhow::ensure!(!weights.is_empty(), "the graph has no float initializers to train");
+        let inputs = graph_proto
+            .input
+            .iter()
+            .map(|input| {
+                let Some(type_proto::Value::TensorType(tensor)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+                    anyhow::bail!("input `{}` is not a tensor", input.name);
+                };
+                anyhow::ensure!(
+                    tensor.elem_type == DataType::Float as i32,
+                    "input `{}` must be FLOAT to be trained on",
+                    input.name
+                );
+                let dims = tensor
+                    .shape
+                    .as_ref()
+                    .map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match d.value {
+                                Some(candle_onnx::onnx::tensor_shape_proto::dimension::Value::DimValue(v)) => {
+                                    usize::try_from(v).ok()
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(Input { name: input.name.clone(), dims })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let output = graph_proto.output.first().context("the graph has no output")?.name.clone();
+        let optimizer = match spec.optimizer {
+            Optimizer::AdamW { lr, weight_decay } => OptimizerState::AdamW(
+                AdamW::new(
+                    weights.iter().map(|(_, v)| v.clone()).collect(),
+                    ParamsAdamW { lr, weight_decay, ..ParamsAdamW::default() },
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            Optimizer::Sgd { lr, momentum } => OptimizerState::Sgd { lr, momentum, velocity: vec![None; weights.len()] },
+        };
+        let trainer = Self {
+            name: spec.name.clone(),
+            graph: model,
+            weights,
+            inputs,
+            output,
+            loss: spec.loss,
+            optimizer,
+            steps,
+            device,
+            init_digest: spec.init_digest.clone(),
+            checkpoint,
+        };
+        trainer.check_gradients()?;
+        Ok(trainer)
+    }
+
+    /// A forward and backward pass on zeros: every weight must get a gradient.
+    fn check_gradients(&self) -> anyhow::Result<()> {
+        let mut values = HashMap::new();
+        for input in &self.inputs {
+            let dims: Vec<usize> = input.dims.iter().map(|d| d.unwrap_or(2)).collect();
+            values.insert(input.name.clone(), CTensor::zeros(dims, DType::F32, &self.device)?);
+        }
+        let output = self.forward(values).map_err(|e| anyhow::anyhow!("a trial forward pass failed: {}", e.message))?;
+        let grads = output.sum_all()?.backward()?;
+        for (init, var) in &self.weights {
+            anyhow::ensure!(
+                grads.get(var.as_tensor()).is_some(),
+                "gradients do not reach initializer `{}`: an op between it and the output does not propagate them",
+                init.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The trainer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn forward(&self, mut values: HashMap<String, CTensor>) -> Result<CTensor, NnError> {
+        for (init, var) in &self.weights {
+            values.insert(init.name.clone(), var.as_tensor().clone());
+        }
+        let mut outputs = candle_onnx::simple_eval(&self.graph, values).map_err(runtime)?;
+        outputs
+            .remove(&self.output)
+            .ok_or_else(|| runtime(format!("the graph did not produce `{}`", self.output)))
+    }
+
+    /// Validates the inputs against the graph and makes them candle tensors.
+    fn inputs(&self, inputs: &[(String, Tensor)]) -> Result<(HashMap<String, CTensor>, usize), NnError> {
+        let mut values = HashMap::new();
+        let mut rows = None;
+        for (name, _) in inputs {
+            if !self.inputs.iter().any(|i| &i.name == name) {
+                return Err(invalid(format!("unknown input `{name}`")));
+            }
+        }
+        for input in &self.inputs {
+            let (_, tensor) = inputs
+                .iter()
+                .find(|(name, _)| name == &input.name)
+                .ok_or_else(|| invalid(format!("missing input `{}`", input.name)))?;
+            if tensor.ty != TensorType::Fp32 {
+                return Err(invalid(format!("input `{}` is {:?}, the graph takes Fp32", input.name, tensor.ty)));
+            }
+            let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+            let fits = dims.len() == input.dims.len() && dims.iter().zip(&input.dims).all(|(d, want)| want.is_none_or(|w| w == *d));
+            if !fits || dims.first().is_none_or(|&n| n == 0) {
+                return Err(invalid(format!(
+                    "input `{}` has dimensions {:?}, the graph takes {:?} (None: any)",
+                    input.name, tensor.dims, input.dims
+                )));
+            }
+            tensor.check_length().map_err(|e| invalid(format!("input `{}`: {e}", input.name)))?;
+            if rows.is_some_and(|r| r != dims[0]) {
+                return Err(invalid("inputs disagree on dimension 0 (the batch)".into()));
+            }
+            rows = Some(dims[0]);
+            let data: Vec<f32> = tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            values.insert(input.name.clone(), CTensor::from_vec(data, dims, &self.device).map_err(runtime)?);
+        }
+        Ok((values, rows.unwrap_or(0)))
+    }
+
+    fn loss(&self, inputs: &[(String, Tensor)], targets: &Tensor) -> Result<CTensor, NnError> {
+        let (values, rows) = self.inputs(inputs)?;
+        targets.check_length().map_err(|e| invalid(format!("targets: {e}")))?;
+        let output = self.forward(values)?;
+        match self.loss {
+            Loss::CrossEntropy => {
+                let classes = match output.dims() {
+                    [n, c] if *n == rows => *c,
+                    dims => return Err(runtime(format!("cross-entropy needs an output [N, classes], got {dims:?}"))),
+                };
+                if targets.dims != [rows as u32] {
+                    return Err(invalid(format!("targets have dimensions {:?}, expected [{rows}]", targets.dims)));
+                }
+                let labels: Vec<i64> = match targets.ty {
+                    TensorType::I64 => targets.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+                    TensorType::I32 => targets.data.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4])))).collect(),
+                    other => return Err(invalid(format!("cross-entropy targets are class indices (I64 or I32), got {other:?}"))),
+                };
+                if let Some(bad) = labels.iter().find(|&&l| l < 0 || l >= classes as i64) {
+                    return Err(invalid(format!("label {bad} is out of range [0, {classes})")));
+                }
+                let labels: Vec<u32> = labels.into_iter().map(|l| l as u32).collect();
+                let labels = CTensor::from_vec(labels, rows, &self.device).map_err(runtime)?;
+                candle_nn::loss::cross_entropy(&output, &labels).map_err(runtime)
+            }
+            Loss::Mse => {
+                if targets.ty != TensorType::Fp32 {
+                    return Err(invalid(format!("mse targets are Fp32, got {:?}", targets.ty)));
+                }
+                let dims: Vec<usize> = targets.dims.iter().map(|&d| d as usize).collect();
+                if dims != output.dims() {
+                    return Err(invalid(format!("targets have dimensions {:?}, the output has {:?}", targets.dims, output.dims())));
+                }
+                let data: Vec<f32> = targets.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let targets = CTensor::from_vec(data, dims, &self.device).map_err(runtime)?;
+                candle_nn::loss::mse(&output, &targets).map_err(runtime)
+            }
+        }
+    }
+
+    /// One optimizer step; returns the loss before the update.
+    pub fn step(&mut self, inputs: &[(String, Tensor)], targets: &Tensor) -> Result<f32, NnError> {
+        let loss = self.loss(inputs, targets)?;
+        let value = loss.to_scalar::<f32>().map_err(runtime)?;
+        if !value.is_finite() {
+            return Err(runtime(format!("the loss is {value}; the step was not applied")));
+        }
+        match &mut self.optimizer {
+            OptimizerState::AdamW(adamw) => adamw.backward_step(&loss).map_err(runtime)?,
+            OptimizerState::Sgd { lr, momentum, velocity } => {
+                let grads = loss.backward().map_err(runtime)?;
+                for ((_, var), v) in self.weights.iter().zip(velocity.iter_mut()) {
+                    let Some(grad) = grads.get(var.as_tensor()) else { continue };
+                    let next = match v.take() {
+                        Some(previous) => ((previous * *momentum).map_err(runtime)? + grad).map_err(runtime)?,
+                        None => grad.clone(),
+                    };
+                    let updated = (var.as_tensor() - (&next * *lr).map_err(runtime)?).map_err(runtime)?;
+                    var.set(&updated).map_err(runtime)?;
+                    *v = Some(next);
+                }
+            }
+        }
+        self.steps += 1;
+        Ok(value)
+    }
+
+    /// The loss without an update.
+    pub fn evaluate(&self, inputs: &[(String, Tensor)], targets: &Tensor) -> Result<f32, NnError> {
+        self.loss(inputs, targets)?.to_scalar::<f32>().map_err(runtime)
+    }
+
+    /// The graph with the current weights written back into its initializers.
+    pub fn export(&self) -> Result<Vec<u8>, NnError> {
+        Ok(self.with_weights()?.encode_to_vec())
+    }
+
+    fn with_weights(&self) -> Result<ModelProto, NnError> {
+        let mut model = self.graph.clone();
+        let graph = model.graph.as_mut().ok_or_else(|| runtime("no graph"))?;
+        for (init, var) in &self.weights {
+            let values = var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(runtime)?;
+            let mut init = init.clone();
+            init.float_data.clear();
+            init.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            graph.initializer.push(init);
+        }
+        Ok(model)
+    }
+
+    /// Writes the checkpoint atomically (a temporary file renamed into place).
+    pub fn checkpoint(&self) -> Result<(), NnError> {
+        let mut model = self.with_weights()?;
+        model.metadata_props.push(StringStringEntryProto { key: STEPS_KEY.into(), value: self.steps.to_string() });
+        model.metadata_props.push(StringStringEntryProto { key: INIT_KEY.into(), value: self.init_digest.clone() });
+        let dir = self.checkpoint.parent().ok_or_else(|| runtime("no checkpoint directory"))?;
+        std::fs::create_dir_all(dir).map_err(|e| runtime(format!("creating `{}`: {e}", dir.display())))?;
+        let temp = self.checkpoint.with_extension("onnx.tmp");
+        std::fs::write(&temp, model.encode_to_vec()).map_err(|e| runtime(format!("writing `{}`: {e}", temp.display())))?;
+        std::fs::rename(&temp, &self.checkpoint)
+            .map_err(|e| runtime(format!("renaming into `{}`: {e}", self.checkpoint.display())))?;
+        tracing::info!(trainer = %self.name, steps = self.steps, "checkpoint written");
+        Ok(())
+    }
+}
+
+fn device(target: Target, name: &str) -> Device {
+    if target == Target::Gpu {
+        #[cfg(feature = "cuda")]
+        match Device::new_cuda(0) {
+            Ok(device) => return device,
+            Err(e) => tracing::warn!(trainer = name, "target \"gpu\": no CUDA device ({e}); training on the CPU"),
+        }
+        #[cfg(not(feature = "cuda"))]
+        tracing::warn!(trainer = name, "target \"gpu\": this host was built without the `cuda` feature; training on the CPU");
+    }
+    Device::Cpu
+}

@@ -1,0 +1,226 @@
+//! Training (`lepton:nn/training`): rejected graphs, input validation, grants,
+//! publishing, checkpoints across a kill -9, and learning digits over HTTP.
+
+use std::path::{Path, PathBuf};
+
+use crate::onnx::one_node_model;
+use crate::util::{Lepton, Project, artifacts, manifest};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ort_library() -> String {
+    std::env::var("ORT_DYLIB_PATH")
+        .unwrap_or_else(|_| root().join(".cache/onnxruntime/libonnxruntime.so").display().to_string())
+}
+
+/// The untrained digits MLP that `./setup.sh` generates (64 -> 32 -> 10).
+fn digits_model() -> String {
+    root().join(".cache/models/digits/digits-mlp.onnx").display().to_string()
+}
+
+fn check_error(model: Vec<u8>) -> String {
+    let project = Project::new(&manifest(
+        "[trainer.bad]\ninit = \"bad.onnx\"\nloss = \"mse\"\noptimizer = { kind = \"sgd\", lr = 0.1 }\n",
+    ));
+    std::fs::write(project.path("bad.onnx"), model).expect("write model");
+    let (status, _, stderr) = project.run(&["check"]);
+    assert!(!status.success(), "check accepted the graph");
+    let start = stderr.find("error: ").unwrap_or_else(|| panic!("no error in {stderr}"));
+    stderr[start..].trim_end().to_owned()
+}
+
+#[test]
+fn graphs_that_cannot_be_trained_are_rejected_at_start_naming_the_node() {
+    assert_eq!(
+        check_error(one_node_model("LSTM", "recurrent", &[], &[])),
+        "error: trainer `bad`: node `recurrent` (op `LSTM`) cannot be trained: recurrent ops stop gradients in candle-onnx"
+    );
+    assert_eq!(
+        check_error(one_node_model("BatchNormalization", "bn", &[], &[])),
+        "error: trainer `bad`: node `bn` (op `BatchNormalization`) cannot be trained: training-mode batch normalization is not supported"
+    );
+    assert_eq!(
+        check_error(one_node_model("MaxPool", "pool", &[], &[])),
+        "error: trainer `bad`: node `pool` (op `MaxPool`) cannot be trained: pooling is not supported for training"
+    );
+    assert_eq!(
+        check_error(one_node_model("Softmax", "probabilities", &[], &[])),
+        "error: trainer `bad`: node `probabilities` (op `Softmax`) has no `axis`: gradients stop there in candle-onnx; set the axis"
+    );
+    assert_eq!(
+        check_error(one_node_model("Relu", "relu", &[], &[("unused", 4)])),
+        "error: trainer `bad`: gradients do not reach initializer `unused`: an op between it and the output does not propagate them"
+    );
+    assert_eq!(
+        check_error(one_node_model("Relu", "relu", &[], &[])),
+        "error: trainer `bad`: the graph has no float initializers to train"
+    );
+}
+
+fn line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
+    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name} {ty} {dims} {hex}\n")
+}
+
+fn images(rows: u32, width: u32) -> String {
+    let data: Vec<u8> = (0..rows * width).flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes()).collect();
+    line("images", "FP32", &[rows, width], &data)
+}
+
+fn labels(values: &[i64]) -> String {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    line("targets", "I64", &[values.len() as u32], &data)
+}
+
+/// nnprobe granted trainer `digits` (publishing model `digits`) and model `digits`.
+fn probe_project(extra_trainer: &str) -> Project {
+    Project::new(&manifest(&format!(
+        "[model.digits]\npath = {model:?}\n\
+         [model.other]\npath = {model:?}\n\
+         [trainer.digits]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"adamw\", lr = 1e-2 }}\npublishes = \"digits\"\n{extra_trainer}\n\
+         [trainer.secret]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"sgd\", lr = 0.1, momentum = 0.9 }}\n\
+         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn\"\nmodels = [\"digits\"]\ntrainers = [\"digits\"]\n",
+        model = digits_model()
+    )))
+}
+
+fn start(project: &Project) -> Lepton {
+    project.up_with(&[], &[("ORT_DYLIB_PATH", &ort_library())])
+}
+
+#[test]
+fn bad_training_inputs_are_invalid_argument_errors_and_grants_hold() {
+    let project = probe_project("");
+    let lepton = start(&project);
+    let step = |body: String| lepton.post("/nn/step/digits", body.as_bytes()).body;
+
+    let ok = step(images(2, 64) + &labels(&[3, 7]));
+    assert!(ok.starts_with("loss ") && ok.ends_with(" steps 1\n"), "{ok}");
+    assert_eq!(
+        step(images(2, 64) + &labels(&[3, 12])),
+        "error: ErrorCode::InvalidArgument: label 12 is out of range [0, 10)"
+    );
+    assert_eq!(
+        step(images(2, 64) + &labels(&[3])),
+        "error: ErrorCode::InvalidArgument: targets have dimensions [1], expected [2]"
+    );
+    assert_eq!(
+        step(images(2, 63) + &labels(&[3, 7])),
+        "error: ErrorCode::InvalidArgument: input `images` has dimensions [2, 63], the graph takes [None, Some(64)] (None: any)"
+    );
+    assert_eq!(
+        step(line("images", "I32", &[1, 64], &[0; 256]) + &labels(&[3])),
+        "error: ErrorCode::InvalidArgument: input `images` is TensorType::I32, the graph takes Fp32"
+    );
+    assert_eq!(
+        step(line("images", "FP32", &[1, 64], &[0; 8]) + &labels(&[3])),
+        "error: ErrorCode::InvalidArgument: input `images`: tensor of dimensions [1, 64] and type TensorType::Fp32 needs 256 bytes, got 8"
+    );
+    assert_eq!(
+        step(images(1, 64) + &line("targets", "FP32", &[1], &[0; 4])),
+        "error: ErrorCode::InvalidArgument: cross-entropy targets are class indices (I64 or I32), got TensorType::Fp32"
+    );
+    // Nothing above was applied.
+    assert!(step(images(2, 64) + &labels(&[1, 2])).ends_with(" steps 2\n"));
+    // Grants: another trainer looks absent; publishing is limited to `publishes`.
+    assert_eq!(
+        lepton.post("/nn/step/secret", (images(1, 64) + &labels(&[1])).as_bytes()).body,
+        "error: ErrorCode::NotFound: no trainer named \"secret\""
+    );
+    assert_eq!(
+        lepton.post("/nn/publish/digits/other", b"").body,
+        "error: ErrorCode::Security: trainer `digits` may not publish \"other\" (its `publishes` is Some(\"digits\"))"
+    );
+    assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
+    let _ = artifacts::NNPROBE;
+}
+
+#[test]
+fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
+    let project = probe_project("");
+    let lepton = start(&project);
+    let batch = images(4, 64) + &labels(&[0, 1, 2, 3]);
+    for _ in 0..20 {
+        assert!(lepton.post("/nn/step/digits", batch.as_bytes()).body.starts_with("loss "));
+    }
+    let evaluated = lepton.post("/nn/evaluate/digits", batch.as_bytes()).body;
+    let trainer_loss: f32 = evaluated.split(' ').nth(1).and_then(|l| l.parse().ok()).expect("loss");
+    assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
+    // Inference through wasi:nn on the published weights: the same logits, so the same loss.
+    let reply = lepton.post("/nn/compute/digits", images(4, 64).as_bytes());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let logits: Vec<f32> = {
+        let hex = reply.body.split(' ').nth(3).expect("data").trim();
+        (0..hex.len() / 8)
+            .map(|i| {
+                let bytes: Vec<u8> = (0..4).map(|j| u8::from_str_radix(&hex[8 * i + 2 * j..8 * i + 2 * j + 2], 16).expect("hex")).collect();
+                f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+            })
+            .collect()
+    };
+    let inference_loss = logits
+        .chunks(10)
+        .zip([0usize, 1, 2, 3])
+        .map(|(row, label)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+            max + sum.ln() - row[label]
+        })
+        .sum::<f32>()
+        / 4.0;
+    assert!((inference_loss - trainer_loss).abs() < 1e-4, "inference {inference_loss}, evaluate {trainer_loss}");
+}
+
+fn steps_and_loss(reply: &str) -> (u64, f32) {
+    let parts: Vec<&str> = reply.split_whitespace().collect();
+    match parts.as_slice() {
+        ["loss", loss, "steps", steps] => (steps.parse().expect("steps"), loss.parse().expect("loss")),
+        _ => panic!("unexpected reply {reply:?}"),
+    }
+}
+
+#[test]
+fn kill_9_and_restart_resume_from_the_last_checkpoint() {
+    let project = probe_project("checkpoint_every = \"1h\"");
+    let batch = images(4, 64) + &labels(&[5, 6, 7, 8]);
+    let at_checkpoint = {
+        let mut lepton = start(&project);
+        for _ in 0..10 {
+            lepton.post("/nn/step/digits", batch.as_bytes());
+        }
+        assert_eq!(lepton.post("/nn/checkpoint/digits", b"").body, "ok\n");
+        let at_checkpoint = steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body);
+        for _ in 0..3 {
+            lepton.post("/nn/step/digits", batch.as_bytes());
+        }
+        lepton.child.kill().expect("kill -9");
+        lepton.child.wait().expect("wait");
+        at_checkpoint
+    };
+    assert_eq!(at_checkpoint.0, 10);
+    let lepton = start(&project);
+    let resumed = steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body);
+    assert_eq!(resumed.0, 10, "step count after restart");
+    assert!((resumed.1 - at_checkpoint.1).abs() < 1e-6, "weights after restart: {resumed:?} vs {at_checkpoint:?}");
+    assert_eq!(steps_and_loss(&lepton.post("/nn/step/digits", batch.as_bytes()).body).0, 11);
+}
+
+#[test]
+fn trainers_checkpoint_periodically() {
+    let project = probe_project("checkpoint_every = \"1s\"");
+    let batch = images(2, 64) + &labels(&[1, 2]);
+    {
+        let mut lepton = start(&project);
+        for _ in 0..5 {
+            lepton.post("/nn/step/digits", batch.as_bytes());
+        }
+        lepton.wait_for_log("checkpoint written trainer=digits steps=5");
+        lepton.child.kill().expect("kill -9");
+        lepton.child.wait().expect("wait");
+    }
+    let lepton = start(&project);
+    assert_eq!(steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0, 5);
+}
