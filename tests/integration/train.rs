@@ -224,3 +224,86 @@ fn trainers_checkpoint_periodically() {
     let lepton = start(&project);
     assert_eq!(steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0, 5);
 }
+
+/// The `learn` example: the digits data that `./setup.sh` generates.
+fn digits(split: &str) -> (Vec<serde_json::Value>, Vec<i64>) {
+    let path = root().join(format!(".cache/data/digits/{split}.json"));
+    let data: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("run ./setup.sh")).expect("json");
+    let images = data["images"].as_array().expect("images").clone();
+    let labels = data["labels"].as_array().expect("labels").iter().map(|l| l.as_i64().expect("label")).collect();
+    (images, labels)
+}
+
+fn accuracy(lepton: &Lepton, images: &[serde_json::Value], labels: &[i64]) -> f64 {
+    let reply = lepton.post("/classify", serde_json::json!({ "images": images }).to_string().as_bytes());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let answer: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    let predicted = answer["labels"].as_array().expect("labels");
+    let right = predicted.iter().zip(labels).filter(|(p, l)| p.as_i64() == Some(**l)).count();
+    right as f64 / labels.len() as f64
+}
+
+fn learn_project() -> Project {
+    Project::new(&manifest(&format!(
+        "[model.digits]\npath = {model:?}\n\
+         [trainer.digits]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"adamw\", lr = 1e-2 }}\npublishes = \"digits\"\n\
+         [function.learn]\ncomponent = \"{{LEARN}}\"\nroute = \"/learn\"\ntrainers = [\"digits\"]\nmodels = [\"digits\"]\n\
+         [function.classify]\ncomponent = \"{{LEARN}}\"\nroute = \"/classify\"\nmodels = [\"digits\"]\n",
+        model = digits_model()
+    )))
+}
+
+#[test]
+fn learning_digits_over_http_reaches_90_percent_held_out_accuracy() {
+    let (train_images, train_labels) = digits("train");
+    let (test_images, test_labels) = digits("test");
+    let project = learn_project();
+    let lepton = start(&project);
+    let before = accuracy(&lepton, &test_images, &test_labels);
+    assert!(before < 0.3, "untrained accuracy {before}");
+
+    let batch = 32;
+    let mut last = serde_json::Value::Null;
+    for step in 0..300 {
+        let rows: Vec<usize> = (0..batch).map(|i| (step * batch + i) % train_images.len()).collect();
+        let body = serde_json::json!({
+            "images": rows.iter().map(|&r| train_images[r].clone()).collect::<Vec<_>>(),
+            "labels": rows.iter().map(|&r| train_labels[r]).collect::<Vec<_>>(),
+        });
+        let reply = lepton.post("/learn", body.to_string().as_bytes());
+        assert_eq!(reply.status, 200, "step {step}: {reply:?}");
+        last = serde_json::from_str(&reply.body).expect("json");
+    }
+    assert_eq!(last["steps"], 300);
+    assert!(last["loss"].as_f64().expect("loss") < 0.5, "{last}");
+
+    // Until published, inference still serves the untrained weights.
+    assert!(accuracy(&lepton, &test_images, &test_labels) < 0.3);
+    let published = lepton.post("/learn/publish", b"");
+    assert_eq!(published.status, 200, "{published:?}");
+    let after = accuracy(&lepton, &test_images, &test_labels);
+    assert!(after >= 0.9, "held-out accuracy after 300 steps: {after} (before: {before})");
+
+    // Inference on the published weights gives the loss the trainer evaluates.
+    let body = serde_json::json!({ "images": test_images, "labels": test_labels }).to_string();
+    let evaluated: serde_json::Value =
+        serde_json::from_str(&lepton.post("/learn/evaluate", body.as_bytes()).body).expect("json");
+    let classified: serde_json::Value = serde_json::from_str(&lepton.post("/classify", body.as_bytes()).body).expect("json");
+    let (e, c) = (evaluated["loss"].as_f64().expect("loss"), classified["loss"].as_f64().expect("loss"));
+    assert!((e - c).abs() < 1e-4, "evaluate {e}, inference {c}");
+    let _ = artifacts::LEARN;
+}
+
+#[test]
+fn learn_reports_bad_batches_as_client_errors() {
+    let project = learn_project();
+    let lepton = start(&project);
+    let row = vec![0; 64];
+    let out_of_range = lepton.post("/learn", serde_json::json!({ "images": [row], "labels": [10] }).to_string().as_bytes());
+    assert_eq!(out_of_range.status, 400);
+    assert_eq!(out_of_range.body.trim_end(), "invalid-argument: label 10 is out of range [0, 10)");
+    let short_row = lepton.post("/learn", br#"{"images": [[1, 2, 3]], "labels": [1]}"#);
+    assert_eq!(short_row.status, 400, "{short_row:?}");
+    let checkpoint = lepton.post("/learn/checkpoint", b"");
+    assert_eq!((checkpoint.status, checkpoint.body.as_str()), (200, "{\"steps\":0}"));
+}
