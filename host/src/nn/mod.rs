@@ -25,13 +25,13 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
 pub use self::tensor::{Tensor, element_size};
+pub use crate::bindings::wasi::nn::errors::ErrorCode;
+pub use crate::bindings::wasi::nn::tensor::TensorType;
 use crate::bindings::lepton::nn::training;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
 use crate::manifest::{Deployment, ModelSpec, Target};
 use crate::train::{TrainerRegistry, TrainerResource};
-use errors::ErrorCode;
 use graph::{ExecutionTarget, GraphEncoding};
-use wit_tensor::TensorType;
 
 /// A guest-visible `wasi:nn` error: a code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
