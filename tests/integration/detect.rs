@@ -56,8 +56,10 @@ fn native(files: &[(&str, Vec<u8>)]) -> Vec<(String, f32)> {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(magika_dir().join("config.min.json")).expect("config")).expect("json");
     let labels = config["target_labels_space"].as_array().expect("labels");
-    let env = ort::init_from(ort_library()).expect("load ORT").with_name("test").build().expect("env");
-    let mut session = ort::session::Session::builder(&env)
+    // One ONNX Runtime environment per test process, shared by the tests that need it.
+    static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
+    let env = ENV.get_or_init(|| ort::init_from(ort_library()).expect("load ORT").with_name("test").build().expect("env"));
+    let mut session = ort::session::Session::builder(env)
         .expect("builder")
         .commit_from_file(magika_dir().join("model.onnx"))
         .expect("model");

@@ -23,7 +23,8 @@ fn unknown_key_names_the_key_and_line() {
 5 | tiemout = \"5s\"
   | ^^^^^^^
 unknown field `tiemout`, expected one of `component`, `route`, `timeout`, `memory_limit`, `max_concurrency`, \
-`max_queue`, `max_body_size`, `environment`, `files`, `allowed_outbound_hosts`"
+`max_queue`, `max_body_size`, `environment`, `files`, `allowed_outbound_hosts`, `models`, \
+`allow_model_upload`, `max_model_upload_size`, `trainers`"
     );
 }
 
@@ -35,7 +36,7 @@ fn unknown_top_level_key() {
   |
 5 | [functions.typo]
   |  ^^^^^^^^^
-unknown field `functions`, expected `manifest_version` or `function`"
+unknown field `functions`, expected one of `manifest_version`, `function`, `model`, `trainer`"
     );
 }
 
