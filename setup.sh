@@ -9,6 +9,14 @@ cd "$root"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
+# candle-onnx (the training backend) compiles ONNX's protobuf schema with protoc.
+if ! command -v protoc >/dev/null 2>&1; then
+    say "installing protobuf-compiler (protoc)"
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
 # Guests are built for wasm32-wasip2.
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     say "adding the wasm32-wasip2 Rust target"
