@@ -44,6 +44,26 @@ pub type Request = http::Request<Vec<u8>>;
 /// The HTTP response a handler returns.
 pub type Response = http::Response<Vec<u8>>;
 
+/// A plain-text response (`text/plain; charset=utf-8`).
+pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Response {
+    let mut response = Response::new(body.into().into_bytes());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A 200 response carrying `body` as `application/json`.
+pub fn json_response(body: Vec<u8>) -> Response {
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use wasip2;

@@ -17,7 +17,7 @@ mod magika;
 
 use lepton_sdk::http::{Method, StatusCode, header};
 use lepton_sdk::nn::{self, Graph, Tensor};
-use lepton_sdk::{Request, Response};
+use lepton_sdk::{Request, Response, json_response, text_response as text};
 
 use crate::magika::{Config, Mode, Step, Verdict};
 
@@ -94,29 +94,9 @@ fn infer(input: &[i32]) -> Result<Vec<f32>, nn::Error> {
 
 fn json(verdict: &Verdict) -> Response {
     match serde_json::to_vec(verdict) {
-        Ok(body) => {
-            let mut response = Response::new(body);
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the answer: {e}\n"),
-        ),
+        Ok(body) => json_response(body),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer: {e}\n")),
     }
-}
-
-fn text(status: StatusCode, message: String) -> Response {
-    let mut response = Response::new(message.into_bytes());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 lepton_sdk::http_handler!(detect);

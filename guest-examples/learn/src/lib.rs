@@ -27,7 +27,7 @@ mod digits;
 use lepton_sdk::http::{Method, StatusCode, header};
 use lepton_sdk::nn::{self, ErrorCode, Graph, Tensor};
 use lepton_sdk::train::Trainer;
-use lepton_sdk::{Request, Response};
+use lepton_sdk::{Request, Response, json_response, text_response as text};
 use serde::Serialize;
 use serde_json::json;
 
@@ -86,7 +86,7 @@ fn learn(request: Request) -> Response {
         }
     };
     match answer {
-        Ok(value) => json_response(&value),
+        Ok(value) => json_answer(&value),
         Err(Failure::BadRequest(message)) => text(StatusCode::BAD_REQUEST, format!("{message}\n")),
         Err(Failure::Nn(error)) => {
             let status = match error.code {
@@ -165,31 +165,11 @@ fn classify(body: &[u8]) -> Result<serde_json::Value, Failure> {
     })
 }
 
-fn json_response(value: &impl Serialize) -> Response {
+fn json_answer(value: &impl Serialize) -> Response {
     match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut response = Response::new(body);
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the answer: {e}\n"),
-        ),
+        Ok(body) => json_response(body),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer: {e}\n")),
     }
-}
-
-fn text(status: StatusCode, message: String) -> Response {
-    let mut response = Response::new(message.into_bytes());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 lepton_sdk::http_handler!(learn);

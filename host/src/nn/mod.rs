@@ -373,6 +373,21 @@ impl NnView<'_> {
         inputs.into_iter().map(|(name, t)| Ok((name, self.table.get(&t)?.clone()))).collect()
     }
 
+    /// A training step (`update`) or an evaluation, on tensors copied out of the table.
+    async fn loss(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+        inputs: Vec<(String, Resource<Tensor>)>,
+        targets: Resource<Tensor>,
+        update: bool,
+    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
+        let handle = Arc::clone(&self.table.get(&trainer)?.0);
+        let inputs = self.tensors(inputs)?;
+        let targets = self.table.get(&targets)?.clone();
+        let result = if update { handle.step(inputs, targets).await } else { handle.evaluate(inputs, targets).await };
+        self.answer(result)
+    }
+
     fn answer<T>(&mut self, result: Result<T, NnError>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
         match result {
             Ok(value) => Ok(Ok(value)),
@@ -405,11 +420,7 @@ impl training::HostTrainer for NnView<'_> {
         inputs: Vec<(String, Resource<Tensor>)>,
         targets: Resource<Tensor>,
     ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let inputs = self.tensors(inputs)?;
-        let targets = self.table.get(&targets)?.clone();
-        let result = handle.step(inputs, targets).await;
-        self.answer(result)
+        self.loss(trainer, inputs, targets, true).await
     }
 
     async fn evaluate(
@@ -418,11 +429,7 @@ impl training::HostTrainer for NnView<'_> {
         inputs: Vec<(String, Resource<Tensor>)>,
         targets: Resource<Tensor>,
     ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let inputs = self.tensors(inputs)?;
-        let targets = self.table.get(&targets)?.clone();
-        let result = handle.evaluate(inputs, targets).await;
-        self.answer(result)
+        self.loss(trainer, inputs, targets, false).await
     }
 
     fn steps(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<u64> {
