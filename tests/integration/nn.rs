@@ -150,3 +150,32 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_rows_back() {
     assert_eq!(lepton.metric("lepton_model_requests_total", "ident"), 16);
     assert!(runs < 16, "16 concurrent requests took {runs} runs: nothing was batched");
 }
+
+#[test]
+fn target_gpu_without_cuda_falls_back_to_cpu_and_says_so() {
+    let project = project("", "target = \"gpu\"");
+    let lepton = start(&project);
+    let log = lepton.wait_for_log("running on the CPU");
+    assert!(log.contains("target \"gpu\": CUDA is not available"), "{log}");
+    assert_eq!(lepton.post("/nn/compute/ident", all_inputs(1, 3).as_bytes()).status, 200);
+}
+
+#[test]
+fn a_missing_onnx_runtime_is_a_clear_startup_error() {
+    let project = project("", "");
+    let (status, stdout, stderr) = {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_lepton"))
+            .args(["up", "--listen", "127.0.0.1:0"])
+            .current_dir(project.dir.path())
+            .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+            .output()
+            .expect("run lepton");
+        (output.status, String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    assert!(!status.success());
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("error: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"),
+        "{stderr}"
+    );
+}

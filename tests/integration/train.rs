@@ -307,3 +307,12 @@ fn learn_reports_bad_batches_as_client_errors() {
     let checkpoint = lepton.post("/learn/checkpoint", b"");
     assert_eq!((checkpoint.status, checkpoint.body.as_str()), (200, "{\"steps\":0}"));
 }
+
+#[test]
+fn trainer_target_gpu_without_cuda_trains_on_the_cpu_and_says_so() {
+    let project = probe_project("target = \"gpu\"");
+    let lepton = start(&project);
+    lepton.wait_for_log("training on the CPU");
+    let reply = lepton.post("/nn/step/digits", (images(1, 64) + &labels(&[4])).as_bytes()).body;
+    assert!(reply.ends_with(" steps 1\n"), "{reply}");
+}
