@@ -9,7 +9,6 @@
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
 
-#[path = "support.rs"]
 mod support;
 
 use std::convert::Infallible;

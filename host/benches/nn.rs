@@ -15,7 +15,6 @@
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
 
-#[path = "support.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};
