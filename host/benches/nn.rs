@@ -117,7 +117,7 @@ fn main() {
     );
     println!("native ONNX Runtime, {SESSIONS} threads looping run: {native_throughput:.0} runs/s");
     print_header();
-    let hello1 = load.block_on(run_load(unbatched.address, hello.clone(), 1, duration));
+    let hello1 = load.block_on(run_load(unbatched.address, hello, 1, duration));
     report("lepton /hello (HTTP + instance cost)", 1, &hello1);
     let detect1 = load.block_on(run_load(unbatched.address, detect.clone(), 1, duration));
     report("lepton /detect", 1, &detect1);

@@ -456,12 +456,12 @@ impl Deployment {
         for (name, trainer) in raw.trainer {
             let spec =
                 resolve_trainer(&name, trainer, &base).map_err(|message| invalid(format!("trainer `{name}`: {message}")))?;
-            if let Some(model) = &spec.publishes {
-                if !models.iter().any(|m| &m.name == model) {
-                    return Err(invalid(format!(
-                        "trainer `{name}`: `publishes`: no model named {model:?} (declare it as [model.{model}])"
-                    )));
-                }
+            if let Some(model) = &spec.publishes
+                && !models.iter().any(|m| &m.name == model)
+            {
+                return Err(invalid(format!(
+                    "trainer `{name}`: `publishes`: no model named {model:?} (declare it as [model.{model}])"
+                )));
             }
             trainers.push(spec);
         }

@@ -86,7 +86,7 @@ macro_rules! http_handler {
                 request: $crate::__private::wasip2::http::types::IncomingRequest,
                 response_out: $crate::__private::wasip2::http::types::ResponseOutparam,
             ) {
-                $crate::__private::serve($handler, request, response_out);
+                $crate::__private::serve($handler, &request, response_out);
             }
         }
 

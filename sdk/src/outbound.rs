@@ -27,7 +27,7 @@ pub fn send(request: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, 
     let headers = Fields::new();
     for (name, value) in &parts.headers {
         headers
-            .append(name.as_str(), &value.as_bytes().to_vec())
+            .append(name.as_str(), value.as_bytes())
             .map_err(|e| Error(format!("header {name:?}: {e:?}")))?;
     }
     let outgoing = OutgoingRequest::new(headers);

@@ -10,8 +10,8 @@ use wasip2::http::types::{
 use crate::{Request, Response};
 
 /// Runs `handler` on one incoming request and writes its response.
-pub fn serve(handler: fn(Request) -> Response, request: IncomingRequest, out: ResponseOutparam) {
-    let request = match read_request(&request) {
+pub fn serve(handler: fn(Request) -> Response, request: &IncomingRequest, out: ResponseOutparam) {
+    let request = match read_request(request) {
         Ok(request) => request,
         Err(message) => {
             respond(out, plain(400, message));
@@ -66,7 +66,7 @@ fn respond(out: ResponseOutparam, response: Response) {
     let headers = Fields::new();
     for (name, value) in &parts.headers {
         // A header the host refuses (a forbidden or malformed one) is dropped.
-        let _ = headers.append(name.as_str(), &value.as_bytes().to_vec());
+        let _ = headers.append(name.as_str(), value.as_bytes());
     }
     let outgoing = OutgoingResponse::new(headers);
     let _ = outgoing.set_status_code(parts.status.as_u16());

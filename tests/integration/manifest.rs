@@ -110,7 +110,7 @@ fn reserved_route_and_version() {
         "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/.well-known/lepton/x\" is reserved for the host"
     );
     assert_eq!(
-        up_error(&"manifest_version = 2\n".to_owned()),
+        up_error("manifest_version = 2\n"),
         "error: invalid manifest `lepton.toml`: `manifest_version` is 2, this host supports only 1"
     );
 }

@@ -57,7 +57,9 @@ fn rows_of(inputs: &[(String, Tensor)]) -> Option<u32> {
 }
 
 /// What must agree for two requests to share a batch: names, types, dims past 0.
-fn key(inputs: &[(String, Tensor)]) -> Vec<(String, String, Vec<u32>)> {
+type BatchKey = Vec<(String, String, Vec<u32>)>;
+
+fn key(inputs: &[(String, Tensor)]) -> BatchKey {
     let mut key: Vec<_> = inputs
         .iter()
         .map(|(name, t)| (name.clone(), format!("{:?}", t.ty), t.dims[1..].to_vec()))
@@ -85,7 +87,7 @@ async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Rec
         }
         // Group the jobs that can share a run; each group runs on its own task so
         // the next batch can form meanwhile.
-        let mut groups: Vec<(Vec<(String, String, Vec<u32>)>, Vec<Job>)> = Vec::new();
+        let mut groups: Vec<(BatchKey, Vec<Job>)> = Vec::new();
         for job in jobs {
             let k = key(&job.inputs);
             match groups.iter_mut().find(|(g, _)| *g == k) {
