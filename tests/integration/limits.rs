@@ -99,3 +99,23 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(first.join().expect("thread").status, 504);
     assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 1);
 }
+
+#[test]
+fn a_body_that_trickles_in_past_the_timeout_gets_408() {
+    use std::io::{Read as _, Write as _};
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\ntimeout = \"1s\"\n",
+    ));
+    let lepton = project.up();
+    let mut stream = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    // Announce 100 bytes, send 10, then nothing.
+    stream
+        .write_all(b"POST /probe/echo HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n0123456789")
+        .expect("write");
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(lepton.post("/probe/echo", b"abc").body, "ok: 3 bytes\n");
+}

@@ -148,10 +148,15 @@ impl Function {
             return too_large(self.spec.max_body_size);
         }
         let limit = usize::try_from(self.spec.max_body_size).unwrap_or(usize::MAX);
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => return too_large(self.spec.max_body_size),
-            Err(error) => {
+        // The body must arrive within the function's timeout too: a client that
+        // trickles it in gets 408, not a connection held open forever.
+        let body = match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+            Err(_elapsed) => {
+                return text(http::StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n");
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => return too_large(self.spec.max_body_size),
+            Ok(Err(error)) => {
                 tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
                 return text(http::StatusCode::BAD_REQUEST, "could not read the request body\n");
             }

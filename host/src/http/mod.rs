@@ -74,6 +74,14 @@ impl App {
             functions.push(Arc::new(function));
         }
         functions.sort_by_key(|f| std::cmp::Reverse(f.spec().route.len()));
+        let slots: u64 = deployment.functions.iter().map(|f| u64::from(f.max_concurrency)).sum();
+        if slots > u64::from(crate::engine::DEFAULT_POOL_INSTANCES) {
+            tracing::warn!(
+                "the functions' max_concurrency adds up to {slots}, more than the {} instance slots of the pool: \
+                 requests past that fail with 500",
+                crate::engine::DEFAULT_POOL_INSTANCES
+            );
+        }
         Ok(Self { functions, models, trainers })
     }
 
