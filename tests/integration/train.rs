@@ -172,6 +172,13 @@ fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
         .sum::<f32>()
         / 4.0;
     assert!((inference_loss - trainer_loss).abs() < 1e-4, "inference {inference_loss}, evaluate {trainer_loss}");
+
+    // Published weights outlive a restart (here a kill -9).
+    let mut lepton = lepton;
+    lepton.child.kill().expect("kill -9");
+    lepton.child.wait().expect("wait");
+    let restarted = start(&project);
+    assert_eq!(restarted.post("/nn/compute/digits", images(4, 64).as_bytes()).body, reply.body);
 }
 
 fn steps_and_loss(reply: &str) -> (u64, f32) {

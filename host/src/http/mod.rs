@@ -59,7 +59,7 @@ impl App {
         let models = if deployment.models.is_empty() {
             None
         } else {
-            Some(Arc::new(ModelRegistry::load(deployment)?))
+            Some(Arc::new(ModelRegistry::load(deployment, state_dir)?))
         };
         let trainers = if deployment.trainers.is_empty() {
             None

@@ -15,7 +15,7 @@ mod batch;
 mod onnx;
 mod tensor;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -80,29 +80,56 @@ pub struct ModelRegistry {
     runtime: OnnxRuntime,
     models: DashMap<String, Arc<Model>>,
     specs: Vec<ModelSpec>,
+    /// Where published weights are kept, so they outlive a restart.
+    published_dir: PathBuf,
 }
 
 impl ModelRegistry {
-    /// Loads ONNX Runtime (see [`OnnxRuntime::locate`]) and every model of `deployment`.
-    /// Must run inside a tokio runtime when a model batches.
-    pub fn load(deployment: &Deployment) -> anyhow::Result<Self> {
+    /// Loads ONNX Runtime (see [`OnnxRuntime::locate`]) and every model of `deployment`:
+    /// the weights a trainer last published for it (kept under `state_dir`) when the
+    /// manifest still names the same file, else the file. Must run inside a tokio
+    /// runtime when a model batches.
+    pub fn load(deployment: &Deployment, state_dir: &Path) -> anyhow::Result<Self> {
         let manifest_dir = deployment.manifest_path.parent().unwrap_or(Path::new("."));
         let library = OnnxRuntime::locate(manifest_dir)?;
         let runtime = OnnxRuntime::load(&library)?;
         tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-        let registry = Self { runtime, models: DashMap::new(), specs: deployment.models.clone() };
+        let registry = Self {
+            runtime,
+            models: DashMap::new(),
+            specs: deployment.models.clone(),
+            published_dir: state_dir.join("models"),
+        };
         for spec in &deployment.models {
-            registry.insert(spec, &Source::File(&spec.path))?;
+            let published = registry.published_path(spec);
+            if published.is_file() {
+                tracing::info!(model = %spec.name, "serving the weights last published for it");
+                registry.insert(spec, &Source::File(&published))?;
+            } else {
+                registry.insert(spec, &Source::File(&spec.path))?;
+            }
         }
         Ok(registry)
     }
 
+    /// Published weights of `spec`, named after the file they replace: a new file in
+    /// the manifest starts afresh.
+    fn published_path(&self, spec: &ModelSpec) -> PathBuf {
+        self.published_dir.join(format!("{}-{}.published.onnx", spec.name, &spec.digest[..16]))
+    }
+
     /// Replaces model `name` with the ONNX graph `bytes` (loaded with the model's
-    /// settings); requests that already hold the old one finish on it. Call it
-    /// inside a tokio runtime when the model batches.
+    /// settings) and keeps them for the next start; requests that already hold the old
+    /// one finish on it. Call it inside a tokio runtime when the model batches.
     pub fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let spec = self.specs.iter().find(|s| s.name == name).with_context(|| format!("no model named {name:?}"))?;
-        self.insert(spec, &Source::Bytes(bytes))
+        self.insert(spec, &Source::Bytes(bytes))?;
+        let path = self.published_path(spec);
+        std::fs::create_dir_all(&self.published_dir)
+            .with_context(|| format!("creating `{}`", self.published_dir.display()))?;
+        let temp = path.with_extension("onnx.tmp");
+        std::fs::write(&temp, bytes).with_context(|| format!("writing `{}`", temp.display()))?;
+        std::fs::rename(&temp, &path).with_context(|| format!("renaming into `{}`", path.display()))
     }
 
     fn insert(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<()> {
