@@ -8,6 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use wasmtime::component::ResourceTable;
@@ -21,6 +22,10 @@ use crate::nn::{NnCtx, NnView};
 
 /// Longest line of guest output kept in one log record.
 pub const MAX_LOG_LINE: usize = 4096;
+
+/// Guest output (stdout and stderr together) logged per request; the rest is dropped
+/// with one record saying so.
+pub const MAX_LOG_BYTES: usize = 1 << 20;
 
 /// The `T` of each request's `Store<T>`.
 pub struct InstanceState {
@@ -37,12 +42,13 @@ impl InstanceState {
     pub fn new(spec: &FunctionSpec, request_id: &str, nn: NnCtx) -> anyhow::Result<Self> {
         let function: Arc<str> = Arc::from(spec.name.as_str());
         let request_id: Arc<str> = Arc::from(request_id);
+        let budget = Arc::new(AtomicUsize::new(MAX_LOG_BYTES));
         let mut wasi = WasiCtxBuilder::new();
         wasi.allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .stdout(GuestLog::new("stdout", &function, &request_id))
-            .stderr(GuestLog::new("stderr", &function, &request_id));
+            .stdout(GuestLog::new("stdout", &function, &request_id, &budget))
+            .stderr(GuestLog::new("stderr", &function, &request_id, &budget));
         for (key, value) in &spec.environment {
             wasi.env(key, value);
         }
@@ -132,11 +138,13 @@ struct GuestLog {
     stream: &'static str,
     function: Arc<str>,
     request_id: Arc<str>,
+    /// Bytes left to log for this request, shared by stdout and stderr.
+    budget: Arc<AtomicUsize>,
 }
 
 impl GuestLog {
-    fn new(stream: &'static str, function: &Arc<str>, request_id: &Arc<str>) -> Self {
-        Self { stream, function: Arc::clone(function), request_id: Arc::clone(request_id) }
+    fn new(stream: &'static str, function: &Arc<str>, request_id: &Arc<str>, budget: &Arc<AtomicUsize>) -> Self {
+        Self { stream, function: Arc::clone(function), request_id: Arc::clone(request_id), budget: Arc::clone(budget) }
     }
 }
 
@@ -160,6 +168,25 @@ struct GuestLogWriter {
 impl GuestLogWriter {
     fn emit(&mut self) {
         if self.line.is_empty() {
+            return;
+        }
+        let len = self.line.len() + 1;
+        // The closure always returns `Some`, so this is the budget before this line.
+        let left = self
+            .log
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left.saturating_sub(len)))
+            .unwrap_or(0);
+        if left < len {
+            if left > 0 {
+                tracing::warn!(
+                    target: "lepton::guest",
+                    function = %self.log.function,
+                    request_id = %self.log.request_id,
+                    "guest output past {MAX_LOG_BYTES} bytes is dropped"
+                );
+            }
+            self.line.clear();
             return;
         }
         let text = String::from_utf8_lossy(&self.line);

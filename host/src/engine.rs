@@ -6,9 +6,9 @@
 
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
 
 use anyhow::Context as _;
 use wasmtime::component::Component;
@@ -23,14 +23,18 @@ pub const DECOMMIT_BATCH: usize = 64;
 /// Bytes of each table reset with `memset` rather than returned to the kernel.
 pub const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
-/// Instances the pooling allocator keeps slots for (all functions together).
+/// Component instances the pooling allocator keeps slots for (all functions together):
+/// the most requests that run at once on a node.
 pub const DEFAULT_POOL_INSTANCES: u32 = 1000;
+
+/// Core instances, tables and memories per component instance the pool makes room for.
+/// A Rust `wasm32-wasip2` component has 3 core modules, 2 tables and 1 memory.
+pub const POOL_SLOTS_PER_INSTANCE: u32 = 4;
 
 /// The process-wide engine, with its epoch ticker.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    stop_ticker: Arc<AtomicBool>,
 }
 
 impl Runtime {
@@ -41,9 +45,9 @@ impl Runtime {
         config.wasm_component_model(true);
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(DEFAULT_POOL_INSTANCES);
-        pool.total_core_instances(DEFAULT_POOL_INSTANCES);
-        pool.total_memories(DEFAULT_POOL_INSTANCES);
-        pool.total_tables(DEFAULT_POOL_INSTANCES);
+        pool.total_core_instances(DEFAULT_POOL_INSTANCES * POOL_SLOTS_PER_INSTANCE);
+        pool.total_memories(DEFAULT_POOL_INSTANCES * 2);
+        pool.total_tables(DEFAULT_POOL_INSTANCES * POOL_SLOTS_PER_INSTANCE);
         // Per-function caps are enforced by each store's limiter; the pool only
         // needs room for the largest memory any function may grow to.
         pool.max_memory_size(usize::try_from(crate::manifest::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
@@ -55,13 +59,12 @@ impl Runtime {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
+        // The ticker holds the engine weakly: it stops once the last engine is gone.
         let ticker_engine = engine.weak();
-        let stop = Arc::clone(&stop_ticker);
         std::thread::Builder::new()
             .name("lepton-epoch".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     std::thread::sleep(EPOCH_TICK);
                     match ticker_engine.upgrade() {
                         Some(engine) => engine.increment_epoch(),
@@ -70,7 +73,7 @@ impl Runtime {
                 }
             })
             .context("spawning the epoch ticker")?;
-        Ok(Self { engine, stop_ticker })
+        Ok(Self { engine })
     }
 
     /// The engine.
@@ -102,6 +105,14 @@ impl Runtime {
             }
         }
         let bytes = std::fs::read(path).with_context(|| format!("reading component `{}`", path.display()))?;
+        // Cache what is compiled under the digest of the bytes actually read: if the
+        // file changed since the manifest was read, this start serves the new bytes
+        // and the old digest never names them.
+        let read_digest = hex::encode(sha2::Sha256::digest(&bytes));
+        if read_digest != digest {
+            tracing::warn!(path = %path.display(), "the component changed while loading; serving the new bytes");
+        }
+        let cached = cache_dir.join(format!("{read_digest}-{}.cwasm", self.fingerprint()));
         let compiled = self
             .engine
             .precompile_component(&bytes)
@@ -124,14 +135,6 @@ impl Runtime {
         unsafe { Component::deserialize_file(&self.engine, cached) }
             .map_err(anyhow::Error::from)
             .with_context(|| format!("loading compiled component `{}`", cached.display()))
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if Arc::strong_count(&self.stop_ticker) == 2 {
-            self.stop_ticker.store(true, Ordering::Relaxed);
-        }
     }
 }
 

@@ -405,12 +405,22 @@ impl OutboundHost {
                 "{pattern:?} must be exactly scheme://host:port (no path, user or wildcard)"
             ));
         }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
-                let port = port.parse::<u16>().map_err(|_| format!("{pattern:?} has an invalid port {port:?}"))?;
-                (host, port)
+        let parse_port = |port: &str| port.parse::<u16>().map_err(|_| format!("{pattern:?} has an invalid port {port:?}"));
+        let (host, port) = if rest.starts_with('[') {
+            // An IPv6 literal: `[::1]` or `[::1]:8080`.
+            let end = rest.find(']').ok_or_else(|| format!("{pattern:?} has an unclosed `[`"))?;
+            match &rest[end + 1..] {
+                "" => (&rest[..=end], default_port),
+                after => match after.strip_prefix(':') {
+                    Some(port) => (&rest[..=end], parse_port(port)?),
+                    None => return Err(format!("{pattern:?} has text after the host")),
+                },
             }
-            _ => (rest, default_port),
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, parse_port(port)?),
+                None => (rest, default_port),
+            }
         };
         if host.is_empty() {
             return Err(format!("{pattern:?} has no host"));
@@ -754,6 +764,8 @@ mod tests {
         assert!(OutboundHost::parse("http://x:1/path").is_err());
         assert!(OutboundHost::parse("http://*:1").is_err());
         assert!(OutboundHost::parse("127.0.0.1:80").is_err());
+        assert_eq!(OutboundHost::parse("http://[::1]").expect("valid").to_string(), "http://[::1]:80");
+        assert!(OutboundHost::parse("http://[::1]:8080").expect("valid").matches("http", "[::1]", 8080));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::util::{Lepton, Project, artifacts};
+use crate::util::{Lepton, Project};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -190,7 +190,6 @@ fn detect_matches_native_onnx_runtime_on_real_files() {
         assert_eq!(label, kind, "the model itself recognises the {kind} file");
         assert_eq!(field(&reply.body, "label"), *kind, "{}", reply.body);
     }
-    let _ = artifacts::DETECT;
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::{Project, artifacts, manifest};
+use crate::util::{Project, manifest};
 
 #[test]
 fn a_trapping_guest_gets_500_with_a_request_id_and_the_server_keeps_serving() {
@@ -21,7 +21,6 @@ fn a_trapping_guest_gets_500_with_a_request_id_and_the_server_keeps_serving() {
         assert!(log.contains("secret-detail-42"), "the panic is in the host log");
     }
     assert_eq!(lepton.get("/hello").status, 200);
-    let _ = artifacts::TRAP;
 }
 
 #[test]
@@ -42,7 +41,9 @@ fn a_guest_past_its_timeout_gets_504_promptly() {
     let (reply, elapsed) = spinning.join().expect("thread");
     assert_eq!(reply.status, 504, "{reply:?}");
     assert!(elapsed >= Duration::from_secs(1), "answered early: {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(1100), "answered late: {elapsed:?}");
+    // The server answers within 100 ms of the deadline (one epoch tick, 10 ms, plus
+    // scheduling); the margin here also covers the client on a busy CI machine.
+    assert!(elapsed < Duration::from_millis(1200), "answered late: {elapsed:?}");
     assert_eq!(lepton.metric("lepton_requests_timed_out_total", "spin"), 1);
     assert_eq!(lepton.get("/hello").status, 200);
 }
@@ -65,7 +66,6 @@ fn memory_growth_past_the_limit_fails_inside_the_guest() {
     // Allocating infallibly past the limit aborts the guest: a 500, and serving goes on.
     assert_eq!(lepton.get("/hog/abort").status, 500);
     assert_eq!(lepton.get("/hog").status, 200);
-    let _ = artifacts::HOG;
 }
 
 #[test]
@@ -118,4 +118,19 @@ fn a_body_that_trickles_in_past_the_timeout_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(lepton.post("/probe/echo", b"abc").body, "ok: 3 bytes\n");
+}
+
+#[test]
+fn a_request_still_queued_at_its_deadline_gets_504() {
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\nmax_concurrency = 1\nmax_queue = 4\n",
+    ));
+    let lepton = project.up();
+    let url = lepton.url("/spin");
+    let first = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    let queued = lepton.get("/spin");
+    assert_eq!(queued.status, 504, "{queued:?}");
+    assert_eq!(first.join().expect("thread").status, 504);
+    assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 0);
 }

@@ -1,7 +1,7 @@
 //! wasi-nn: tensors of every type in and out, grants, uploads, bad inputs, batching.
 
 use crate::onnx::identity_model;
-use crate::util::{Lepton, Project, artifacts, manifest};
+use crate::util::{Lepton, Project, manifest};
 
 const ALL_TYPES: [(&str, &str); 7] =
     [("a", "FP16"), ("b", "FP32"), ("c", "FP64"), ("d", "BF16"), ("e", "U8"), ("f", "I32"), ("g", "I64")];
@@ -63,7 +63,6 @@ fn every_tensor_type_goes_in_and_comes_out_unchanged() {
     assert_eq!(reply.status, 200, "{reply:?}");
     let expected: String = inputs.lines().map(|l| format!("out_{l}\n")).collect();
     assert_eq!(reply.body, expected);
-    let _ = artifacts::NNPROBE;
 }
 
 #[test]
@@ -130,11 +129,14 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_rows_back() {
     let project = project("max_concurrency = 64", "batch = { max_size = 64, max_wait = \"200ms\" }");
     let lepton = start(&project);
     let url = lepton.url("/nn/compute/ident");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(16));
     let handles: Vec<_> = (0..16u8)
         .map(|seed| {
             let url = url.clone();
+            let start = std::sync::Arc::clone(&start);
             std::thread::spawn(move || {
                 let inputs = all_inputs(1 + u32::from(seed % 3), seed);
+                start.wait();
                 let reply = crate::util::reply(ureq::post(&url).send_bytes(inputs.as_bytes()));
                 (inputs, reply)
             })
@@ -178,4 +180,17 @@ fn a_missing_onnx_runtime_is_a_clear_startup_error() {
         stderr.contains("error: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_guest_cannot_make_the_host_hold_more_tensor_data_than_its_memory_limit() {
+    let project = project("memory_limit = \"16MiB\"", "");
+    let lepton = start(&project);
+    assert_eq!(lepton.get("/nn/hoard/4").body, "ok: holding 4\n");
+    // 20 MiB of tensors held at once is over the 16 MiB budget: the guest traps.
+    let reply = lepton.get("/nn/hoard/20");
+    assert_eq!(reply.status, 500, "{reply:?}");
+    lepton.wait_for_log("tensors held on the host would exceed 16777216 bytes");
+    // Dropped tensors are refunded: the next request has its whole budget.
+    assert_eq!(lepton.get("/nn/hoard/4").body, "ok: holding 4\n");
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::onnx::one_node_model;
-use crate::util::{Lepton, Project, artifacts, manifest};
+use crate::util::{Lepton, Project, manifest};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -135,7 +135,6 @@ fn bad_training_inputs_are_invalid_argument_errors_and_grants_hold() {
         "error: ErrorCode::Security: trainer `digits` may not publish \"other\" (its `publishes` is Some(\"digits\"))"
     );
     assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
-    let _ = artifacts::NNPROBE;
 }
 
 #[test]
@@ -298,7 +297,6 @@ fn learning_digits_over_http_reaches_90_percent_held_out_accuracy() {
     let classified: serde_json::Value = serde_json::from_str(&lepton.post("/classify", body.as_bytes()).body).expect("json");
     let (e, c) = (evaluated["loss"].as_f64().expect("loss"), classified["loss"].as_f64().expect("loss"));
     assert!((e - c).abs() < 1e-4, "evaluate {e}, inference {c}");
-    let _ = artifacts::LEARN;
 }
 
 #[test]
@@ -322,4 +320,19 @@ fn trainer_target_gpu_without_cuda_trains_on_the_cpu_and_says_so() {
     lepton.wait_for_log("training on the CPU");
     let reply = lepton.post("/nn/step/digits", (images(1, 64) + &labels(&[4])).as_bytes()).body;
     assert!(reply.ends_with(" steps 1\n"), "{reply}");
+}
+
+#[test]
+fn sigterm_checkpoints_the_trainers_that_changed() {
+    let project = probe_project("checkpoint_every = \"1h\"");
+    let batch = images(2, 64) + &labels(&[3, 4]);
+    {
+        let mut lepton = start(&project);
+        for _ in 0..3 {
+            lepton.post("/nn/step/digits", batch.as_bytes());
+        }
+        assert!(lepton.signal_and_wait("TERM").success());
+    }
+    let lepton = start(&project);
+    assert_eq!(steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0, 3);
 }

@@ -10,6 +10,7 @@
 //!   inputs; answers `loss L steps N`.
 //! - `POST /nn/publish/TRAINER/MODEL`: `open` + `publish(MODEL)`, answers `ok`.
 //! - `POST /nn/checkpoint/TRAINER`: `open` + `checkpoint()`, answers `ok`.
+//! - `GET /nn/hoard/N`: creates N tensors of 1 MiB and keeps them all, answers `ok`.
 //!
 //! Failures answer 400 with `error: CODE: message`.
 
@@ -103,6 +104,12 @@ fn nnprobe(request: Request) -> Response {
         training::open(trainer).and_then(|t| t.publish(model)).map(|()| "ok\n".to_owned()).map_err(failure)
     } else if let Some(name) = path.strip_prefix("/nn/checkpoint/") {
         training::open(name).and_then(|t| t.checkpoint()).map(|()| "ok\n".to_owned()).map_err(failure)
+    } else if let Some(count) = path.strip_prefix("/nn/hoard/") {
+        let block = vec![0u8; 1 << 20];
+        let count: usize = count.parse().unwrap_or(0);
+        let hoard: Vec<tensor::Tensor> =
+            (0..count).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &block)).collect();
+        Ok(format!("ok: holding {}\n", hoard.len()))
     } else if path == "/nn/upload" {
         graph::load(&[request.body().clone()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)
             .and_then(|g| g.init_execution_context())

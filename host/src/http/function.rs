@@ -147,6 +147,10 @@ impl Function {
         if declared.is_some_and(|len| len > self.spec.max_body_size) {
             return too_large(self.spec.max_body_size);
         }
+        // A request that would find the queue full is turned away before its body is read.
+        if self.slots.available_permits() == 0 && self.queued.load(Ordering::SeqCst) >= self.spec.max_queue as usize {
+            return self.at_capacity();
+        }
         let limit = usize::try_from(self.spec.max_body_size).unwrap_or(usize::MAX);
         // The body must arrive within the function's timeout too: a client that
         // trickles it in gets 408, not a connection held open forever.
@@ -162,14 +166,10 @@ impl Function {
             }
         };
 
-        let Some(permit) = self.acquire_slot(deadline).await else {
-            self.rejected.fetch_add(1, Ordering::Relaxed);
-            let mut response = text(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                &format!("function `{}` is at capacity; retry later\n", self.spec.name),
-            );
-            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-            return response;
+        let permit = match self.acquire_slot(deadline).await {
+            Slot::Free(permit) => permit,
+            Slot::QueueFull => return self.at_capacity(),
+            Slot::TimedOut => return self.timed_out(request_id),
         };
 
         if !parts.headers.contains_key(http::header::HOST) {
@@ -203,16 +203,10 @@ impl Function {
             Err(_) => {} // The guest ended without answering: the task says why.
         }
         match task.await {
-            Ok(Outcome::TimedOut) => {
-                self.timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(function = %self.spec.name, request_id, "timed out after {:?}", self.spec.timeout);
-                text(
-                    http::StatusCode::GATEWAY_TIMEOUT,
-                    &format!(
-                        "function `{}` did not answer within {:?} (request id {request_id})\n",
-                        self.spec.name, self.spec.timeout
-                    ),
-                )
+            Ok(Outcome::TimedOut) => self.timed_out(request_id),
+            Ok(Outcome::Finished(Err(error))) if is_pool_exhausted(&error) => {
+                tracing::warn!(function = %self.spec.name, request_id, "no free instance slot in the pool");
+                self.at_capacity()
             }
             Ok(Outcome::Finished(Err(error))) => {
                 tracing::error!(function = %self.spec.name, request_id, "guest failed: {error:?}");
@@ -244,7 +238,8 @@ impl Function {
             self.spec.allow_model_upload,
             self.spec.max_model_upload_size,
         )
-        .with_trainers(self.trainers.clone(), Arc::clone(&self.granted_trainers));
+        .with_trainers(self.trainers.clone(), Arc::clone(&self.granted_trainers))
+        .with_tensor_budget(self.spec.memory_limit);
         let state = InstanceState::new(&self.spec, request_id, nn)?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -267,16 +262,42 @@ impl Function {
         Ok(())
     }
 
-    async fn acquire_slot(&self, deadline: tokio::time::Instant) -> Option<OwnedSemaphorePermit> {
+    async fn acquire_slot(&self, deadline: tokio::time::Instant) -> Slot {
         if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
-            return Some(permit);
+            return Slot::Free(permit);
         }
         let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
         let _leave = QueueSlot(&self.queued);
         if waiting >= self.spec.max_queue as usize {
-            return None;
+            return Slot::QueueFull;
         }
-        tokio::time::timeout_at(deadline, Arc::clone(&self.slots).acquire_owned()).await.ok()?.ok()
+        match tokio::time::timeout_at(deadline, Arc::clone(&self.slots).acquire_owned()).await {
+            Ok(Ok(permit)) => Slot::Free(permit),
+            Ok(Err(_closed)) => Slot::QueueFull,
+            Err(_elapsed) => Slot::TimedOut,
+        }
+    }
+
+    fn at_capacity(&self) -> hyper::Response<Body> {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let mut response = text(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            &format!("function `{}` is at capacity; retry later\n", self.spec.name),
+        );
+        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        response
+    }
+
+    fn timed_out(&self, request_id: &str) -> hyper::Response<Body> {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(function = %self.spec.name, request_id, "timed out after {:?}", self.spec.timeout);
+        text(
+            http::StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "function `{}` did not answer within {:?} (request id {request_id})\n",
+                self.spec.name, self.spec.timeout
+            ),
+        )
     }
 
     fn internal_error(&self, request_id: &str) -> hyper::Response<Body> {
@@ -285,6 +306,18 @@ impl Function {
             &format!("function `{}` failed; see the host log for request id {request_id}\n", self.spec.name),
         )
     }
+}
+
+/// What waiting for a slot came to.
+enum Slot {
+    Free(OwnedSemaphorePermit),
+    QueueFull,
+    TimedOut,
+}
+
+/// Whether instantiation failed because the pooling allocator ran out of slots.
+fn is_pool_exhausted(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
 }
 
 struct QueueSlot<'a>(&'a AtomicUsize);

@@ -31,6 +31,9 @@ use crate::train::TrainerRegistry;
 
 pub use function::Function;
 
+/// How long a client has to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a graceful shutdown waits for in-flight requests before exiting anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -78,7 +81,7 @@ impl App {
         if slots > u64::from(crate::engine::DEFAULT_POOL_INSTANCES) {
             tracing::warn!(
                 "the functions' max_concurrency adds up to {slots}, more than the {} instance slots of the pool: \
-                 requests past that fail with 500",
+                 requests past that get 503",
                 crate::engine::DEFAULT_POOL_INSTANCES
             );
         }
@@ -111,7 +114,10 @@ impl App {
     /// Answers one request.
     pub async fn dispatch(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
         let path = request.uri().path();
-        if let Some(host_path) = path.strip_prefix(RESERVED_ROUTE_PREFIX) {
+        if let Some(host_path) = path
+            .strip_prefix(RESERVED_ROUTE_PREFIX)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
             return match host_path {
                 "/health" => text(http::StatusCode::OK, "ok\n"),
                 "/metrics" => text(http::StatusCode::OK, &self.metrics()),
@@ -161,7 +167,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
-    let builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // Without a timer hyper skips its header read timeout: a client that never
+    // finishes its headers would hold a connection forever.
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

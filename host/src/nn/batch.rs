@@ -1,9 +1,11 @@
 //! Dynamic batching: concurrent requests to one model stacked along dimension 0.
 //!
 //! The first request of a batch waits at most `max_wait` for others; a batch closes
-//! at `max_size` rows. Requests join a batch only when their inputs agree on
-//! everything but dimension 0; outputs are split back by each request's rows. A
-//! model whose outputs do not follow dimension 0 falls back to one run per request.
+//! at `max_size` rows, and a request larger than that runs alone. Requests join a
+//! batch only when their inputs agree on everything but dimension 0; outputs are split
+//! back by each request's rows. A model whose outputs do not follow dimension 0, or a
+//! batched run that fails, falls back to one run per request, so one request's bad
+//! input never fails the others.
 
 use std::sync::Arc;
 
@@ -25,6 +27,7 @@ struct Job {
 pub struct Batcher {
     sender: mpsc::Sender<Job>,
     model: Arc<OnnxModel>,
+    max_size: u32,
 }
 
 impl Batcher {
@@ -32,12 +35,12 @@ impl Batcher {
     pub fn spawn(model: Arc<OnnxModel>, spec: BatchSpec) -> Self {
         let (sender, receiver) = mpsc::channel(4096);
         tokio::spawn(collect(Arc::clone(&model), spec, receiver));
-        Self { sender, model }
+        Self { sender, model, max_size: spec.max_size }
     }
 
     /// Runs validated `inputs`, batched with concurrent requests.
     pub async fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
-        let Some(rows) = rows_of(&inputs) else {
+        let Some(rows) = rows_of(&inputs).filter(|&rows| rows <= self.max_size) else {
             return self.model.run_validated(inputs).await;
         };
         let (reply, answer) = oneshot::channel();
@@ -71,13 +74,13 @@ fn key(inputs: &[(String, Tensor)]) -> BatchKey {
 async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Receiver<Job>) {
     while let Some(first) = receiver.recv().await {
         let deadline = tokio::time::Instant::now() + spec.max_wait;
-        let mut rows = first.rows;
+        let mut rows = u64::from(first.rows);
         let mut jobs = vec![first];
-        while rows < spec.max_size {
+        while rows < u64::from(spec.max_size) {
             tokio::select! {
                 job = receiver.recv() => match job {
                     Some(job) => {
-                        rows += job.rows;
+                        rows += u64::from(job.rows);
                         jobs.push(job);
                     }
                     None => break,
@@ -85,6 +88,8 @@ async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Rec
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
+        // Requests whose callers went away (their deadline passed) are not run.
+        jobs.retain(|job| !job.reply.is_closed());
         // Group the jobs that can share a run; each group runs on its own task so
         // the next batch can form meanwhile.
         let mut groups: Vec<(BatchKey, Vec<Job>)> = Vec::new();
@@ -101,13 +106,22 @@ async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Rec
     }
 }
 
-async fn run_group(model: Arc<OnnxModel>, mut jobs: Vec<Job>) {
-    if jobs.len() == 1 {
-        let job = jobs.remove(0);
+async fn run_alone(model: &Arc<OnnxModel>, jobs: Vec<Job>) {
+    for job in jobs {
         let _ = job.reply.send(model.run_validated(job.inputs).await);
-        return;
     }
-    let total: u32 = jobs.iter().map(|j| j.rows).sum();
+}
+
+async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
+    // Each job has at most `max_size` rows, and a batch closes once it reaches
+    // `max_size`: the total fits comfortably in a u32 for any sane `max_size`.
+    let total = jobs.iter().map(|j| u64::from(j.rows)).sum::<u64>();
+    let Ok(total) = u32::try_from(total) else {
+        return run_alone(&model, jobs).await;
+    };
+    if jobs.len() == 1 {
+        return run_alone(&model, jobs).await;
+    }
     let mut stacked: Vec<(String, Tensor)> = Vec::new();
     for (name, tensor) in &jobs[0].inputs {
         let mut data = Vec::with_capacity(tensor.data.len() * jobs.len());
@@ -142,14 +156,13 @@ async fn run_group(model: Arc<OnnxModel>, mut jobs: Vec<Job>) {
         }
         Ok(_) => {
             tracing::warn!(model = model.name(), "outputs do not follow dimension 0; running requests one by one");
-            for job in jobs {
-                let _ = job.reply.send(model.run_validated(job.inputs).await);
-            }
+            run_alone(&model, jobs).await;
         }
         Err(error) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(error.clone()));
-            }
+            // Which request made the batch fail is unknown: each runs alone and gets
+            // its own answer.
+            tracing::debug!(model = model.name(), "a batched run failed ({}); running requests one by one", error.message);
+            run_alone(&model, jobs).await;
         }
     }
 }

@@ -16,6 +16,7 @@ mod onnx;
 mod tensor;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -82,6 +83,8 @@ pub struct ModelRegistry {
     specs: Vec<ModelSpec>,
     /// Where published weights are kept, so they outlive a restart.
     published_dir: PathBuf,
+    /// One publish at a time: each swaps the model and then writes its file.
+    publishing: std::sync::Mutex<()>,
 }
 
 impl ModelRegistry {
@@ -99,13 +102,22 @@ impl ModelRegistry {
             models: DashMap::new(),
             specs: deployment.models.clone(),
             published_dir: state_dir.join("models"),
+            publishing: std::sync::Mutex::new(()),
         };
         for spec in &deployment.models {
             let published = registry.published_path(spec);
-            if published.is_file() {
-                tracing::info!(model = %spec.name, "serving the weights last published for it");
-                registry.insert(spec, &Source::File(&published))?;
-            } else {
+            let restored = published.is_file()
+                && match registry.insert(spec, &Source::File(&published)) {
+                    Ok(()) => {
+                        tracing::info!(model = %spec.name, "serving the weights last published for it");
+                        true
+                    }
+                    Err(error) => {
+                        tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}");
+                        false
+                    }
+                };
+            if !restored {
                 registry.insert(spec, &Source::File(&spec.path))?;
             }
         }
@@ -123,13 +135,12 @@ impl ModelRegistry {
     /// one finish on it. Call it inside a tokio runtime when the model batches.
     pub fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let spec = self.specs.iter().find(|s| s.name == name).with_context(|| format!("no model named {name:?}"))?;
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.insert(spec, &Source::Bytes(bytes))?;
         let path = self.published_path(spec);
         std::fs::create_dir_all(&self.published_dir)
             .with_context(|| format!("creating `{}`", self.published_dir.display()))?;
-        let temp = path.with_extension("onnx.tmp");
-        std::fs::write(&temp, bytes).with_context(|| format!("writing `{}`", temp.display()))?;
-        std::fs::rename(&temp, &path).with_context(|| format!("renaming into `{}`", path.display()))
+        crate::train::write_atomically(&path, bytes)
     }
 
     fn insert(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<()> {
@@ -194,12 +205,62 @@ pub struct NnCtx {
     max_upload: u64,
     trainers: Option<Arc<TrainerRegistry>>,
     granted_trainers: Arc<[String]>,
+    /// Bytes of tensor data this instance may hold on the host at once.
+    max_tensor_bytes: u64,
+    tensor_bytes: AtomicU64,
+    uploads: AtomicU64,
 }
+
+/// Models one request may load from bytes (each is a full ONNX Runtime session).
+pub const MAX_UPLOADS_PER_REQUEST: u64 = 2;
+
+/// Default cap on the tensor data an instance holds on the host (see [`NnCtx::with_tensor_budget`]).
+pub const DEFAULT_TENSOR_BUDGET: u64 = 128 << 20;
 
 impl NnCtx {
     /// Grants `granted` models of `registry`; uploads when `allow_upload`, up to `max_upload` bytes.
     pub fn new(registry: Option<Arc<ModelRegistry>>, granted: Arc<[String]>, allow_upload: bool, max_upload: u64) -> Self {
-        Self { registry, granted, allow_upload, max_upload, trainers: None, granted_trainers: Arc::from([]) }
+        Self {
+            registry,
+            granted,
+            allow_upload,
+            max_upload,
+            trainers: None,
+            granted_trainers: Arc::from([]),
+            max_tensor_bytes: DEFAULT_TENSOR_BUDGET,
+            tensor_bytes: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
+        }
+    }
+
+    /// Caps the tensor data the instance holds on the host at `bytes` (the function's
+    /// `memory_limit`: a guest cannot make the host hold more than it could itself).
+    #[must_use]
+    pub fn with_tensor_budget(mut self, bytes: u64) -> Self {
+        self.max_tensor_bytes = bytes;
+        self
+    }
+
+    /// Takes `bytes` from the tensor budget, or says how it would be exceeded.
+    fn charge(&self, bytes: usize) -> Result<(), String> {
+        let bytes = bytes as u64;
+        self.tensor_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.max_tensor_bytes)
+            })
+            .map(drop)
+            .map_err(|used| {
+                format!(
+                    "tensors held on the host would exceed {} bytes ({used} in use, {bytes} more asked); drop some first",
+                    self.max_tensor_bytes
+                )
+            })
+    }
+
+    fn refund(&self, bytes: usize) {
+        let _ = self
+            .tensor_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes as u64)));
     }
 
     /// Also grants `granted` trainers of `trainers`.
@@ -264,8 +325,10 @@ impl graph::Host for NnView<'_> {
         if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
             return self.fail(ErrorCode::InvalidEncoding, format!("{encoding:?} is not supported; use onnx"));
         }
-        let [bytes] = builders.as_slice() else {
-            return self.fail(ErrorCode::InvalidArgument, format!("an ONNX graph is one builder, got {}", builders.len()));
+        let count = builders.len();
+        let mut builders = builders.into_iter();
+        let (Some(bytes), None) = (builders.next(), builders.next()) else {
+            return self.fail(ErrorCode::InvalidArgument, format!("an ONNX graph is one builder, got {count}"));
         };
         if bytes.len() as u64 > self.ctx.max_upload {
             return self.fail(
@@ -273,8 +336,13 @@ impl graph::Host for NnView<'_> {
                 format!("model is {} bytes; the limit is {} (`max_model_upload_size`)", bytes.len(), self.ctx.max_upload),
             );
         }
+        if self.ctx.uploads.fetch_add(1, Ordering::Relaxed) >= MAX_UPLOADS_PER_REQUEST {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!("at most {MAX_UPLOADS_PER_REQUEST} models may be loaded from bytes per request"),
+            );
+        }
         let target = if matches!(target, ExecutionTarget::Gpu) { Target::Gpu } else { Target::Cpu };
-        let bytes = bytes.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             OnnxModel::load(registry.runtime(), "uploaded", &Source::Bytes(&bytes), target, 1, 1)
         })
@@ -329,12 +397,13 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         inputs: Vec<(String, Resource<Tensor>)>,
     ) -> wasmtime::Result<Result<Vec<(String, Resource<Tensor>)>, Resource<NnError>>> {
         let model = Arc::clone(&self.table.get(&context)?.model);
-        let mut tensors = Vec::with_capacity(inputs.len());
-        for (name, tensor) in inputs {
-            tensors.push((name, self.table.get(&tensor)?.clone()));
-        }
+        let tensors = self.tensors(inputs)?;
         match model.compute(tensors).await {
             Ok(outputs) => {
+                let bytes = outputs.iter().map(|(_, t)| t.data.len()).sum();
+                if let Err(message) = self.ctx.charge(bytes) {
+                    return self.fail(ErrorCode::TooLarge, message);
+                }
                 let mut resources = Vec::with_capacity(outputs.len());
                 for (name, tensor) in outputs {
                     resources.push((name, self.table.push(tensor)?));
@@ -355,8 +424,9 @@ impl wit_tensor::Host for NnView<'_> {}
 
 impl wit_tensor::HostTensor for NnView<'_> {
     fn new(&mut self, dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<Tensor>> {
-        // A length that does not match the dimensions is reported by `compute`
-        // (constructors cannot fail in WIT).
+        // A length that does not match the dimensions is reported by `compute`.
+        // Constructors cannot fail in WIT: past the budget the guest traps (500).
+        self.ctx.charge(data.len()).map_err(wasmtime::Error::msg)?;
         Ok(self.table.push(Tensor { dims, ty, data })?)
     }
 
@@ -373,7 +443,8 @@ impl wit_tensor::HostTensor for NnView<'_> {
     }
 
     fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        let tensor = self.table.delete(tensor)?;
+        self.ctx.refund(tensor.data.len());
         Ok(())
     }
 }

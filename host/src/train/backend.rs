@@ -74,9 +74,11 @@ impl Trainer {
         let mut model = candle_onnx::read_file(&spec.init)
             .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", spec.init.display()))?;
         let mut steps = 0;
-        if checkpoint.exists() {
-            let saved = candle_onnx::read_file(&checkpoint)
-                .map_err(|e| anyhow::anyhow!("reading checkpoint `{}`: {e}", checkpoint.display()))?;
+        let saved = checkpoint.exists().then(|| candle_onnx::read_file(&checkpoint)).and_then(|read| {
+            read.map_err(|e| tracing::error!(trainer = %spec.name, "ignoring unreadable checkpoint `{}`: {e}", checkpoint.display()))
+                .ok()
+        });
+        if let Some(saved) = saved {
             let meta = |key: &str| saved.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone());
             if meta(INIT_KEY).as_deref() == Some(spec.init_digest.as_str()) {
                 steps = meta(STEPS_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -117,9 +119,16 @@ impl Trainer {
         }
         graph_proto.initializer = kept;
         anyhow::ensure!(!weights.is_empty(), "the graph has no float initializers to train");
+        // Older exporters list the initializers among the inputs too: those are weights.
+        let initializer_names: std::collections::HashSet<String> = weights
+            .iter()
+            .map(|(init, _)| init.name.clone())
+            .chain(graph_proto.initializer.iter().map(|init| init.name.clone()))
+            .collect();
         let inputs = graph_proto
             .input
             .iter()
+            .filter(|input| !initializer_names.contains(&input.name))
             .map(|input| {
                 let Some(type_proto::Value::TensorType(tensor)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
                     anyhow::bail!("input `{}` is not a tensor", input.name);
@@ -347,10 +356,7 @@ impl Trainer {
         model.metadata_props.push(StringStringEntryProto { key: INIT_KEY.into(), value: self.init_digest.clone() });
         let dir = self.checkpoint.parent().ok_or_else(|| runtime("no checkpoint directory"))?;
         std::fs::create_dir_all(dir).map_err(|e| runtime(format!("creating `{}`: {e}", dir.display())))?;
-        let temp = self.checkpoint.with_extension("onnx.tmp");
-        std::fs::write(&temp, model.encode_to_vec()).map_err(|e| runtime(format!("writing `{}`: {e}", temp.display())))?;
-        std::fs::rename(&temp, &self.checkpoint)
-            .map_err(|e| runtime(format!("renaming into `{}`: {e}", self.checkpoint.display())))?;
+        super::write_atomically(&self.checkpoint, &model.encode_to_vec()).map_err(|e| runtime(format!("{e:#}")))?;
         tracing::info!(trainer = %self.name, steps = self.steps, "checkpoint written");
         Ok(())
     }

@@ -33,8 +33,12 @@ enum Command {
     Step { inputs: Vec<(String, Tensor)>, targets: Tensor, reply: Reply<f32> },
     Evaluate { inputs: Vec<(String, Tensor)>, targets: Tensor, reply: Reply<f32> },
     Export { reply: Reply<Vec<u8>> },
-    Checkpoint { reply: Reply<()> },
+    /// `only_if_changed`: skip the write when nothing changed since the last one.
+    Checkpoint { reply: Reply<()>, only_if_changed: bool },
 }
+
+/// How long shutdown waits for each trainer's last checkpoint (behind its queued steps).
+pub const SHUTDOWN_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A guest's `trainer` resource: a shared handle.
 pub struct TrainerResource(pub(crate) Arc<TrainerHandle>);
@@ -106,7 +110,27 @@ impl TrainerHandle {
 
     /// Writes a checkpoint now.
     pub async fn checkpoint(&self) -> Result<(), NnError> {
-        self.ask(|reply| Command::Checkpoint { reply }).await
+        self.ask(|reply| Command::Checkpoint { reply, only_if_changed: false }).await
+    }
+
+    /// At shutdown: checkpoints if anything changed, waiting for a place in the queue
+    /// (a full queue must not lose the last steps), for at most
+    /// [`SHUTDOWN_CHECKPOINT_TIMEOUT`].
+    async fn flush(&self) -> Result<(), NnError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.clone();
+        let command = Command::Checkpoint { reply, only_if_changed: true };
+        let sent = tokio::task::spawn_blocking(move || sender.send(command).is_ok());
+        let stopped = || NnError::new(ErrorCode::RuntimeError, format!("trainer `{}` stopped", self.name));
+        let timed_out = || NnError::new(ErrorCode::Timeout, format!("trainer `{}` did not checkpoint in time", self.name));
+        tokio::time::timeout(SHUTDOWN_CHECKPOINT_TIMEOUT, async {
+            if !sent.await.unwrap_or(false) {
+                return Err(stopped());
+            }
+            answer.await.unwrap_or_else(|_| Err(stopped()))
+        })
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
     }
 
     /// Replaces inference model `model` with the current weights.
@@ -131,26 +155,48 @@ impl TrainerHandle {
     }
 }
 
+/// Runs one command's work, turning a panic in candle into an error for the caller.
+fn guarded<T>(trainer: &str, work: impl FnOnce() -> Result<T, NnError>) -> Result<T, NnError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        tracing::error!(trainer, "the training backend panicked: {message}");
+        Err(NnError::new(ErrorCode::RuntimeError, format!("the training backend failed: {message}")))
+    })
+}
+
 fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::Duration, steps: &AtomicU64) {
+    let name = trainer.name().to_owned();
     let mut saved_steps = trainer.steps();
     let mut next_checkpoint = Instant::now() + every;
     loop {
         let command = receiver.recv_timeout(next_checkpoint.saturating_duration_since(Instant::now()));
         let stop = matches!(command, Err(RecvTimeoutError::Disconnected));
         match command {
+            // Work for a request that went away (its deadline passed) is not done:
+            // a step must not change the weights after its caller was told it failed.
+            Ok(Command::Step { reply, .. } | Command::Evaluate { reply, .. }) if reply.is_closed() => {}
+            Ok(Command::Export { reply }) if reply.is_closed() => {}
             Ok(Command::Step { inputs, targets, reply }) => {
-                let result = trainer.step(&inputs, &targets);
+                let result = guarded(&name, || trainer.step(&inputs, &targets));
                 steps.store(trainer.steps(), Ordering::SeqCst);
                 let _ = reply.send(result);
             }
             Ok(Command::Evaluate { inputs, targets, reply }) => {
-                let _ = reply.send(trainer.evaluate(&inputs, &targets));
+                let _ = reply.send(guarded(&name, || trainer.evaluate(&inputs, &targets)));
             }
             Ok(Command::Export { reply }) => {
-                let _ = reply.send(trainer.export());
+                let _ = reply.send(guarded(&name, || trainer.export()));
             }
-            Ok(Command::Checkpoint { reply }) => {
-                let result = trainer.checkpoint();
+            Ok(Command::Checkpoint { reply, only_if_changed }) => {
+                let result = if only_if_changed && trainer.steps() == saved_steps {
+                    Ok(())
+                } else {
+                    guarded(&name, || trainer.checkpoint())
+                };
                 if result.is_ok() {
                     saved_steps = trainer.steps();
                 }
@@ -159,9 +205,9 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
             Err(_) => {}
         }
         if (Instant::now() >= next_checkpoint || stop) && trainer.steps() != saved_steps {
-            match trainer.checkpoint() {
+            match guarded(&name, || trainer.checkpoint()) {
                 Ok(()) => saved_steps = trainer.steps(),
-                Err(error) => tracing::error!(trainer = trainer.name(), "checkpoint failed: {}", error.message),
+                Err(error) => tracing::error!(trainer = %name, "checkpoint failed: {}", error.message),
             }
         }
         if Instant::now() >= next_checkpoint {
@@ -171,6 +217,16 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
             break;
         }
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file that is synced and renamed
+/// into place, so a crash leaves either the old file or the new one.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let temp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = std::fs::File::create(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing `{}`", temp.display()))?;
+    std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))
 }
 
 /// Every trainer of the node, by name.
@@ -197,7 +253,7 @@ impl TrainerRegistry {
     /// Writes a checkpoint of every trainer that changed (at shutdown).
     pub async fn checkpoint_all(&self) {
         for trainer in &self.trainers {
-            if let Err(error) = trainer.checkpoint().await {
+            if let Err(error) = trainer.flush().await {
                 tracing::error!(trainer = %trainer.name, "checkpoint failed: {}", error.message);
             }
         }
