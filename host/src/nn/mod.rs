@@ -290,6 +290,12 @@ impl<'a> NnView<'a> {
     }
 }
 
+/// `lookup()` when `name` is granted, else `None`: ungranted and unknown names answer
+/// alike, with no hint that something by that name exists on the node.
+fn granted<T>(grants: &[String], name: &str, lookup: impl FnOnce() -> Option<T>) -> Option<T> {
+    grants.iter().any(|granted| granted == name).then(lookup).flatten()
+}
+
 struct HasNn;
 
 impl HasData for HasNn {
@@ -358,14 +364,7 @@ impl graph::Host for NnView<'_> {
     }
 
     fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
-        // Ungranted and unknown names answer alike: no hint that a model exists.
-        let model = self
-            .ctx
-            .granted
-            .iter()
-            .any(|granted| granted == &name)
-            .then(|| self.ctx.registry.as_ref().and_then(|r| r.get(&name)))
-            .flatten();
+        let model = granted(&self.ctx.granted, &name, || self.ctx.registry.as_ref().and_then(|r| r.get(&name)));
         match model {
             Some(model) => Ok(Ok(self.table.push(Graph { model })?)),
             None => self.fail(ErrorCode::NotFound, format!("no model named {name:?}")),
@@ -496,14 +495,7 @@ impl NnView<'_> {
 
 impl training::Host for NnView<'_> {
     fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<TrainerResource>, Resource<NnError>>> {
-        // Ungranted and unknown names answer alike.
-        let trainer = self
-            .ctx
-            .granted_trainers
-            .iter()
-            .any(|granted| granted == &name)
-            .then(|| self.ctx.trainers.as_ref().and_then(|t| t.get(&name)))
-            .flatten();
+        let trainer = granted(&self.ctx.granted_trainers, &name, || self.ctx.trainers.as_ref().and_then(|t| t.get(&name)));
         match trainer {
             Some(trainer) => Ok(Ok(self.table.push(TrainerResource(trainer))?)),
             None => self.fail(ErrorCode::NotFound, format!("no trainer named {name:?}")),
