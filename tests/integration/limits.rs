@@ -90,8 +90,7 @@ fn a_full_queue_answers_503_with_retry_after() {
         "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"2s\"\nmax_concurrency = 1\nmax_queue = 0\n",
     ));
     let lepton = project.up();
-    let url = lepton.url("/spin");
-    let first = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    let first = lepton.get_in_background("/spin");
     lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
     let rejected = lepton.get("/spin");
     assert_eq!(rejected.status, 503);
@@ -126,8 +125,7 @@ fn a_request_still_queued_at_its_deadline_gets_504() {
         "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\nmax_concurrency = 1\nmax_queue = 4\n",
     ));
     let lepton = project.up();
-    let url = lepton.url("/spin");
-    let first = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    let first = lepton.get_in_background("/spin");
     lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
     let queued = lepton.get("/spin");
     assert_eq!(queued.status, 504, "{queued:?}");

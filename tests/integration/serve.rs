@@ -34,13 +34,7 @@ fn concurrent_requests_all_succeed_with_a_small_concurrency_cap() {
         "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\nmax_concurrency = 2\nmax_queue = 64\n",
     ));
     let lepton = project.up();
-    let url = lepton.url("/hello");
-    let handles: Vec<_> = (0..32)
-        .map(|_| {
-            let url = url.clone();
-            std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()))
-        })
-        .collect();
+    let handles: Vec<_> = (0..32).map(|_| lepton.get_in_background("/hello")).collect();
     for handle in handles {
         let reply = handle.join().expect("thread");
         assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
@@ -70,8 +64,7 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\n",
     ));
     let mut lepton = project.up();
-    let url = lepton.url("/spin");
-    let in_flight = std::thread::spawn(move || crate::util::reply(ureq::get(&url).call()));
+    let in_flight = lepton.get_in_background("/spin");
     lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
     let status = lepton.signal_and_wait("TERM");
     assert!(status.success(), "exit status {status:?}");

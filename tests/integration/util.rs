@@ -126,6 +126,12 @@ impl Lepton {
         reply(ureq::post(&self.url(path)).send_bytes(body))
     }
 
+    /// Sends `GET path` from another thread; join the handle for the reply.
+    pub fn get_in_background(&self, path: &str) -> std::thread::JoinHandle<Reply> {
+        let url = self.url(path);
+        std::thread::spawn(move || reply(ureq::get(&url).call()))
+    }
+
     /// The host's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
