@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::engine::Runtime;
-use crate::http::{App, serve};
+use crate::http::{App, serve_with};
 use crate::manifest::Deployment;
 
 /// Lepton: serverless AI functions as WebAssembly components.
@@ -30,10 +30,17 @@ enum Command {
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:3000")]
         listen: SocketAddr,
-        /// Where compiled components (and later models and checkpoints) are kept;
+        /// Where compiled components, checkpoints and published weights are kept;
         /// defaults to `.lepton/` beside the manifest.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Component instances that may run at once on this node (all functions
+        /// together); requests past that answer 503.
+        #[arg(long, default_value_t = crate::engine::DEFAULT_POOL_INSTANCES)]
+        max_instances: u32,
+        /// Client connections open at once; past that new ones wait in the backlog.
+        #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
     },
     /// Validate a manifest and every component it names, without serving.
     Check {
@@ -55,9 +62,9 @@ pub fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     match cli.command {
-        Command::Up { manifest, listen, state_dir } => {
+        Command::Up { manifest, listen, state_dir, max_instances, max_connections } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
-            runtime.block_on(up(&manifest, listen, &state_dir))
+            runtime.block_on(up(&manifest, listen, &state_dir, max_instances, max_connections))
         }
         Command::Check { manifest, state_dir } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
@@ -70,9 +77,15 @@ fn default_state_dir(manifest: &Path) -> PathBuf {
     manifest.parent().unwrap_or(Path::new(".")).join(".lepton")
 }
 
-async fn up(manifest: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Result<()> {
+async fn up(
+    manifest: &Path,
+    listen: SocketAddr,
+    state_dir: &Path,
+    max_instances: u32,
+    max_connections: usize,
+) -> anyhow::Result<()> {
     let deployment = Deployment::load(manifest)?;
-    let runtime = Runtime::new()?;
+    let runtime = Runtime::with_instances(max_instances)?;
     let app = Arc::new(App::load(&runtime, &deployment, state_dir)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -83,7 +96,7 @@ async fn up(manifest: &Path, listen: SocketAddr, state_dir: &Path) -> anyhow::Re
         writeln!(stdout, "lepton: listening on http://{address}").context("writing to stdout")?;
         stdout.flush().context("writing to stdout")?;
     }
-    serve(listener, app, shutdown_signal()).await
+    serve_with(listener, app, shutdown_signal(), max_connections).await
 }
 
 fn check(manifest: &Path, state_dir: &Path) -> anyhow::Result<()> {

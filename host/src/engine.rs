@@ -35,19 +35,28 @@ pub const POOL_SLOTS_PER_INSTANCE: u32 = 4;
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    instances: u32,
 }
 
 impl Runtime {
-    /// Builds the engine: async, epoch interruption, pooling allocator.
+    /// Builds the engine: async, epoch interruption, pooling allocator with
+    /// [`DEFAULT_POOL_INSTANCES`] slots.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_instances(DEFAULT_POOL_INSTANCES)
+    }
+
+    /// As [`Runtime::new`], with room for `instances` component instances at once
+    /// (requests past that answer 503).
+    pub fn with_instances(instances: u32) -> anyhow::Result<Self> {
+        anyhow::ensure!(instances > 0, "the pool needs at least one instance slot");
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(DEFAULT_POOL_INSTANCES);
-        pool.total_core_instances(DEFAULT_POOL_INSTANCES * POOL_SLOTS_PER_INSTANCE);
-        pool.total_memories(DEFAULT_POOL_INSTANCES * 2);
-        pool.total_tables(DEFAULT_POOL_INSTANCES * POOL_SLOTS_PER_INSTANCE);
+        pool.total_component_instances(instances);
+        pool.total_core_instances(instances.saturating_mul(POOL_SLOTS_PER_INSTANCE));
+        pool.total_memories(instances.saturating_mul(2));
+        pool.total_tables(instances.saturating_mul(POOL_SLOTS_PER_INSTANCE));
         // Per-function caps are enforced by each store's limiter; the pool only
         // needs room for the largest memory any function may grow to.
         pool.max_memory_size(usize::try_from(crate::manifest::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
@@ -73,7 +82,12 @@ impl Runtime {
                 }
             })
             .context("spawning the epoch ticker")?;
-        Ok(Self { engine })
+        Ok(Self { engine, instances })
+    }
+
+    /// Component instances the pool has room for.
+    pub fn instances(&self) -> u32 {
+        self.instances
     }
 
     /// The engine.

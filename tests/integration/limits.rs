@@ -132,3 +132,41 @@ fn a_request_still_queued_at_its_deadline_gets_504() {
     assert_eq!(first.join().expect("thread").status, 504);
     assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 0);
 }
+
+#[test]
+fn a_node_out_of_instance_slots_answers_503_and_recovers() {
+    // One instance slot for the whole node: while `spin` holds it, `hello` cannot
+    // instantiate; that is back-pressure (503), not a server error.
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"1s\"\n\
+         [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let lepton = project.up_with(&["--max-instances", "1"], &[]);
+    let spinning = lepton.get_in_background("/spin");
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    let busy = lepton.get("/hello");
+    assert_eq!(busy.status, 503, "{busy:?}");
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    assert_eq!(spinning.join().expect("thread").status, 504);
+    assert_eq!(lepton.get("/hello").status, 200);
+}
+
+#[test]
+fn connections_past_the_cap_wait_for_a_free_one() {
+    use std::io::{Read as _, Write as _};
+    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let lepton = project.up_with(&["--max-connections", "1"], &[]);
+    // The first connection stays open (keep-alive) and holds the only slot.
+    let mut first = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    first.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("write");
+    let mut buffer = [0u8; 256];
+    let n = first.read(&mut buffer).expect("read");
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    // A second client is not served while the first holds the slot...
+    let waiting = lepton.get_in_background("/hello");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiting.is_finished(), "a second connection was served past the cap");
+    // ...and is as soon as the first closes.
+    drop(first);
+    assert_eq!(waiting.join().expect("thread").status, 200);
+}

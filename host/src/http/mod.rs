@@ -31,6 +31,9 @@ use crate::train::TrainerRegistry;
 
 pub use function::Function;
 
+/// Connections open at once, by default; past that new ones wait in the backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// How long a client has to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,11 +81,11 @@ impl App {
         }
         functions.sort_by_key(|f| std::cmp::Reverse(f.spec().route.len()));
         let slots: u64 = deployment.functions.iter().map(|f| u64::from(f.max_concurrency)).sum();
-        if slots > u64::from(crate::engine::DEFAULT_POOL_INSTANCES) {
+        if slots > u64::from(runtime.instances()) {
             tracing::warn!(
                 "the functions' max_concurrency adds up to {slots}, more than the {} instance slots of the pool: \
                  requests past that get 503",
-                crate::engine::DEFAULT_POOL_INSTANCES
+                runtime.instances()
             );
         }
         Ok(Self { functions, models, trainers })
@@ -166,6 +169,18 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_with(listener, app, shutdown, DEFAULT_MAX_CONNECTIONS).await
+}
+
+/// As [`serve`], with at most `max_connections` open at once: past that, new
+/// connections wait in the listen backlog until one closes.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    max_connections: usize,
+) -> anyhow::Result<()> {
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Without a timer hyper skips its header read timeout: a client that never
@@ -173,6 +188,13 @@ pub async fn serve(
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let connection_slot = tokio::select! {
+            slot = Arc::clone(&connections).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_closed) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -196,6 +218,7 @@ pub async fn serve(
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
+            let _slot = connection_slot;
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, "connection ended with an error: {error}");
             }
