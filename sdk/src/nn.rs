@@ -318,6 +318,17 @@ impl Graph {
         Ok(Self(graph::load_by_name(name)?))
     }
 
+    /// Loads an ONNX model from its bytes, to run on the CPU (`gpu`: false) or a GPU
+    /// where the host has one.
+    ///
+    /// Lepton allows this only for functions whose manifest sets
+    /// `allow_model_upload = true` ([`ErrorCode::Security`] otherwise), up to
+    /// `max_model_upload_size` ([`ErrorCode::TooLarge`]).
+    pub fn load_onnx(model: &[u8], gpu: bool) -> Result<Self, Error> {
+        let target = if gpu { graph::ExecutionTarget::Gpu } else { graph::ExecutionTarget::Cpu };
+        Ok(Self(graph::load(&[model.to_vec()], graph::GraphEncoding::Onnx, target)?))
+    }
+
     /// A fresh execution context, for running the model more than once.
     pub fn init_execution_context(&self) -> Result<ExecutionContext, Error> {
         Ok(ExecutionContext(self.0.init_execution_context()?))

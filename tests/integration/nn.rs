@@ -87,6 +87,8 @@ fn loading_from_bytes_needs_allow_model_upload_and_is_capped() {
     );
     let allowed = start(&project("allow_model_upload = true\nmax_model_upload_size = \"1KiB\"", ""));
     assert_eq!(allowed.post("/nn/upload", &model).body, "ok\n");
+    assert_eq!(allowed.post("/nn/upload-sdk", &model).body, "ok\n");
+    assert!(denied.post("/nn/upload-sdk", &model).body.starts_with("error: security: "), "SDK errors carry the code");
     let too_large = allowed.post("/nn/upload", &vec![0u8; 2048]);
     assert!(too_large.body.starts_with("error: ErrorCode::TooLarge: model is 2048 bytes"), "{too_large:?}");
     let garbage = allowed.post("/nn/upload", b"not an onnx model");

@@ -4,7 +4,8 @@
 //! - `GET /nn/load/NAME`: `load-by-name`, answers `ok`.
 //! - `POST /nn/compute/NAME`: `load-by-name` + `compute`. Body and answer: one tensor
 //!   per line, `name TYPE d1,d2,... hexdata` (TYPE: FP16 FP32 FP64 BF16 U8 I32 I64).
-//! - `POST /nn/upload`: `load` of the body as an ONNX graph, answers `ok`.
+//! - `POST /nn/upload`: `load` of the body as an ONNX graph, answers `ok`
+//!   (`/nn/upload-sdk`: the same through `lepton_sdk::nn::Graph::load_onnx`).
 //! - `POST /nn/step/TRAINER` (and `/nn/evaluate/TRAINER`): `lepton:nn/training` `open` +
 //!   `step` (`evaluate`); the tensor named `targets` is the targets, the others the
 //!   inputs; answers `loss L steps N`.
@@ -110,6 +111,11 @@ fn nnprobe(request: Request) -> Response {
         let hoard: Vec<tensor::Tensor> =
             (0..count).map(|_| tensor::Tensor::new(&[1 << 20], tensor::TensorType::U8, &block)).collect();
         Ok(format!("ok: holding {}\n", hoard.len()))
+    } else if path == "/nn/upload-sdk" {
+        lepton_sdk::nn::Graph::load_onnx(request.body(), false)
+            .and_then(|g| g.init_execution_context())
+            .map(|_| "ok\n".to_owned())
+            .map_err(|e| format!("error: {e}"))
     } else if path == "/nn/upload" {
         graph::load(&[request.body().clone()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)
             .and_then(|g| g.init_execution_context())
