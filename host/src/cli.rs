@@ -122,6 +122,13 @@ fn check(manifest: &Path, state_dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(trainers) = app.trainers() {
+        for spec in &deployment.trainers {
+            if let Some(trainer) = trainers.get(&spec.name) {
+                writeln!(stdout, "ok: trainer `{}` at step {}", spec.name, trainer.steps())?;
+            }
+        }
+    }
     for function in &deployment.functions {
         writeln!(stdout, "ok: function `{}` serves {}", function.name, function.route)?;
     }
