@@ -506,9 +506,7 @@ impl Deployment {
 fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<FunctionSpec, String> {
     validate_name(name)?;
     let component_path = base.join(&raw.component);
-    let bytes = std::fs::read(&component_path)
-        .map_err(|e| format!("`component`: cannot read {:?}: {e}", component_path.display().to_string()))?;
-    let component_digest = hex::encode(Sha256::digest(&bytes));
+    let component_digest = file_digest(&component_path).map_err(|e| format!("`component`: {e}"))?;
     let route = validate_route(&raw.route).map_err(|e| format!("`route`: {e}"))?;
 
     let timeout = match raw.timeout {
@@ -596,12 +594,25 @@ fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<Functio
     })
 }
 
+/// The sha256 (lowercase hex) of the file at `path`.
+fn file_digest(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// `target = "cpu" | "gpu"`, `cpu` when absent.
+fn parse_target(target: Option<&str>) -> Result<Target, String> {
+    match target {
+        None | Some("cpu") => Ok(Target::Cpu),
+        Some("gpu") => Ok(Target::Gpu),
+        Some(other) => Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
+    }
+}
+
 fn resolve_trainer(name: &str, raw: RawTrainer, base: &Path) -> Result<TrainerSpec, String> {
     validate_name(name)?;
     let init = base.join(&raw.init);
-    let bytes = std::fs::read(&init)
-        .map_err(|e| format!("`init`: cannot read {:?}: {e}", init.display().to_string()))?;
-    let init_digest = hex::encode(Sha256::digest(&bytes));
+    let init_digest = file_digest(&init).map_err(|e| format!("`init`: {e}"))?;
     let loss = match raw.loss.as_str() {
         "cross-entropy" => Loss::CrossEntropy,
         "mse" => Loss::Mse,
@@ -630,11 +641,7 @@ fn resolve_trainer(name: &str, raw: RawTrainer, base: &Path) -> Result<TrainerSp
         }
         other => return Err(format!("`optimizer.kind`: {other:?} is not \"adamw\" or \"sgd\"")),
     };
-    let target = match raw.target.as_deref() {
-        None | Some("cpu") => Target::Cpu,
-        Some("gpu") => Target::Gpu,
-        Some(other) => return Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
-    };
+    let target = parse_target(raw.target.as_deref())?;
     let checkpoint_every = match raw.checkpoint_every {
         Some(text) => parse_duration(&text).map_err(|e| format!("`checkpoint_every`: {e}"))?,
         None => Duration::from_secs(30),
@@ -648,14 +655,8 @@ fn resolve_trainer(name: &str, raw: RawTrainer, base: &Path) -> Result<TrainerSp
 fn resolve_model(name: &str, raw: RawModel, base: &Path) -> Result<ModelSpec, String> {
     validate_name(name)?;
     let path = base.join(&raw.path);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| format!("`path`: cannot read {:?}: {e}", path.display().to_string()))?;
-    let digest = hex::encode(Sha256::digest(&bytes));
-    let target = match raw.target.as_deref() {
-        None | Some("cpu") => Target::Cpu,
-        Some("gpu") => Target::Gpu,
-        Some(other) => return Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
-    };
+    let digest = file_digest(&path).map_err(|e| format!("`path`: {e}"))?;
+    let target = parse_target(raw.target.as_deref())?;
     let batch = match raw.batch {
         Some(batch) => {
             let max_wait = parse_duration(&batch.max_wait).map_err(|e| format!("`batch.max_wait`: {e}"))?;
