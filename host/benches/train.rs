@@ -23,15 +23,11 @@ const WARMUP: usize = 10;
 const BATCH: usize = 32;
 
 fn main() {
-    // As the `lepton` binary does at start (see its `pin_candle_threads`): without it
-    // candle reads /proc/cpuinfo on every matrix product.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        #[expect(unsafe_code, reason = "setting the environment is unsafe once other threads run")]
-        // SAFETY: first thing in `main`, while this is the only thread.
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
-        }
+    // As the `lepton` binary does at start.
+    #[expect(unsafe_code, reason = "pin_candle_threads sets the environment")]
+    // SAFETY: first thing in `main`, while this is the only thread.
+    unsafe {
+        lepton_host::train::pin_candle_threads();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = root.join(".cache/models/digits/digits-mlp.onnx");

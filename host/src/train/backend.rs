@@ -57,6 +57,11 @@ pub struct Trainer {
     checkpoint: PathBuf,
 }
 
+/// Little-endian f32 elements (the length was checked against the dimensions).
+fn f32s(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 fn invalid(message: String) -> NnError {
     NnError::new(ErrorCode::InvalidArgument, message)
 }
@@ -253,7 +258,7 @@ impl Trainer {
                 return Err(invalid("inputs disagree on dimension 0 (the batch)".into()));
             }
             rows = Some(dims[0]);
-            let data: Vec<f32> = tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data = f32s(&tensor.data);
             values.insert(input.name.clone(), CTensor::from_vec(data, dims, &self.device).map_err(runtime)?);
         }
         Ok((values, rows.unwrap_or(0)))
@@ -292,7 +297,7 @@ impl Trainer {
                 if dims != output.dims() {
                     return Err(invalid(format!("targets have dimensions {:?}, the output has {:?}", targets.dims, output.dims())));
                 }
-                let data: Vec<f32> = targets.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let data = f32s(&targets.data);
                 let targets = CTensor::from_vec(data, dims, &self.device).map_err(runtime)?;
                 candle_nn::loss::mse(&output, &targets).map_err(runtime)
             }
