@@ -1,16 +1,8 @@
 //! The `detect` example: Magika over wasi:nn answers as native ONNX Runtime does.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::util::{Lepton, Project};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> PathBuf {
-    std::env::var("ORT_DYLIB_PATH").map_or_else(|_| root().join(".cache/onnxruntime/libonnxruntime.so"), PathBuf::from)
-}
+use crate::util::{Lepton, Project, ort_library, root};
 
 fn magika_dir() -> PathBuf {
     root().join(".cache/models/magika")
@@ -25,8 +17,7 @@ fn start(batch: &str) -> (Project, Lepton) {
         magika.join("model.onnx").display().to_string(),
         magika.display().to_string()
     )));
-    let library = ort_library();
-    let lepton = project.up_with(&[], &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))]);
+    let lepton = project.up_with_ort();
     (project, lepton)
 }
 

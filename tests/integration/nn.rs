@@ -1,17 +1,10 @@
 //! wasi-nn: tensors of every type in and out, grants, uploads, bad inputs, batching.
 
 use crate::onnx::identity_model;
-use crate::util::{Lepton, Project, manifest};
+use crate::util::{Lepton, Project, manifest, tensor_line as line};
 
 const ALL_TYPES: [(&str, &str); 7] =
     [("a", "FP16"), ("b", "FP32"), ("c", "FP64"), ("d", "BF16"), ("e", "U8"), ("f", "I32"), ("g", "I64")];
-
-/// A tensor line of the nnprobe protocol: `name TYPE d1,d2 hexdata`.
-fn line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
-    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{name} {ty} {dims} {hex}\n")
-}
 
 fn element_size(ty: &str) -> usize {
     match ty {
@@ -36,11 +29,7 @@ fn project(extra: &str, model_extra: &str) -> Project {
 }
 
 fn start(project: &Project) -> Lepton {
-    // ONNX Runtime as ./setup.sh installs it, unless ORT_DYLIB_PATH says otherwise.
-    let library = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.cache/onnxruntime/libonnxruntime.so").to_owned()
-    });
-    project.up_with(&[], &[("ORT_DYLIB_PATH", &library)])
+    project.up_with_ort()
 }
 
 fn all_inputs(rows: u32, seed: u8) -> String {

@@ -56,6 +56,18 @@ fn value_info(name: &str, elem_type: u64, dims: &[Option<i64>]) -> Vec<u8> {
     info
 }
 
+/// A `ModelProto` (IR version 8, opset 17) around an encoded `GraphProto`.
+fn model_proto(graph: &[u8]) -> Vec<u8> {
+    let mut opset = Vec::new();
+    bytes_field(&mut opset, 1, b"");
+    int_field(&mut opset, 2, 17);
+    let mut model = Vec::new();
+    int_field(&mut model, 1, 8); // ir_version
+    bytes_field(&mut model, 8, &opset);
+    bytes_field(&mut model, 7, graph);
+    model
+}
+
 /// A model with, for each `(input, wasi type)`, an `Identity` node to output `out_<input>`
 /// of the same type; every input has shape `[N, width]`.
 pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
@@ -75,14 +87,7 @@ pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
     for (name, ty) in inputs {
         bytes_field(&mut graph, 12, &value_info(&format!("out_{name}"), onnx_type(ty), &[None, Some(width)]));
     }
-    let mut opset = Vec::new();
-    bytes_field(&mut opset, 1, b"");
-    int_field(&mut opset, 2, 17);
-    let mut model = Vec::new();
-    int_field(&mut model, 1, 8); // ir_version
-    bytes_field(&mut model, 8, &opset);
-    bytes_field(&mut model, 7, &graph);
-    model
+    model_proto(&graph)
 }
 
 /// A one-node graph `op(x) -> y` over FLOAT `[N, 4]`, with optional float
@@ -113,12 +118,5 @@ pub fn one_node_model(op: &str, node_name: &str, int_attributes: &[(&str, i64)],
     }
     bytes_field(&mut graph, 11, &value_info("x", 1, &[None, Some(4)]));
     bytes_field(&mut graph, 12, &value_info("y", 1, &[None, Some(4)]));
-    let mut opset = Vec::new();
-    bytes_field(&mut opset, 1, b"");
-    int_field(&mut opset, 2, 17);
-    let mut model = Vec::new();
-    int_field(&mut model, 1, 8);
-    bytes_field(&mut model, 8, &opset);
-    bytes_field(&mut model, 7, &graph);
-    model
+    model_proto(&graph)
 }

@@ -1,19 +1,8 @@
 //! Training (`lepton:nn/training`): rejected graphs, input validation, grants,
 //! publishing, checkpoints across a kill -9, and learning digits over HTTP.
 
-use std::path::{Path, PathBuf};
-
 use crate::onnx::one_node_model;
-use crate::util::{Lepton, Project, manifest};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> String {
-    std::env::var("ORT_DYLIB_PATH")
-        .unwrap_or_else(|_| root().join(".cache/onnxruntime/libonnxruntime.so").display().to_string())
-}
+use crate::util::{Lepton, Project, manifest, root, tensor_line as line};
 
 /// The untrained digits MLP that `./setup.sh` generates (64 -> 32 -> 10).
 fn digits_model() -> String {
@@ -59,12 +48,6 @@ fn graphs_that_cannot_be_trained_are_rejected_at_start_naming_the_node() {
     );
 }
 
-fn line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
-    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{name} {ty} {dims} {hex}\n")
-}
-
 fn images(rows: u32, width: u32) -> String {
     let data: Vec<u8> = (0..rows * width).flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes()).collect();
     line("images", "FP32", &[rows, width], &data)
@@ -88,7 +71,7 @@ fn probe_project(extra_trainer: &str) -> Project {
 }
 
 fn start(project: &Project) -> Lepton {
-    project.up_with(&[], &[("ORT_DYLIB_PATH", &ort_library())])
+    project.up_with_ort()
 }
 
 #[test]

@@ -10,6 +10,23 @@ pub use lepton_test_artifacts as artifacts;
 /// How long a test waits for something that should happen at once (readiness, a log line).
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// The workspace root (where `./setup.sh` puts `.cache/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// ONNX Runtime as `./setup.sh` installs it, unless `ORT_DYLIB_PATH` says otherwise.
+pub fn ort_library() -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH").map_or_else(|| root().join(".cache/onnxruntime/libonnxruntime.so"), PathBuf::from)
+}
+
+/// A tensor line of the nnprobe protocol: `name TYPE d1,d2 hexdata`.
+pub fn tensor_line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
+    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name} {ty} {dims} {hex}\n")
+}
+
 /// A manifest header plus the given function tables, with `{HELLO}`-style
 /// placeholders replaced by the components' absolute paths.
 pub fn manifest(functions: &str) -> String {
@@ -58,6 +75,12 @@ impl Project {
     /// Starts `lepton up` on a free port and waits for its ready line.
     pub fn up(&self) -> Lepton {
         self.up_with(&[], &[])
+    }
+
+    /// Starts `lepton up` with [`ort_library`] as its ONNX Runtime.
+    pub fn up_with_ort(&self) -> Lepton {
+        let library = ort_library();
+        self.up_with(&[], &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))])
     }
 
     pub fn up_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
