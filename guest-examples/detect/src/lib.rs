@@ -15,9 +15,9 @@
 
 mod magika;
 
-use lepton_sdk::http::{Method, StatusCode, header};
+use lepton_sdk::http::{Method, StatusCode};
 use lepton_sdk::nn::{self, Graph, Tensor};
-use lepton_sdk::{Request, Response, json_response, text_response as text};
+use lepton_sdk::{Request, Response, json_response, method_not_allowed, text_response as text};
 
 use crate::magika::{Config, Mode, Step, Verdict};
 
@@ -33,14 +33,7 @@ const OUTPUT: &str = "target_label";
 
 fn detect(request: Request) -> Response {
     if request.method() != Method::POST {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use POST with the file as the body\n".to_owned(),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return response;
+        return method_not_allowed("POST", "use POST with the file as the body\n");
     }
     let Some(mode) = mode(&request) else {
         return text(

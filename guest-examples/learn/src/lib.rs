@@ -24,10 +24,10 @@
 
 mod digits;
 
-use lepton_sdk::http::{Method, StatusCode, header};
+use lepton_sdk::http::{Method, StatusCode};
 use lepton_sdk::nn::{self, ErrorCode, Graph, Tensor};
 use lepton_sdk::train::Trainer;
-use lepton_sdk::{Request, Response, json_response, text_response as text};
+use lepton_sdk::{Request, Response, json_response, method_not_allowed, text_response as text};
 use serde::Serialize;
 use serde_json::json;
 
@@ -59,14 +59,7 @@ impl From<nn::Error> for Failure {
 
 fn learn(request: Request) -> Response {
     if request.method() != Method::POST {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use POST with a JSON batch as the body\n".to_owned(),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return response;
+        return method_not_allowed("POST", "use POST with a JSON batch as the body\n");
     }
     let body = request.body();
     let answer = match request.uri().path() {
