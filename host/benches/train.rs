@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use lepton_host::manifest::Deployment;
+use lepton_host::manifest::Manifest;
 use lepton_host::nn::{Tensor, TensorType};
 use lepton_host::train::Trainer;
 
@@ -45,8 +45,8 @@ fn main() {
         ),
     )
     .unwrap();
-    let deployment = Deployment::load(&manifest).unwrap();
-    let spec = &deployment.trainers[0];
+    let manifest = Manifest::load(&manifest).unwrap();
+    let spec = &manifest.app.trainers[0];
 
     let data: serde_json::Value = serde_json::from_slice(&std::fs::read(&data).unwrap()).unwrap();
     let images: Vec<Vec<f32>> = data["images"]
@@ -68,14 +68,14 @@ fn main() {
     };
 
     // Warm-up on a throwaway trainer, then the timed run from the initial weights.
-    let mut warm = Trainer::load(spec, dir.path()).unwrap();
+    let mut warm = Trainer::load(spec, &model, &dir.path().join("warm")).unwrap();
     for step in 0..WARMUP {
         let (inputs, targets) = batch(step);
         warm.step(&inputs, &targets).unwrap();
     }
     drop(warm);
     let batches: Vec<_> = (0..STEPS).map(batch).collect();
-    let mut trainer = Trainer::load(spec, dir.path()).unwrap();
+    let mut trainer = Trainer::load(spec, &model, &dir.path().join("timed")).unwrap();
     let started = Instant::now();
     let mut loss = 0.0;
     for (inputs, targets) in &batches {

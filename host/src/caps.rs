@@ -5,7 +5,9 @@
 //! outgoing HTTP is checked against `allowed_outbound_hosts`; the guest's stdout
 //! and stderr go to the host log, tagged with the function and the request id.
 
+use std::collections::HashMap;
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +19,9 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::manifest::{FunctionSpec, OutboundHost};
-use crate::nn::{NnCtx, NnView};
+use crate::locked::{FunctionSpec, OutboundHost};
+use crate::nn::{ModelRegistry, ModelSlot, NnCtx, NnView};
+use crate::train::{TrainCtx, TrainView};
 
 /// Longest line of guest output kept in one log record.
 pub const MAX_LOG_LINE: usize = 4096;
@@ -26,6 +29,77 @@ pub const MAX_LOG_LINE: usize = 4096;
 /// Guest output (stdout and stderr together) logged per request; the rest is dropped
 /// with one record saying so.
 pub const MAX_LOG_BYTES: usize = 1 << 20;
+
+/// What a function may reach, worked out once at deploy: per request only the
+/// contexts are made from it ([`Grants::instance`]).
+pub struct Grants {
+    function: Arc<str>,
+    environment: Vec<(String, String)>,
+    /// Host directory (an unpacked mount blob) and guest path.
+    mounts: Vec<(PathBuf, String)>,
+    outbound: Arc<[OutboundHost]>,
+    memory_limit: usize,
+    models: Arc<HashMap<String, Arc<ModelSlot>>>,
+    upload: Option<(Arc<ModelRegistry>, u64)>,
+    tensor_budget: u64,
+    train: TrainCtx,
+}
+
+impl Grants {
+    /// The grants of `spec`: its mounts already unpacked at `mounts` (in `spec.files`
+    /// order), the models and trainers it names already resolved.
+    pub fn new(
+        spec: &FunctionSpec,
+        mounts: Vec<PathBuf>,
+        models: HashMap<String, Arc<ModelSlot>>,
+        upload: Option<Arc<ModelRegistry>>,
+        train: TrainCtx,
+    ) -> Self {
+        Self {
+            function: Arc::from(spec.name.as_str()),
+            environment: spec.environment.clone(),
+            mounts: mounts.into_iter().zip(spec.files.iter().map(|m| m.destination.clone())).collect(),
+            outbound: Arc::from(spec.allowed_outbound_hosts.as_slice()),
+            memory_limit: usize::try_from(spec.memory_limit).unwrap_or(usize::MAX),
+            models: Arc::new(models),
+            upload: upload.filter(|_| spec.allow_model_upload).map(|r| (r, spec.max_model_upload_size)),
+            tensor_budget: spec.memory_limit,
+            train,
+        }
+    }
+
+    /// The state of one request's store.
+    pub fn instance(&self, request_id: &str) -> anyhow::Result<InstanceState> {
+        let request_id: Arc<str> = Arc::from(request_id);
+        let budget = Arc::new(AtomicUsize::new(MAX_LOG_BYTES));
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .stdout(GuestLog::new("stdout", &self.function, &request_id, &budget))
+            .stderr(GuestLog::new("stderr", &self.function, &request_id, &budget));
+        for (key, value) in &self.environment {
+            wasi.env(key, value);
+        }
+        for (source, destination) in &self.mounts {
+            wasi.preopened_dir(source, destination, FsPerms::ReadOnly)
+                .map_err(|e| anyhow::anyhow!("opening `{}`: {e}", source.display()))?;
+        }
+        Ok(InstanceState {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(self.memory_limit).trap_on_grow_failure(false).build(),
+            outbound: OutboundPolicy {
+                function: Arc::clone(&self.function),
+                request_id,
+                allowed: Arc::clone(&self.outbound),
+            },
+            nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone()).with_tensor_budget(self.tensor_budget),
+            train: self.train.clone(),
+        })
+    }
+}
 
 /// The `T` of each request's `Store<T>`.
 pub struct InstanceState {
@@ -35,45 +109,18 @@ pub struct InstanceState {
     pub(crate) limits: StoreLimits,
     outbound: OutboundPolicy,
     nn: NnCtx,
+    train: TrainCtx,
 }
 
 impl InstanceState {
-    /// Builds the state for one request of `spec`.
-    pub fn new(spec: &FunctionSpec, request_id: &str, nn: NnCtx) -> anyhow::Result<Self> {
-        let function: Arc<str> = Arc::from(spec.name.as_str());
-        let request_id: Arc<str> = Arc::from(request_id);
-        let budget = Arc::new(AtomicUsize::new(MAX_LOG_BYTES));
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .stdout(GuestLog::new("stdout", &function, &request_id, &budget))
-            .stderr(GuestLog::new("stderr", &function, &request_id, &budget));
-        for (key, value) in &spec.environment {
-            wasi.env(key, value);
-        }
-        for mount in &spec.files {
-            wasi.preopened_dir(&mount.source, &mount.destination, FsPerms::ReadOnly)
-                .map_err(|e| anyhow::anyhow!("opening `{}`: {e}", mount.source.display()))?;
-        }
-        let memory = usize::try_from(spec.memory_limit).unwrap_or(usize::MAX);
-        Ok(Self {
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(memory).trap_on_grow_failure(false).build(),
-            outbound: OutboundPolicy {
-                function,
-                request_id,
-                allowed: Arc::from(spec.allowed_outbound_hosts.as_slice()),
-            },
-            nn,
-        })
-    }
-
     /// The `wasi:nn` view of this instance.
     pub fn nn(&mut self) -> NnView<'_> {
         NnView::new(&self.nn, &mut self.table)
+    }
+
+    /// The `lepton:nn/training` view of this instance.
+    pub fn train(&mut self) -> TrainView<'_> {
+        TrainView::new(&self.train, &mut self.table)
     }
 }
 

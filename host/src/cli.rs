@@ -3,14 +3,15 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use crate::engine::Runtime;
-use crate::http::{App, serve_with};
-use crate::manifest::Deployment;
+use crate::api::{Admin, AdminToken, DEFAULT_MAX_BLOB_SIZE};
+use crate::client::AdminClient;
+use crate::manifest::Manifest;
+use crate::node::store::DEFAULT_KEEP_VERSIONS;
+use crate::node::{Node, NodeConfig};
 
 /// Lepton: serverless AI functions as WebAssembly components.
 #[derive(Debug, Parser)]
@@ -22,18 +23,31 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve every function of a manifest over HTTP (control plane, node and gateway in one process).
+    /// Run a node (control plane, node and gateway in one process), deploying MANIFEST
+    /// at start; with no manifest (and none at ./lepton.toml) the node starts empty.
     Up {
-        /// The manifest.
-        #[arg(default_value = "lepton.toml")]
-        manifest: PathBuf,
-        /// Address to listen on; port 0 picks a free port.
+        /// The manifest to deploy at start (default: ./lepton.toml when it exists).
+        manifest: Option<PathBuf>,
+        /// Gateway address; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:3000")]
         listen: SocketAddr,
-        /// Where compiled components, checkpoints and published weights are kept;
-        /// defaults to `.lepton/` beside the manifest.
+        /// Admin API address; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:3001")]
+        admin: SocketAddr,
+        /// File holding the admin API's bearer token (default: `<state-dir>/admin-token`,
+        /// made at first start).
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// Where blobs, app versions, compiled components, checkpoints and the audit
+        /// log are kept; default `.lepton/` beside the manifest (or here).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Versions kept per app; older ones (and blobs only they use) are deleted.
+        #[arg(long, default_value_t = DEFAULT_KEEP_VERSIONS)]
+        keep_versions: usize,
+        /// Largest blob the admin API accepts, in bytes.
+        #[arg(long, default_value_t = DEFAULT_MAX_BLOB_SIZE)]
+        max_blob_size: u64,
         /// Component instances that may run at once on this node (all functions
         /// together); requests past that answer 503.
         #[arg(long, default_value_t = crate::engine::DEFAULT_POOL_INSTANCES)]
@@ -42,7 +56,7 @@ enum Command {
         #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
     },
-    /// Validate a manifest and every component it names, without serving.
+    /// Validate a manifest and load every component, model and trainer it names, without serving.
     Check {
         /// The manifest.
         #[arg(default_value = "lepton.toml")]
@@ -51,89 +65,349 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Deploy a manifest to a running node: uploads the blobs it lacks, then the locked app.
+    Deploy {
+        /// The manifest.
+        #[arg(default_value = "lepton.toml")]
+        manifest: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the node's apps and their versions.
+    Apps {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// What runs on the node: functions, models, trainers.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make an earlier version of an app active again.
+    Rollback {
+        /// The app.
+        app: String,
+        /// The version (default: the one before the active one).
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop serving an app and delete its versions.
+    Rm {
+        /// The app.
+        app: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The node's audit log.
+    Audit {
+        /// Newest records to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How client commands find the admin API.
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The admin API's URL (default: `$LEPTON_ADMIN`, else `.lepton/admin.url`); the token
+    /// is `$LEPTON_ADMIN_TOKEN`, else `.lepton/admin-token`.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Where `lepton up` wrote `admin.url` and `admin-token` (default `.lepton/`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AdminArgs {
+    fn client(&self, manifest: Option<&Path>) -> anyhow::Result<AdminClient> {
+        let dir = self.state_dir.clone().unwrap_or_else(|| crate::client::default_state_dir(manifest));
+        AdminClient::locate(self.admin.clone(), &dir)
+    }
 }
 
 /// Parses the arguments and runs the command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    match cli.command {
+        Command::Up {
+            manifest,
+            listen,
+            admin,
+            admin_token_file,
+            state_dir,
+            keep_versions,
+            max_blob_size,
+            max_instances,
+            max_connections,
+        } => {
+            let manifest = manifest.or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(manifest.as_deref()));
+            let up = Up { manifest, listen, admin, admin_token_file, state_dir, keep_versions, max_blob_size, max_instances, max_connections };
+            tokio_runtime()?.block_on(up.run())
+        }
+        Command::Check { manifest, state_dir } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(Some(&manifest)));
+            tokio_runtime()?.block_on(check(&manifest, &state_dir))
+        }
+        Command::Deploy { manifest, admin } => deploy(&manifest, &admin),
+        Command::Apps { admin } => apps(&admin),
+        Command::Status { admin } => status(&admin),
+        Command::Rollback { app, version, admin } => {
+            let body = version.map_or_else(|| serde_json::json!({}), |v| serde_json::json!({ "version": v }));
+            let answer = admin.client(None)?.post(&format!("/v1/apps/{app}/rollback"), &body)?.ok()?;
+            print_or_json(&admin, &answer, |out| {
+                writeln!(out, "{app} is at version {}", answer["version"])?;
+                Ok(())
+            })
+        }
+        Command::Rm { app, admin } => {
+            let answer = admin.client(None)?.delete(&format!("/v1/apps/{app}"))?.ok()?;
+            print_or_json(&admin, &answer, |out| {
+                writeln!(out, "removed {app}")?;
+                Ok(())
+            })
+        }
+        Command::Audit { limit, admin } => {
+            let answer = admin.client(None)?.get(&format!("/v1/audit?limit={limit}"))?.ok()?;
+            print_or_json(&admin, &answer, |out| {
+                let rows = answer["records"].as_array().cloned().unwrap_or_default();
+                let rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r["time_ms"].as_u64().map(format_time).unwrap_or_default(),
+                            text(&r["action"]),
+                            text(&r["app"]),
+                            text(&r["version"]),
+                            text(&r["peer"]),
+                            text(&r["outcome"]),
+                        ]
+                    })
+                    .collect();
+                table(out, &["TIME", "ACTION", "APP", "VERSION", "PEER", "OUTCOME"], &rows)
+            })
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lepton-worker")
         .build()
-        .context("starting the tokio runtime")?;
-    match cli.command {
-        Command::Up { manifest, listen, state_dir, max_instances, max_connections } => {
-            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
-            runtime.block_on(up(&manifest, listen, &state_dir, max_instances, max_connections))
-        }
-        Command::Check { manifest, state_dir } => {
-            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&manifest));
-            runtime.block_on(async { check(&manifest, &state_dir) })
-        }
+        .context("starting the tokio runtime")
+}
+
+fn default_state_dir(manifest: Option<&Path>) -> PathBuf {
+    match manifest.and_then(Path::parent) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(".lepton"),
+        _ => PathBuf::from(".lepton"),
     }
 }
 
-fn default_state_dir(manifest: &Path) -> PathBuf {
-    manifest.parent().unwrap_or(Path::new(".")).join(".lepton")
-}
-
-async fn up(
-    manifest: &Path,
+struct Up {
+    manifest: Option<PathBuf>,
     listen: SocketAddr,
-    state_dir: &Path,
+    admin: SocketAddr,
+    admin_token_file: Option<PathBuf>,
+    state_dir: PathBuf,
+    keep_versions: usize,
+    max_blob_size: u64,
     max_instances: u32,
     max_connections: usize,
-) -> anyhow::Result<()> {
-    let deployment = Deployment::load(manifest)?;
-    let runtime = Runtime::with_instances(max_instances)?;
-    let app = Arc::new(App::load(&runtime, &deployment, state_dir)?);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let address = listener.local_addr().context("reading the bound address")?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "lepton: listening on http://{address}").context("writing to stdout")?;
-        stdout.flush().context("writing to stdout")?;
-    }
-    serve_with(listener, app, shutdown_signal(), max_connections).await
 }
 
-fn check(manifest: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let deployment = Deployment::load(manifest)?;
-    let runtime = Runtime::new()?;
-    let app = App::load(&runtime, &deployment, state_dir)?;
+impl Up {
+    async fn run(self) -> anyhow::Result<()> {
+        // The manifest is checked first: a bad one fails before anything listens.
+        let manifest = self.manifest.as_deref().map(Manifest::load).transpose()?;
+        let config = NodeConfig::new(self.state_dir.clone()).max_instances(self.max_instances).keep_versions(self.keep_versions);
+        let config = match self.manifest.as_deref().and_then(Path::parent) {
+            Some(dir) => config.ort_dir(dir.join(".cache/onnxruntime")),
+            None => config,
+        };
+        let node = Node::open(config).await?;
+        if let Some(manifest) = &manifest {
+            let deployed = node.deploy_manifest(manifest, "local").await.map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
+            tracing::info!(app = %deployed.app, version = deployed.version, unchanged = deployed.unchanged, "deployed");
+        }
+        let (token, token_path) = AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
+        let admin_listener =
+            tokio::net::TcpListener::bind(self.admin).await.with_context(|| format!("cannot listen on {}", self.admin))?;
+        let listener =
+            tokio::net::TcpListener::bind(self.listen).await.with_context(|| format!("cannot listen on {}", self.listen))?;
+        let admin_address = admin_listener.local_addr().context("reading the admin address")?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        let admin_url = format!("http://{admin_address}");
+        crate::fsutil::write_atomically(&self.state_dir.join("admin.url"), format!("{admin_url}\n").as_bytes())?;
+        tracing::info!(token = %token_path.display(), "admin API on {admin_url}");
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let when_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|&s| s).await;
+        };
+        let admin = Admin::new(std::sync::Arc::clone(&node), token, self.max_blob_size);
+        let admin_server = tokio::spawn(crate::http::serve_connections(
+            admin_listener,
+            admin.handler(),
+            when_stopped(stopped.clone()),
+            64,
+        ));
+        {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "lepton: admin on {admin_url}").context("writing to stdout")?;
+            writeln!(stdout, "lepton: listening on http://{address}").context("writing to stdout")?;
+            stdout.flush().context("writing to stdout")?;
+        }
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        crate::http::serve(listener, std::sync::Arc::clone(&node), when_stopped(stopped), self.max_connections).await?;
+        tracing::info!("shutting down: requests drained");
+        let _ = admin_server.await;
+        node.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn check(manifest_path: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let manifest = Manifest::load(manifest_path)?;
+    let config = NodeConfig::new(state_dir.to_owned()).restore(false);
+    let config = match manifest_path.parent() {
+        Some(dir) => config.ort_dir(dir.join(".cache/onnxruntime")),
+        None => config,
+    };
+    let node = Node::open(config).await?;
+    let lines = node.check(&manifest).await.map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
     let mut stdout = std::io::stdout().lock();
-    if let Some(models) = app.models() {
-        for model in &deployment.models {
-            if let Some(loaded) = models.get(&model.name) {
-                let onnx = loaded.onnx();
-                let describe = |ios: &[crate::nn::Io]| {
-                    ios.iter().map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape)).collect::<Vec<_>>().join(", ")
-                };
-                writeln!(
-                    stdout,
-                    "ok: model `{}` on {:?}: inputs [{}] outputs [{}]",
-                    model.name,
-                    onnx.target(),
-                    describe(onnx.inputs()),
-                    describe(onnx.outputs())
-                )?;
-            }
-        }
+    for line in lines {
+        writeln!(stdout, "ok: {line}")?;
     }
-    if let Some(trainers) = app.trainers() {
-        for spec in &deployment.trainers {
-            if let Some(trainer) = trainers.get(&spec.name) {
-                writeln!(stdout, "ok: trainer `{}` at step {}", spec.name, trainer.steps())?;
-            }
-        }
-    }
-    for function in &deployment.functions {
-        writeln!(stdout, "ok: function `{}` serves {}", function.name, function.route)?;
-    }
-    writeln!(stdout, "ok: {} is valid", manifest.display())?;
+    writeln!(stdout, "ok: {} is valid", manifest_path.display())?;
     Ok(())
+}
+
+fn deploy(manifest_path: &Path, admin: &AdminArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(manifest_path)?;
+    let client = admin.client(Some(manifest_path))?;
+    let answer = client.deploy(&manifest)?;
+    print_or_json(admin, &answer, |out| {
+        let unchanged = if answer["unchanged"].as_bool() == Some(true) { " (unchanged)" } else { "" };
+        writeln!(out, "deployed {} version {}{unchanged}", text(&answer["app"]), answer["version"])?;
+        for route in answer["routes"].as_array().into_iter().flatten() {
+            writeln!(out, "  {} -> {}", text(&route[1]), text(&route[0]))?;
+        }
+        Ok(())
+    })
+}
+
+fn apps(admin: &AdminArgs) -> anyhow::Result<()> {
+    let answer = admin.client(None)?.get("/v1/apps")?.ok()?;
+    print_or_json(admin, &answer, |out| {
+        let rows: Vec<Vec<String>> = answer["apps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|app| {
+                let versions = app["versions"].as_array().map(|v| v.iter().map(|v| text(&v["version"])).collect::<Vec<_>>().join(","));
+                let routes = app["routes"].as_array().map(|r| r.iter().map(|r| text(&r[1])).collect::<Vec<_>>().join(" "));
+                vec![text(&app["name"]), text(&app["active"]), versions.unwrap_or_default(), routes.unwrap_or_default()]
+            })
+            .collect();
+        table(out, &["APP", "ACTIVE", "VERSIONS", "ROUTES"], &rows)
+    })
+}
+
+fn status(admin: &AdminArgs) -> anyhow::Result<()> {
+    let answer = admin.client(None)?.get("/v1/status")?.ok()?;
+    print_or_json(admin, &answer, |out| {
+        let rows = |key: &str, fields: &[&str]| -> Vec<Vec<String>> {
+            answer[key].as_array().into_iter().flatten().map(|row| fields.iter().map(|f| text(&row[*f])).collect()).collect()
+        };
+        let functions = ["app", "version", "function", "route", "in_flight", "served"];
+        table(out, &["APP", "VERSION", "FUNCTION", "ROUTE", "IN FLIGHT", "SERVED"], &rows("functions", &functions))?;
+        let models = ["app", "model", "digest", "target", "device", "sessions", "requests"];
+        writeln!(out)?;
+        table(out, &["APP", "MODEL", "DIGEST", "TARGET", "DEVICE", "SESSIONS", "REQUESTS"], &rows("models", &models))?;
+        writeln!(out)?;
+        table(out, &["APP", "TRAINER", "STEPS", "LAST CHECKPOINT"], &{
+            answer["trainers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let last = t["last_checkpoint_ms"].as_u64().map(format_time).unwrap_or_else(|| "-".to_owned());
+                    vec![text(&t["app"]), text(&t["trainer"]), text(&t["steps"]), last]
+                })
+                .collect::<Vec<_>>()
+        })
+    })
+}
+
+fn print_or_json(
+    admin: &AdminArgs,
+    answer: &serde_json::Value,
+    human: impl FnOnce(&mut dyn std::io::Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if admin.json {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(answer)?)?;
+        Ok(())
+    } else {
+        human(&mut stdout)
+    }
+}
+
+/// A JSON value as table text: strings bare, `null` as `-`.
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn table(out: &mut dyn std::io::Write, header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC.
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 async fn shutdown_signal() {
@@ -145,5 +419,14 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_utc_dates() {
+        assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::format_time(1_796_083_200_000), "2026-12-01 00:00:00");
     }
 }

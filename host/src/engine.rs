@@ -1,18 +1,18 @@
 //! One wasmtime [`Engine`] per process, and the on-disk cache of compiled components.
 //!
 //! Components are compiled once per node: the machine code is cached under
-//! `<state-dir>/components/<sha256>-<engine hash>.cwasm`, so a second start loads it
+//! `<state-dir>/components/<sha256 hex>-<engine hash>.cwasm`, so a second start loads it
 //! in well under a millisecond instead of compiling again.
 
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::Digest as _;
-
 use anyhow::Context as _;
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::locked::Digest;
 
 /// How often the engine's epoch advances; the granularity of request timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -59,7 +59,7 @@ impl Runtime {
         pool.total_tables(instances.saturating_mul(POOL_SLOTS_PER_INSTANCE));
         // Per-function caps are enforced by each store's limiter; the pool only
         // needs room for the largest memory any function may grow to.
-        pool.max_memory_size(usize::try_from(crate::manifest::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
+        pool.max_memory_size(usize::try_from(crate::locked::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
         // Returning a slot's pages with `madvise` flushes every core's TLB (an IPI
         // each); batching the decommits makes that one flush per batch. Measured with
         // `cargo bench --bench http` on the hello function (docs/benchmarks.md).
@@ -102,11 +102,11 @@ impl Runtime {
         format!("{:016x}", hasher.finish())
     }
 
-    /// Loads a component, from the compile cache in `cache_dir` when it is there.
-    ///
-    /// `digest` must be the sha256 of the file's bytes (the resolved manifest has it).
-    pub fn load_component(&self, path: &Path, digest: &str, cache_dir: &Path) -> anyhow::Result<LoadedComponent> {
-        let cached = cache_dir.join(format!("{digest}-{}.cwasm", self.fingerprint()));
+    /// Loads the component at `path`, from the compile cache in `cache_dir` when it
+    /// is there. `digest` is the digest of its bytes; bytes that do not match it are
+    /// refused (a blob store file changed behind the node's back).
+    pub fn load_component(&self, path: &Path, digest: &Digest, cache_dir: &Path) -> anyhow::Result<LoadedComponent> {
+        let cached = cache_dir.join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint()));
         let started = Instant::now();
         if cached.exists() {
             match self.deserialize(&cached) {
@@ -119,23 +119,14 @@ impl Runtime {
             }
         }
         let bytes = std::fs::read(path).with_context(|| format!("reading component `{}`", path.display()))?;
-        // Cache what is compiled under the digest of the bytes actually read: if the
-        // file changed since the manifest was read, this start serves the new bytes
-        // and the old digest never names them.
-        let read_digest = hex::encode(sha2::Sha256::digest(&bytes));
-        if read_digest != digest {
-            tracing::warn!(path = %path.display(), "the component changed while loading; serving the new bytes");
-        }
-        let cached = cache_dir.join(format!("{read_digest}-{}.cwasm", self.fingerprint()));
+        let read = Digest::of(&bytes);
+        anyhow::ensure!(&read == digest, "component `{}` holds {read}, not {digest}", path.display());
         let compiled = self
             .engine
             .precompile_component(&bytes)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("`{}` is not a valid WebAssembly component", path.display()))?;
-        std::fs::create_dir_all(cache_dir).with_context(|| format!("creating `{}`", cache_dir.display()))?;
-        let temp = cached.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&temp, &compiled).with_context(|| format!("writing `{}`", temp.display()))?;
-        std::fs::rename(&temp, &cached).with_context(|| format!("renaming into `{}`", cached.display()))?;
+            .context("not a valid WebAssembly component")?;
+        crate::fsutil::write_atomically(&cached, &compiled)?;
         let component = self.deserialize(&cached)?;
         Ok(LoadedComponent { component, from_cache: false, elapsed: started.elapsed(), cached })
     }

@@ -1,16 +1,19 @@
 //! The `lepton.toml` manifest, parsed in two stages.
 //!
 //! [`RawManifest`] mirrors the TOML exactly (typed serde, unknown keys rejected);
-//! [`Deployment::load`] validates it and resolves it into a [`Deployment`]: paths made
-//! absolute against the manifest's directory, sizes and durations parsed, components
-//! addressed by sha256 digest. The runtime consumes only the [`Deployment`].
+//! [`Manifest::load`] validates it and resolves it into a [`LockedApp`]: sizes and
+//! durations parsed, names validated, and every file (component, model, trainer init,
+//! `files` directory packed as a tar) replaced by the sha256 digest of its bytes. The
+//! bytes themselves stay on the side, in [`Manifest::blobs`], for the node's blob store
+//! (`lepton up`) or an upload (`lepton deploy`).
 //!
 //! ```toml
 //! manifest_version = 1
+//! name = "shop"                   # the app; default: the manifest directory's name
 //!
 //! [function.hello]
 //! component = "target/guests/wasm32-wasip2/release/hello.wasm"
-//! route = "/hello"                # exact path; "/hello/..." matches the prefix
+//! route = "/hello"                # exactly /hello; "/hello/..." also below it; "/..." all
 //! timeout = "5s"                  # default 30s
 //! memory_limit = "64MiB"          # default 128MiB
 //! max_concurrency = 64            # default 64 in-flight requests
@@ -22,12 +25,16 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
+
+pub use crate::locked::{
+    BatchSpec, Digest, FileMount, FunctionSpec, LockedApp, Loss, ModelSpec, Name, Optimizer, OutboundHost, Route, SpecError,
+    Target, TrainerSpec, LOCK_VERSION, MAX_MEMORY_LIMIT, MAX_TIMEOUT, RESERVED_ROUTE_PREFIX,
+};
 
 /// The only manifest version this host understands.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -41,14 +48,10 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
 pub const DEFAULT_MAX_QUEUE: u32 = 256;
 /// Default cap on a request body.
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 << 20;
-/// A wasm32 linear memory cannot grow past 4 GiB.
-pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
-/// Longest accepted `timeout` (a request is not a batch job).
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default cap on a model a guest loads from bytes (`allow_model_upload`).
 pub const DEFAULT_MAX_MODEL_UPLOAD_SIZE: u64 = 64 << 20;
-/// Paths under this prefix belong to the host (health, metrics).
-pub const RESERVED_ROUTE_PREFIX: &str = "/.well-known/lepton";
+/// Largest `files` directory packed into one blob (it is packed in memory).
+pub const MAX_MOUNT_SIZE: u64 = 512 << 20;
 
 /// A manifest that could not be loaded; the message names the file, the function and the key.
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +74,12 @@ pub enum ManifestError {
         message: String,
     },
     /// A value is not acceptable.
-    #[error("invalid manifest `{path}`: {message}")]
+    #[error("invalid manifest `{path}`: {error}")]
     Invalid {
         /// The manifest's path.
         path: PathBuf,
         /// What is wrong, naming the function and the key.
-        message: String,
+        error: SpecError,
     },
 }
 
@@ -86,6 +89,8 @@ pub enum ManifestError {
 pub struct RawManifest {
     /// Must be [`MANIFEST_VERSION`].
     pub manifest_version: u32,
+    /// The app's name (default: the manifest directory's name).
+    pub name: Option<String>,
     /// `[function.NAME]` tables.
     #[serde(default)]
     pub function: BTreeMap<String, RawFunction>,
@@ -180,7 +185,7 @@ pub struct RawBatch {
 pub struct RawFunction {
     /// Path of the `.wasm` component, relative to the manifest.
     pub component: String,
-    /// The HTTP route, e.g. `"/hello"`.
+    /// The HTTP route: `"/hello"` (exactly), `"/hello/..."` (and below), `"/..."` (all).
     pub route: String,
     /// e.g. `"5s"`, `"250ms"`.
     pub timeout: Option<String>,
@@ -224,483 +229,218 @@ pub struct RawFileMount {
     pub destination: String,
 }
 
-/// A validated, resolved manifest: what the runtime consumes.
+/// Where the bytes of one blob of a manifest are.
 #[derive(Debug, Clone)]
-pub struct Deployment {
+pub enum BlobSource {
+    /// A file, read when the blob is stored or uploaded.
+    File(PathBuf),
+    /// Bytes made while loading (a `files` directory packed as a tar).
+    Bytes(Arc<[u8]>),
+}
+
+/// A loaded manifest: the locked app and where each of its blobs' bytes are.
+#[derive(Debug, Clone)]
+pub struct Manifest {
     /// Where the manifest was read from.
-    pub manifest_path: PathBuf,
-    /// Functions, ordered by name.
-    pub functions: Vec<FunctionSpec>,
-    /// Models, ordered by name.
-    pub models: Vec<ModelSpec>,
-    /// Trainers, ordered by name.
-    pub trainers: Vec<TrainerSpec>,
-}
-
-/// The loss a trainer minimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Loss {
-    /// Softmax cross-entropy of logits `[N, C]` against class indices `[N]`.
-    CrossEntropy,
-    /// Mean squared error against targets shaped like the output.
-    Mse,
-}
-
-/// A trainer's optimizer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Optimizer {
-    /// AdamW (betas 0.9, 0.999; eps 1e-8).
-    AdamW {
-        /// Learning rate.
-        lr: f64,
-        /// Decoupled weight decay.
-        weight_decay: f64,
-    },
-    /// Stochastic gradient descent with momentum.
-    Sgd {
-        /// Learning rate.
-        lr: f64,
-        /// Momentum (0: plain SGD).
-        momentum: f64,
-    },
-}
-
-/// A validated trainer.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct TrainerSpec {
-    /// Validated name.
-    pub name: String,
-    /// Absolute path of the initial ONNX graph.
-    pub init: PathBuf,
-    /// sha256 of that file, lowercase hex.
-    pub init_digest: String,
-    /// The loss.
-    pub loss: Loss,
-    /// The optimizer.
-    pub optimizer: Optimizer,
-    /// Requested target.
-    pub target: Target,
-    /// Checkpoint period.
-    pub checkpoint_every: Duration,
-    /// The model `publish()` may replace.
-    pub publishes: Option<String>,
-}
-
-/// Where a model should run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// The CPU.
-    Cpu,
-    /// A CUDA GPU where one registers; the CPU otherwise (logged).
-    Gpu,
-}
-
-/// A validated model.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ModelSpec {
-    /// Validated name.
-    pub name: String,
-    /// Absolute path of the ONNX file.
     pub path: PathBuf,
-    /// sha256 of the file, lowercase hex.
-    pub digest: String,
-    /// Requested target.
-    pub target: Target,
-    /// Dynamic batching, if configured.
-    pub batch: Option<BatchSpec>,
-    /// Sessions run in parallel.
-    pub sessions: u32,
-    /// Intra-op threads per session.
-    pub threads: u32,
+    /// The content-addressed app.
+    pub app: LockedApp,
+    /// The bytes behind each digest the app names.
+    pub blobs: BTreeMap<Digest, BlobSource>,
 }
 
-/// Dynamic batching settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchSpec {
-    /// Most rows in one run.
-    pub max_size: u32,
-    /// Longest wait for a batch to fill.
-    pub max_wait: Duration,
+/// A per-item failure while resolving: the key (if one is at fault) and the reason.
+type ItemError = (Option<&'static str>, String);
+
+fn at(key: &'static str) -> impl Fn(String) -> ItemError {
+    move |reason| (Some(key), reason)
 }
 
-/// A validated function.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct FunctionSpec {
-    /// Validated name.
-    pub name: String,
-    /// Absolute path of the component.
-    pub component_path: PathBuf,
-    /// sha256 of the component's bytes, lowercase hex.
-    pub component_digest: String,
-    /// Route: `/hello` serves `/hello` and `/hello/...`.
-    pub route: String,
-    /// Wall-clock limit of one request.
-    pub timeout: Duration,
-    /// Linear memory cap of one instance, in bytes.
-    pub memory_limit: u64,
-    /// Requests run at once.
-    pub max_concurrency: u32,
-    /// Requests waiting for a slot before new ones get 503.
-    pub max_queue: u32,
-    /// Request body cap, in bytes.
-    pub max_body_size: u64,
-    /// Environment variables granted to the guest.
-    pub environment: Vec<(String, String)>,
-    /// Read-only directories granted to the guest.
-    pub files: Vec<FileMount>,
-    /// Outbound HTTP destinations granted to the guest.
-    pub allowed_outbound_hosts: Vec<OutboundHost>,
-    /// Models the guest may load by name.
-    pub models: Vec<String>,
-    /// Whether the guest may load models from bytes.
-    pub allow_model_upload: bool,
-    /// Cap on a model loaded from bytes.
-    pub max_model_upload_size: u64,
-    /// Trainers the guest may open.
-    pub trainers: Vec<String>,
-}
-
-/// A host directory preopened read-only in the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileMount {
-    /// Absolute host path (a directory).
-    pub source: PathBuf,
-    /// Guest path.
-    pub destination: String,
-}
-
-/// An exact `scheme://host:port` a guest may send requests to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboundHost {
-    /// `http` or `https`.
-    pub scheme: String,
-    /// Host name or IP address, lowercase.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-impl fmt::Display for OutboundHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
-    }
-}
-
-impl OutboundHost {
-    /// Parses `scheme://host:port`; the port may be left out for the scheme's default.
-    pub fn parse(pattern: &str) -> Result<Self, String> {
-        let (scheme, rest) = pattern
-            .split_once("://")
-            .ok_or_else(|| format!("{pattern:?} is not of the form scheme://host:port"))?;
-        let default_port = match scheme {
-            "http" => 80,
-            "https" => 443,
-            _ => return Err(format!("{pattern:?} has scheme {scheme:?}; expected \"http\" or \"https\"")),
-        };
-        if rest.is_empty() || rest.contains(['/', '?', '#', '@', '*']) {
-            return Err(format!(
-                "{pattern:?} must be exactly scheme://host:port (no path, user or wildcard)"
-            ));
-        }
-        let parse_port = |port: &str| port.parse::<u16>().map_err(|_| format!("{pattern:?} has an invalid port {port:?}"));
-        let (host, port) = if rest.starts_with('[') {
-            // An IPv6 literal: `[::1]` or `[::1]:8080`.
-            let end = rest.find(']').ok_or_else(|| format!("{pattern:?} has an unclosed `[`"))?;
-            match &rest[end + 1..] {
-                "" => (&rest[..=end], default_port),
-                after => match after.strip_prefix(':') {
-                    Some(port) => (&rest[..=end], parse_port(port)?),
-                    None => return Err(format!("{pattern:?} has text after the host")),
-                },
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((host, port)) => (host, parse_port(port)?),
-                None => (rest, default_port),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{pattern:?} has no host"));
-        }
-        Ok(Self { scheme: scheme.to_owned(), host: host.to_ascii_lowercase(), port })
-    }
-
-    /// Whether a request to `scheme`, `host` and `port` is allowed by this entry.
-    pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
-        self.scheme == scheme && self.port == port && self.host.eq_ignore_ascii_case(host)
-    }
-}
-
-impl Deployment {
+impl Manifest {
     /// Reads, validates and resolves the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
         Self::from_toml(&text, path)
     }
 
     /// Validates and resolves manifest text; relative paths resolve against `path`'s directory.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-        let invalid = |message: String| ManifestError::Invalid { path: path.to_owned(), message };
+        let raw: RawManifest = toml::from_str(text)
+            .map_err(|e| ManifestError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let invalid = |error: SpecError| ManifestError::Invalid { path: path.to_owned(), error };
         if raw.manifest_version != MANIFEST_VERSION {
-            return Err(invalid(format!(
-                "`manifest_version` is {}, this host supports only {MANIFEST_VERSION}",
-                raw.manifest_version
+            return Err(invalid(SpecError::new(
+                "",
+                None,
+                format!("`manifest_version` is {}, this host supports only {MANIFEST_VERSION}", raw.manifest_version),
             )));
         }
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let name = match &raw.name {
+            Some(name) => Name::new(name).map_err(|e| invalid(SpecError::new("", Some("name"), e)))?,
+            None => {
+                let dir = std::fs::canonicalize(&base).unwrap_or_else(|_| base.clone());
+                Name::sanitized(&dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            }
+        };
+        let mut blobs = BTreeMap::new();
+        fn item<T>(path: &Path, kind: &str, name: &str, result: Result<T, ItemError>) -> Result<T, ManifestError> {
+            result.map_err(|(key, reason)| ManifestError::Invalid {
+                path: path.to_owned(),
+                error: SpecError::new(format!("{kind} `{name}`"), key, reason),
+            })
+        }
         let mut models = Vec::with_capacity(raw.model.len());
         for (name, model) in raw.model {
-            let spec = resolve_model(&name, model, &base).map_err(|message| invalid(format!("model `{name}`: {message}")))?;
-            models.push(spec);
+            models.push(item(path, "model", &name, resolve_model(&name, model, &base, &mut blobs))?);
         }
         let mut trainers = Vec::with_capacity(raw.trainer.len());
         for (name, trainer) in raw.trainer {
-            let spec =
-                resolve_trainer(&name, trainer, &base).map_err(|message| invalid(format!("trainer `{name}`: {message}")))?;
-            if let Some(model) = &spec.publishes
-                && !models.iter().any(|m| &m.name == model)
-            {
-                return Err(invalid(format!(
-                    "trainer `{name}`: `publishes`: no model named {model:?} (declare it as [model.{model}])"
-                )));
-            }
-            trainers.push(spec);
+            trainers.push(item(path, "trainer", &name, resolve_trainer(&name, trainer, &base, &mut blobs))?);
         }
         let mut functions = Vec::with_capacity(raw.function.len());
         for (name, function) in raw.function {
-            let spec = resolve_function(&name, function, &base)
-                .map_err(|message| invalid(format!("function `{name}`: {message}")))?;
-            if let Some(missing) = spec.models.iter().find(|m| !models.iter().any(|model| &model.name == *m)) {
-                return Err(invalid(format!(
-                    "function `{name}`: `models`: no model named {missing:?} (declare it as [model.{missing}])"
-                )));
-            }
-            if let Some(missing) = spec.trainers.iter().find(|t| !trainers.iter().any(|trainer| &trainer.name == *t)) {
-                return Err(invalid(format!(
-                    "function `{name}`: `trainers`: no trainer named {missing:?} (declare it as [trainer.{missing}])"
-                )));
-            }
-            functions.push(spec);
+            functions.push(item(path, "function", &name, resolve_function(&name, function, &base, &mut blobs))?);
         }
-        for (i, a) in functions.iter().enumerate() {
-            if let Some(b) = functions[i + 1..].iter().find(|b| b.route == a.route) {
-                return Err(invalid(format!(
-                    "functions `{}` and `{}` both claim route {:?}",
-                    a.name, b.name, a.route
-                )));
-            }
-        }
-        Ok(Self { manifest_path: path.to_owned(), functions, models, trainers })
+        let app = LockedApp { lock_version: LOCK_VERSION, name, functions, models, trainers };
+        app.validate().map_err(invalid)?;
+        Ok(Self { path: path.to_owned(), app, blobs })
     }
 }
 
-fn resolve_function(name: &str, raw: RawFunction, base: &Path) -> Result<FunctionSpec, String> {
-    validate_name(name)?;
-    let component_path = base.join(&raw.component);
-    let component_digest = file_digest(&component_path).map_err(|e| format!("`component`: {e}"))?;
-    let route = validate_route(&raw.route).map_err(|e| format!("`route`: {e}"))?;
+fn name(name: &str) -> Result<Name, ItemError> {
+    Name::new(name).map_err(|e| (None, e))
+}
 
-    let timeout = match raw.timeout {
-        Some(text) => parse_duration(&text).map_err(|e| format!("`timeout`: {e}"))?,
-        None => DEFAULT_TIMEOUT,
-    };
-    if timeout.is_zero() || timeout > MAX_TIMEOUT {
-        return Err(format!("`timeout`: must be more than 0s and at most {}s", MAX_TIMEOUT.as_secs()));
-    }
-    let memory_limit = match raw.memory_limit {
-        Some(text) => parse_size(&text).map_err(|e| format!("`memory_limit`: {e}"))?,
-        None => DEFAULT_MEMORY_LIMIT,
-    };
-    if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&memory_limit) {
-        return Err("`memory_limit`: must be between 64KiB (one page) and 4GiB".to_owned());
-    }
-    let max_body_size = match raw.max_body_size {
-        Some(text) => parse_size(&text).map_err(|e| format!("`max_body_size`: {e}"))?,
-        None => DEFAULT_MAX_BODY_SIZE,
-    };
-    let max_concurrency = raw.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
-    if max_concurrency == 0 {
-        return Err("`max_concurrency`: must be at least 1".to_owned());
-    }
-    let max_queue = raw.max_queue.unwrap_or(DEFAULT_MAX_QUEUE);
+fn names(key: &'static str, list: &[String]) -> Result<Vec<Name>, ItemError> {
+    list.iter().map(|n| Name::new(n).map_err(|e| (Some(key), format!("{n:?}: {e}")))).collect()
+}
 
-    let mut environment = Vec::with_capacity(raw.environment.len());
-    for (key, value) in raw.environment {
-        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
-            return Err(format!("`environment`: invalid variable {key:?}"));
-        }
-        environment.push((key, value));
-    }
+/// Digests the file at `base/relative` and records it as a blob source.
+fn file_blob(base: &Path, relative: &str, blobs: &mut BTreeMap<Digest, BlobSource>) -> Result<Digest, String> {
+    let path = base.join(relative);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
+    let digest = Digest::of(&bytes);
+    blobs.insert(digest.clone(), BlobSource::File(path));
+    Ok(digest)
+}
 
+fn resolve_function(
+    function: &str,
+    raw: RawFunction,
+    base: &Path,
+    blobs: &mut BTreeMap<Digest, BlobSource>,
+) -> Result<FunctionSpec, ItemError> {
+    let name = name(function)?;
+    let component = file_blob(base, &raw.component, blobs).map_err(at("component"))?;
+    let route = Route::parse(&raw.route).map_err(at("route"))?;
+    let timeout = raw.timeout.map_or(Ok(DEFAULT_TIMEOUT), |t| parse_duration(&t)).map_err(at("timeout"))?;
+    let memory_limit = raw.memory_limit.map_or(Ok(DEFAULT_MEMORY_LIMIT), |t| parse_size(&t)).map_err(at("memory_limit"))?;
+    let max_body_size = raw.max_body_size.map_or(Ok(DEFAULT_MAX_BODY_SIZE), |t| parse_size(&t)).map_err(at("max_body_size"))?;
+    let max_model_upload_size = raw
+        .max_model_upload_size
+        .map_or(Ok(DEFAULT_MAX_MODEL_UPLOAD_SIZE), |t| parse_size(&t))
+        .map_err(at("max_model_upload_size"))?;
     let mut files = Vec::with_capacity(raw.files.len());
     for mount in raw.files {
         let source = base.join(&mount.source);
         if !source.is_dir() {
-            return Err(format!(
-                "`files`: source {:?} is not a directory",
-                source.display().to_string()
-            ));
+            return Err((Some("files"), format!("source {:?} is not a directory", source.display().to_string())));
         }
-        if !mount.destination.starts_with('/') {
-            return Err(format!("`files`: destination {:?} must be an absolute path", mount.destination));
-        }
-        files.push(FileMount { source, destination: mount.destination });
+        let tar = crate::blobs::pack_dir(&source, MAX_MOUNT_SIZE).map_err(|e| (Some("files"), format!("{e:#}")))?;
+        let digest = Digest::of(&tar);
+        blobs.insert(digest.clone(), BlobSource::Bytes(Arc::from(tar)));
+        files.push(FileMount { source: digest, destination: mount.destination });
     }
-
     let allowed_outbound_hosts = raw
         .allowed_outbound_hosts
         .iter()
         .map(|pattern| OutboundHost::parse(pattern))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("`allowed_outbound_hosts`: {e}"))?;
-
-    for model in &raw.models {
-        validate_name(model).map_err(|e| format!("`models`: {model:?}: {e}"))?;
-    }
-    let max_model_upload_size = match raw.max_model_upload_size {
-        Some(text) => parse_size(&text).map_err(|e| format!("`max_model_upload_size`: {e}"))?,
-        None => DEFAULT_MAX_MODEL_UPLOAD_SIZE,
-    };
-
-    for trainer in &raw.trainers {
-        validate_name(trainer).map_err(|e| format!("`trainers`: {trainer:?}: {e}"))?;
-    }
+        .map_err(at("allowed_outbound_hosts"))?;
     Ok(FunctionSpec {
-        trainers: raw.trainers,
-        models: raw.models,
-        allow_model_upload: raw.allow_model_upload,
-        max_model_upload_size,
-        name: name.to_owned(),
-        component_path,
-        component_digest,
+        name,
+        component,
         route,
         timeout,
         memory_limit,
-        max_concurrency,
-        max_queue,
+        max_concurrency: raw.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
+        max_queue: raw.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
         max_body_size,
-        environment,
+        environment: raw.environment.into_iter().collect(),
         files,
         allowed_outbound_hosts,
+        models: names("models", &raw.models)?,
+        allow_model_upload: raw.allow_model_upload,
+        max_model_upload_size,
+        trainers: names("trainers", &raw.trainers)?,
     })
 }
 
-/// The sha256 (lowercase hex) of the file at `path`.
-fn file_digest(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 /// `target = "cpu" | "gpu"`, `cpu` when absent.
-fn parse_target(target: Option<&str>) -> Result<Target, String> {
+fn parse_target(target: Option<&str>) -> Result<Target, ItemError> {
     match target {
         None | Some("cpu") => Ok(Target::Cpu),
         Some("gpu") => Ok(Target::Gpu),
-        Some(other) => Err(format!("`target`: {other:?} is not \"cpu\" or \"gpu\"")),
+        Some(other) => Err((Some("target"), format!("{other:?} is not \"cpu\" or \"gpu\""))),
     }
 }
 
-fn resolve_trainer(name: &str, raw: RawTrainer, base: &Path) -> Result<TrainerSpec, String> {
-    validate_name(name)?;
-    let init = base.join(&raw.init);
-    let init_digest = file_digest(&init).map_err(|e| format!("`init`: {e}"))?;
+fn resolve_trainer(
+    trainer: &str,
+    raw: RawTrainer,
+    base: &Path,
+    blobs: &mut BTreeMap<Digest, BlobSource>,
+) -> Result<TrainerSpec, ItemError> {
+    let name = name(trainer)?;
+    let init = file_blob(base, &raw.init, blobs).map_err(at("init"))?;
     let loss = match raw.loss.as_str() {
         "cross-entropy" => Loss::CrossEntropy,
         "mse" => Loss::Mse,
-        other => return Err(format!("`loss`: {other:?} is not \"cross-entropy\" or \"mse\"")),
+        other => return Err((Some("loss"), format!("{other:?} is not \"cross-entropy\" or \"mse\""))),
     };
     let lr = raw.optimizer.lr;
-    if !(lr.is_finite() && lr > 0.0) {
-        return Err(format!("`optimizer.lr`: {lr} must be a positive number"));
-    }
     let optimizer = match raw.optimizer.kind.as_str() {
         "adamw" => {
             if raw.optimizer.momentum.is_some() {
-                return Err("`optimizer.momentum` applies to \"sgd\" only".to_owned());
+                return Err((Some("optimizer.momentum"), "applies to \"sgd\" only".to_owned()));
             }
             Optimizer::AdamW { lr, weight_decay: raw.optimizer.weight_decay.unwrap_or(0.01) }
         }
         "sgd" => {
             if raw.optimizer.weight_decay.is_some() {
-                return Err("`optimizer.weight_decay` applies to \"adamw\" only".to_owned());
+                return Err((Some("optimizer.weight_decay"), "applies to \"adamw\" only".to_owned()));
             }
-            let momentum = raw.optimizer.momentum.unwrap_or(0.0);
-            if !(0.0..1.0).contains(&momentum) {
-                return Err(format!("`optimizer.momentum`: {momentum} must be in [0, 1)"));
-            }
-            Optimizer::Sgd { lr, momentum }
+            Optimizer::Sgd { lr, momentum: raw.optimizer.momentum.unwrap_or(0.0) }
         }
-        other => return Err(format!("`optimizer.kind`: {other:?} is not \"adamw\" or \"sgd\"")),
+        other => return Err((Some("optimizer.kind"), format!("{other:?} is not \"adamw\" or \"sgd\""))),
     };
     let target = parse_target(raw.target.as_deref())?;
-    let checkpoint_every = match raw.checkpoint_every {
-        Some(text) => parse_duration(&text).map_err(|e| format!("`checkpoint_every`: {e}"))?,
-        None => Duration::from_secs(30),
-    };
-    if checkpoint_every.is_zero() {
-        return Err("`checkpoint_every`: must be more than 0s".to_owned());
-    }
-    Ok(TrainerSpec { name: name.to_owned(), init, init_digest, loss, optimizer, target, checkpoint_every, publishes: raw.publishes })
+    let checkpoint_every =
+        raw.checkpoint_every.map_or(Ok(Duration::from_secs(30)), |t| parse_duration(&t)).map_err(at("checkpoint_every"))?;
+    let publishes = raw.publishes.map(|p| Name::new(&p).map_err(|e| (Some("publishes"), format!("{p:?}: {e}")))).transpose()?;
+    Ok(TrainerSpec { name, init, loss, optimizer, target, checkpoint_every, publishes })
 }
 
-fn resolve_model(name: &str, raw: RawModel, base: &Path) -> Result<ModelSpec, String> {
-    validate_name(name)?;
-    let path = base.join(&raw.path);
-    let digest = file_digest(&path).map_err(|e| format!("`path`: {e}"))?;
+fn resolve_model(
+    model: &str,
+    raw: RawModel,
+    base: &Path,
+    blobs: &mut BTreeMap<Digest, BlobSource>,
+) -> Result<ModelSpec, ItemError> {
+    let name = name(model)?;
+    let file = file_blob(base, &raw.path, blobs).map_err(at("path"))?;
     let target = parse_target(raw.target.as_deref())?;
     let batch = match raw.batch {
-        Some(batch) => {
-            let max_wait = parse_duration(&batch.max_wait).map_err(|e| format!("`batch.max_wait`: {e}"))?;
-            if batch.max_size < 1 || max_wait > Duration::from_secs(1) {
-                return Err("`batch`: `max_size` must be at least 1 and `max_wait` at most 1s".to_owned());
-            }
-            Some(BatchSpec { max_size: batch.max_size, max_wait })
-        }
+        Some(batch) => Some(BatchSpec {
+            max_size: batch.max_size,
+            max_wait: parse_duration(&batch.max_wait).map_err(at("batch.max_wait"))?,
+        }),
         None => None,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let sessions = raw.sessions.unwrap_or(cores);
-    let threads = raw.threads.unwrap_or(1);
-    if !(1..=256).contains(&sessions) || !(1..=256).contains(&threads) {
-        return Err("`sessions` and `threads` must be between 1 and 256".to_owned());
-    }
-    Ok(ModelSpec { name: name.to_owned(), path, digest, target, batch, sessions, threads })
-}
-
-/// Names: 1 to 64 characters of `a-z`, `0-9`, `-` and `_`, starting with a letter.
-fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err("invalid name: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter".to_owned())
-    }
-}
-
-fn validate_route(route: &str) -> Result<String, String> {
-    if !route.starts_with('/') {
-        return Err(format!("{route:?} must start with '/'"));
-    }
-    if route.contains(['?', '#', '*', ' ']) || route.contains("//") {
-        return Err(format!("{route:?} must be a plain path (no query, fragment, wildcard or empty segment)"));
-    }
-    let route = if route.len() > 1 { route.trim_end_matches('/') } else { route };
-    if route == RESERVED_ROUTE_PREFIX || route.starts_with(&format!("{RESERVED_ROUTE_PREFIX}/")) {
-        return Err(format!("{route:?} is reserved for the host"));
-    }
-    Ok(route.to_owned())
+    Ok(ModelSpec { name, file, target, batch, sessions: raw.sessions.unwrap_or(cores), threads: raw.threads.unwrap_or(1) })
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
@@ -755,26 +495,24 @@ mod tests {
     }
 
     #[test]
-    fn outbound_hosts() {
-        let host = OutboundHost::parse("http://127.0.0.1:8080").expect("valid");
-        assert!(host.matches("http", "127.0.0.1", 8080));
-        assert!(!host.matches("https", "127.0.0.1", 8080));
-        assert!(!host.matches("http", "127.0.0.1", 8081));
-        assert_eq!(OutboundHost::parse("https://Example.com").expect("valid").to_string(), "https://example.com:443");
-        assert!(OutboundHost::parse("ftp://x:1").is_err());
-        assert!(OutboundHost::parse("http://x:1/path").is_err());
-        assert!(OutboundHost::parse("http://*:1").is_err());
-        assert!(OutboundHost::parse("127.0.0.1:80").is_err());
-        assert_eq!(OutboundHost::parse("http://[::1]").expect("valid").to_string(), "http://[::1]:80");
-        assert!(OutboundHost::parse("http://[::1]:8080").expect("valid").matches("http", "[::1]", 8080));
-    }
-
-    #[test]
-    fn routes() {
-        assert_eq!(validate_route("/hello/"), Ok("/hello".to_owned()));
-        assert_eq!(validate_route("/"), Ok("/".to_owned()));
-        assert!(validate_route("hello").is_err());
-        assert!(validate_route("/.well-known/lepton/health").is_err());
-        assert!(validate_route("/a?b").is_err());
+    fn a_manifest_locks_to_digests_and_its_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("f.wasm"), b"bytes").expect("write");
+        std::fs::create_dir(dir.path().join("static")).expect("mkdir");
+        std::fs::write(dir.path().join("static/a.txt"), b"a").expect("write");
+        let text = "manifest_version = 1\nname = \"shop\"\n[function.f]\ncomponent = \"f.wasm\"\nroute = \"/f/...\"\n\
+                    files = [{ source = \"static\", destination = \"/s\" }]\n";
+        let path = dir.path().join("lepton.toml");
+        let manifest = Manifest::from_toml(text, &path).expect("valid");
+        assert_eq!(manifest.app.name.as_str(), "shop");
+        let function = &manifest.app.functions[0];
+        assert_eq!(function.component, Digest::of(b"bytes"));
+        assert_eq!(function.route.to_string(), "/f/...");
+        assert_eq!(manifest.app.blobs().len(), 2);
+        // Packing is deterministic: the same directory gives the same digest.
+        let again = Manifest::from_toml(text, &path).expect("valid");
+        assert_eq!(again.app.digest(), manifest.app.digest());
+        let error = Manifest::from_toml(&text.replace("/f/...", "/f/*"), &path).expect_err("wildcard");
+        assert!(error.to_string().contains("function `f`: `route`: \"/f/*\": wildcards are written only as a final `/...`"), "{error}");
     }
 }

@@ -6,7 +6,7 @@ use crate::util::{Project, manifest, pong_server, write_file};
 fn environment_is_only_what_the_manifest_grants() {
     let project = Project::new(&manifest(
         "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\nenvironment = { GREETING = \"Bonjour\" }\n\
-         [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\nenvironment = { GRANTED = \"yes\" }\n",
+         [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nenvironment = { GRANTED = \"yes\" }\n",
     ));
     // The host's own environment must not leak into guests.
     let lepton = project.up_with(&[], &[("HOST_SECRET", "hunter2")]);
@@ -21,9 +21,9 @@ fn environment_is_only_what_the_manifest_grants() {
 #[test]
 fn files_are_read_only_and_limited_to_the_granted_directory() {
     let project = Project::new(&manifest(
-        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\n\
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n\
          files = [{ source = \"static\", destination = \"/static\" }]\n\
-         [function.bare]\ncomponent = \"{PROBE}\"\nroute = \"/bare\"\n",
+         [function.bare]\ncomponent = \"{PROBE}\"\nroute = \"/bare/...\"\n",
     ));
     write_file(project.dir.path(), "static/greeting.txt", "from a file");
     write_file(project.dir.path(), "secret.txt", "not granted");
@@ -41,7 +41,7 @@ fn outbound_http_reaches_only_allowed_hosts() {
     let allowed = pong_server();
     let other = pong_server();
     let project = Project::new(&manifest(&format!(
-        "[function.probe]\ncomponent = \"{{PROBE}}\"\nroute = \"/probe\"\nallowed_outbound_hosts = [\"http://{allowed}\"]\n"
+        "[function.probe]\ncomponent = \"{{PROBE}}\"\nroute = \"/probe/...\"\nallowed_outbound_hosts = [\"http://{allowed}\"]\n"
     )));
     let lepton = project.up();
     let ok = lepton.get(&format!("/probe/http?http://{allowed}/ping"));
@@ -55,7 +55,7 @@ fn outbound_http_reaches_only_allowed_hosts() {
 #[test]
 fn sockets_are_denied() {
     let target = pong_server();
-    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\n"));
+    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n"));
     let lepton = project.up();
     let reply = lepton.get(&format!("/probe/tcp?{target}"));
     assert_eq!(reply.status, 403, "{reply:?}");
@@ -65,7 +65,7 @@ fn sockets_are_denied() {
 
 #[test]
 fn guest_output_goes_to_the_host_log_tagged_with_the_function() {
-    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\n"));
+    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n"));
     let lepton = project.up();
     let reply = lepton.get("/probe/stdout");
     assert_eq!(reply.status, 200);

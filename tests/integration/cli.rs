@@ -6,13 +6,13 @@ use crate::util::{Project, manifest};
 fn check_accepts_a_valid_manifest() {
     let project = Project::new(&manifest(
         "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n\
-         [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\n",
+         [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
     ));
     let (status, stdout, stderr) = project.run(&["check"]);
     assert!(status.success(), "{stderr}");
     assert_eq!(
         stdout,
-        "ok: function `hello` serves /hello\nok: function `probe` serves /probe\nok: lepton.toml is valid\n"
+        "ok: function `hello` serves /hello\nok: function `probe` serves /probe/...\nok: lepton.toml is valid\n"
     );
 }
 
@@ -24,7 +24,7 @@ fn check_rejects_a_file_that_is_not_a_component() {
     let (status, _, stderr) = project.run(&["check"]);
     assert!(!status.success());
     assert!(
-        stderr.contains("error: function `bad`: `./core.wasm` is not a valid WebAssembly component"),
+        stderr.contains("error: function `bad`: `component`: not a valid WebAssembly component"),
         "{stderr}"
     );
 }
@@ -38,7 +38,7 @@ fn check_rejects_a_component_that_is_not_an_http_proxy() {
     assert!(!status.success());
     assert!(
         stderr.contains(
-            "error: function `empty`: the component does not export `wasi:http/incoming-handler` (the wasi:http proxy world)"
+            "error: function `empty`: `component`: the component does not export `wasi:http/incoming-handler` (the wasi:http proxy world)"
         ),
         "{stderr}"
     );

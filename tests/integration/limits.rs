@@ -51,7 +51,7 @@ fn a_guest_past_its_timeout_gets_504_promptly() {
 #[test]
 fn memory_growth_past_the_limit_fails_inside_the_guest() {
     let project = Project::new(&manifest(
-        "[function.hog]\ncomponent = \"{HOG}\"\nroute = \"/hog\"\nmemory_limit = \"32MiB\"\n",
+        "[function.hog]\ncomponent = \"{HOG}\"\nroute = \"/hog/...\"\nmemory_limit = \"32MiB\"\n",
     ));
     let lepton = project.up();
     let reply = lepton.get("/hog");
@@ -71,7 +71,7 @@ fn memory_growth_past_the_limit_fails_inside_the_guest() {
 #[test]
 fn request_bodies_over_the_limit_get_413() {
     let project = Project::new(&manifest(
-        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\nmax_body_size = \"1KiB\"\n",
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_body_size = \"1KiB\"\n",
     ));
     let lepton = project.up();
     assert_eq!(lepton.post("/probe/echo", &[b'x'; 1024]).body, "ok: 1024 bytes\n");
@@ -103,7 +103,7 @@ fn a_full_queue_answers_503_with_retry_after() {
 fn a_body_that_trickles_in_past_the_timeout_gets_408() {
     use std::io::{Read as _, Write as _};
     let project = Project::new(&manifest(
-        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe\"\ntimeout = \"1s\"\n",
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\ntimeout = \"1s\"\n",
     ));
     let lepton = project.up();
     let mut stream = std::net::TcpStream::connect(&lepton.address).expect("connect");

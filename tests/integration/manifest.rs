@@ -36,7 +36,7 @@ fn unknown_top_level_key() {
   |
 5 | [functions.typo]
   |  ^^^^^^^^^
-unknown field `functions`, expected one of `manifest_version`, `function`, `model`, `trainer`"
+unknown field `functions`, expected one of `manifest_version`, `name`, `function`, `model`, `trainer`"
     );
 }
 
@@ -123,5 +123,14 @@ fn missing_manifest() {
     assert!(
         stderr.contains("error: cannot read manifest `nowhere.toml`: No such file or directory (os error 2)"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn wildcard_routes_other_than_a_final_dots_are_refused() {
+    assert_eq!(
+        up_error(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/api/*\"\n")),
+        "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/api/*\": wildcards are written only as a final \
+         `/...` (\"/api/...\" matches /api and everything below it)"
     );
 }

@@ -21,7 +21,7 @@ fn project(extra: &str, model_extra: &str) -> Project {
     let project = Project::new(&manifest(&format!(
         "[model.ident]\npath = \"ident.onnx\"\n{model_extra}\n\
          [model.other]\npath = \"other.onnx\"\n\
-         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn\"\nmodels = [\"ident\"]\n{extra}\n"
+         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn/...\"\nmodels = [\"ident\"]\n{extra}\n"
     )));
     std::fs::write(project.path("ident.onnx"), identity_model(&ALL_TYPES, 3)).expect("write model");
     std::fs::write(project.path("other.onnx"), identity_model(&[("x", "FP32")], 1)).expect("write model");
@@ -168,7 +168,7 @@ fn a_missing_onnx_runtime_is_a_clear_startup_error() {
     assert!(!status.success());
     assert_eq!(stdout, "");
     assert!(
-        stderr.contains("error: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"),
+        stderr.contains("`models`: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"),
         "{stderr}"
     );
 }

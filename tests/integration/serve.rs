@@ -3,13 +3,19 @@
 use crate::util::{Project, manifest};
 
 #[test]
-fn hello_answers_on_its_route_and_prefix() {
-    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+fn routes_use_spins_syntax_exact_and_prefix() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n\
+         [function.api]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
+    ));
     let lepton = project.up();
     let reply = lepton.get("/hello");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
     assert!(reply.header("x-lepton-request-id").is_some());
-    assert_eq!(lepton.get("/hello/deeper/path").body, "Hello from Lepton\n");
+    // `/hello` is exact; `/probe/...` is `/probe` and everything below it, whole segments.
+    assert_eq!(lepton.get("/hello/deeper/path").status, 404);
+    assert_eq!(lepton.post("/probe/echo", b"abc").body, "ok: 3 bytes\n");
+    assert_eq!(lepton.get("/probex/echo").status, 404);
     assert_eq!(lepton.get("/hellothere").status, 404);
     assert_eq!(lepton.get("/").status, 404);
     let health = lepton.get("/.well-known/lepton/health");
@@ -19,7 +25,7 @@ fn hello_answers_on_its_route_and_prefix() {
 #[test]
 fn most_specific_route_wins() {
     let project = Project::new(&manifest(
-        "[function.root]\ncomponent = \"{PROBE}\"\nroute = \"/\"\n\
+        "[function.root]\ncomponent = \"{PROBE}\"\nroute = \"/...\"\n\
          [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
     ));
     let lepton = project.up();
@@ -86,4 +92,19 @@ fn a_route_next_to_the_host_prefix_is_served_by_its_function() {
     let lepton = project.up();
     assert_eq!(lepton.get("/.well-known/leptonx").body, "Hello from Lepton\n");
     assert_eq!(lepton.get("/.well-known/lepton/health").body, "ok\n");
+}
+
+#[test]
+fn dot_segments_are_refused_not_routed() {
+    // `/hello/../trap` would reach `/trap` if it were resolved by a later hop: refused.
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello/...\"\n\
+         [function.trap]\ncomponent = \"{TRAP}\"\nroute = \"/trap\"\n",
+    ));
+    let lepton = project.up();
+    for path in ["/hello/../trap", "/hello/%2e%2e/trap", "/hello/./x"] {
+        let reply = crate::util::raw_request(&lepton.address, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"));
+        assert!(reply.starts_with("HTTP/1.1 400"), "{path}: {reply}");
+    }
+    assert_eq!(lepton.get("/hello/x").status, 200);
 }

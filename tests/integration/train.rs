@@ -5,7 +5,7 @@ use crate::onnx::one_node_model;
 use crate::util::{Lepton, Project, manifest, root, tensor_line as line};
 
 /// The untrained digits MLP that `./setup.sh` generates (64 -> 32 -> 10).
-fn digits_model() -> String {
+pub fn digits_model() -> String {
     root().join(".cache/models/digits/digits-mlp.onnx").display().to_string()
 }
 
@@ -48,12 +48,12 @@ fn graphs_that_cannot_be_trained_are_rejected_at_start_naming_the_node() {
     );
 }
 
-fn images(rows: u32, width: u32) -> String {
+pub fn images(rows: u32, width: u32) -> String {
     let data: Vec<u8> = (0..rows * width).flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes()).collect();
     line("images", "FP32", &[rows, width], &data)
 }
 
-fn labels(values: &[i64]) -> String {
+pub fn labels(values: &[i64]) -> String {
     let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     line("targets", "I64", &[values.len() as u32], &data)
 }
@@ -65,7 +65,7 @@ fn probe_project(extra_trainer: &str) -> Project {
          [model.other]\npath = {model:?}\n\
          [trainer.digits]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"adamw\", lr = 1e-2 }}\npublishes = \"digits\"\n{extra_trainer}\n\
          [trainer.secret]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"sgd\", lr = 0.1, momentum = 0.9 }}\n\
-         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn\"\nmodels = [\"digits\"]\ntrainers = [\"digits\"]\n",
+         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn/...\"\nmodels = [\"digits\"]\ntrainers = [\"digits\"]\n",
         model = digits_model()
     )))
 }
@@ -236,7 +236,7 @@ fn learn_project() -> Project {
     Project::new(&manifest(&format!(
         "[model.digits]\npath = {model:?}\n\
          [trainer.digits]\ninit = {model:?}\nloss = \"cross-entropy\"\noptimizer = {{ kind = \"adamw\", lr = 1e-2 }}\npublishes = \"digits\"\n\
-         [function.learn]\ncomponent = \"{{LEARN}}\"\nroute = \"/learn\"\ntrainers = [\"digits\"]\nmodels = [\"digits\"]\n\
+         [function.learn]\ncomponent = \"{{LEARN}}\"\nroute = \"/learn/...\"\ntrainers = [\"digits\"]\nmodels = [\"digits\"]\n\
          [function.classify]\ncomponent = \"{{LEARN}}\"\nroute = \"/classify\"\nmodels = [\"digits\"]\n",
         model = digits_model()
     )))

@@ -49,6 +49,11 @@ impl Project {
         Self { dir }
     }
 
+    /// A temporary directory with no manifest in it (for an empty node).
+    pub fn empty() -> Self {
+        Self { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
     pub fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
@@ -84,14 +89,26 @@ impl Project {
     }
 
     pub fn up_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
+        self.start(Some(&self.manifest()), extra_args, env)
+    }
+
+    /// Starts `lepton up` with no manifest (an empty node) on this project's state dir.
+    pub fn up_empty(&self) -> Lepton {
+        let library = ort_library();
+        self.start(None, &[], &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))])
+    }
+
+    /// Starts `lepton up [MANIFEST]` on a free port and waits for its ready line.
+    pub fn start(&self, manifest: Option<&Path>, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path = self.path(&format!("lepton-{n}.log"));
         let log = std::fs::File::create(&log_path).expect("create log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_lepton"))
             .arg("up")
-            .arg(self.manifest())
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .args(manifest)
+            .current_dir(self.dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir"])
             .arg(self.path("state"))
             .args(extra_args)
             .envs(env.iter().copied())
@@ -102,15 +119,19 @@ impl Project {
             .spawn()
             .expect("spawn lepton up");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        let read = stdout.read_line(&mut line).expect("read ready line");
-        let Some(address) = line.trim_end().strip_prefix("lepton: listening on http://") else {
+        let mut lines = [String::new(), String::new()];
+        for line in &mut lines {
+            stdout.read_line(line).expect("read ready line");
+        }
+        let admin = lines[0].trim_end().strip_prefix("lepton: admin on http://").map(str::to_owned);
+        let (Some(admin), Some(address)) = (admin, lines[1].trim_end().strip_prefix("lepton: listening on http://")) else {
             let _ = child.kill();
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            panic!("no ready line (read {read} bytes: {line:?}); log:\n{log}");
+            panic!("no admin and ready lines (read {lines:?}); log:\n{log}");
         };
-        Lepton { child, stdout, address: address.to_owned(), log_path }
+        let token = std::fs::read_to_string(self.path("state/admin-token")).expect("admin token").trim().to_owned();
+        Lepton { child, stdout, address: address.to_owned(), admin, token, log_path }
     }
 }
 
@@ -119,6 +140,10 @@ pub struct Lepton {
     pub child: Child,
     pub stdout: BufReader<ChildStdout>,
     pub address: String,
+    /// The admin API's `host:port`.
+    pub admin: String,
+    /// The admin API's bearer token.
+    pub token: String,
     pub log_path: PathBuf,
 }
 
@@ -143,6 +168,42 @@ impl Lepton {
 
     pub fn get(&self, path: &str) -> Reply {
         reply(ureq::get(&self.url(path)).call())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// An admin API request with the node's token.
+    pub fn admin_request(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &self.admin_url(path)).set("authorization", &format!("Bearer {}", self.token))
+    }
+
+    /// `GET` on the admin API, with the token; the body parsed as JSON.
+    pub fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
+        json_reply(self.admin_request("GET", path).call())
+    }
+
+    /// `POST` of a JSON body on the admin API, with the token.
+    pub fn admin_post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        json_reply(self.admin_request("POST", path).send_string(&body.to_string()))
+    }
+
+    /// Runs a client command (`lepton deploy ...`) against this node's admin API.
+    pub fn client(&self, project: &Project, args: &[&str]) -> (ExitStatus, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_lepton"))
+            .args(args)
+            .args(["--admin", &self.admin_url("")])
+            .current_dir(project.dir.path())
+            .env("LEPTON_ADMIN_TOKEN", &self.token)
+            .env("LEPTON_LOG", "info")
+            .output()
+            .expect("run lepton");
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     pub fn post(&self, path: &str, body: &[u8]) -> Reply {
@@ -239,6 +300,12 @@ pub fn reply(result: Result<ureq::Response, ureq::Error>) -> Reply {
     Reply { status, headers, body }
 }
 
+/// A reply's status and JSON body (`null` when the body is not JSON).
+pub fn json_reply(result: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    let reply = reply(result);
+    (reply.status, serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::Null))
+}
+
 /// A one-thread HTTP server on loopback that answers every request with `pong`,
 /// for outbound-request tests. Returns its `host:port`.
 pub fn pong_server() -> String {
@@ -263,4 +330,16 @@ pub fn write_file(root: &Path, relative: &str, contents: &str) {
     let path = root.join(relative);
     std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
     std::fs::write(path, contents).expect("write");
+}
+
+/// Sends `request` as raw bytes (for paths an HTTP client would normalize) and returns
+/// the raw answer.
+pub fn raw_request(address: &str, request: &str) -> String {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }

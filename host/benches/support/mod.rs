@@ -51,14 +51,21 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lepton"))
             .arg("up")
             .arg(manifest)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .env("LEPTON_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn lepton");
+        // The admin line comes first, then the ready line.
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+        while !line.starts_with("lepton: listening on ") {
+            line.clear();
+            if stdout.read_line(&mut line).expect("ready line") == 0 {
+                break;
+            }
+        }
         let address = line
             .trim()
             .strip_prefix("lepton: listening on http://")

@@ -19,23 +19,20 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::{Body, text};
-use crate::caps::InstanceState;
+use crate::caps::{Grants, InstanceState};
 use crate::engine::Runtime;
-use crate::manifest::FunctionSpec;
-use crate::nn::{ModelRegistry, NnCtx};
-use crate::train::TrainerRegistry;
+use crate::locked::{FunctionSpec, Name};
 
 /// Header carrying the request id on every response of a function.
 pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
 
 /// A function ready to serve: the component pre-instantiated once, a fresh store per request.
 pub struct Function {
+    app: Name,
+    version: u64,
     spec: FunctionSpec,
     pre: ProxyPre<InstanceState>,
-    models: Option<Arc<ModelRegistry>>,
-    granted_models: Arc<[String]>,
-    trainers: Option<Arc<TrainerRegistry>>,
-    granted_trainers: Arc<[String]>,
+    grants: Grants,
     engine: wasmtime::Engine,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
@@ -51,16 +48,18 @@ enum Outcome {
 }
 
 impl Function {
-    /// Compiles (or loads from `cache_dir`) and pre-instantiates `spec`'s component.
+    /// Compiles (or loads from `cache_dir`) and pre-instantiates `spec`'s component,
+    /// whose bytes are at `component`, as version `version` of app `app`.
     pub fn load(
         runtime: &Runtime,
         linker: &Linker<InstanceState>,
+        (app, version): (&Name, u64),
         spec: &FunctionSpec,
+        component: &Path,
         cache_dir: &Path,
-        models: Option<Arc<ModelRegistry>>,
-        trainers: Option<Arc<TrainerRegistry>>,
+        grants: Grants,
     ) -> anyhow::Result<Self> {
-        let loaded = runtime.load_component(&spec.component_path, &spec.component_digest, cache_dir)?;
+        let loaded = runtime.load_component(component, &spec.component, cache_dir)?;
         let instance_pre = linker
             .instantiate_pre(&loaded.component)
             .map_err(anyhow::Error::from)
@@ -69,20 +68,21 @@ impl Function {
             .map_err(anyhow::Error::from)
             .context("the component does not export `wasi:http/incoming-handler` (the wasi:http proxy world)")?;
         tracing::info!(
+            app = %app,
+            version,
             function = %spec.name,
             route = %spec.route,
-            digest = %&spec.component_digest[..12],
+            digest = %spec.component.short(),
             cached = loaded.from_cache,
             "loaded in {:.1?}",
             loaded.elapsed
         );
         Ok(Self {
+            app: app.clone(),
+            version,
             spec: spec.clone(),
             pre,
-            models,
-            granted_models: Arc::from(spec.models.as_slice()),
-            trainers,
-            granted_trainers: Arc::from(spec.trainers.as_slice()),
+            grants,
             engine: runtime.engine().clone(),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
@@ -98,12 +98,27 @@ impl Function {
         &self.spec
     }
 
+    /// The app it belongs to.
+    pub fn app(&self) -> &Name {
+        &self.app
+    }
+
+    /// The app version it belongs to.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Requests served so far (whatever their outcome).
+    pub fn served(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// Requests running now.
     pub fn in_flight(&self) -> usize {
         self.spec.max_concurrency as usize - self.slots.available_permits()
     }
 
-    pub(super) fn write_metrics(&self, out: &mut String) {
+    pub(crate) fn write_metrics(&self, out: &mut String) {
         let name = &self.spec.name;
         let counters = [
             ("lepton_requests_in_flight", self.in_flight() as u64),
@@ -119,7 +134,7 @@ impl Function {
     }
 
     /// Runs one request through the guest, enforcing the function's limits.
-    pub(super) async fn handle(self: Arc<Self>, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    pub(crate) async fn handle(self: Arc<Self>, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let request_id = next_request_id();
         let mut response = self.handle_inner(request, &request_id).await;
@@ -232,15 +247,7 @@ impl Function {
         request_id: &str,
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<()> {
-        let nn = NnCtx::new(
-            self.models.clone(),
-            Arc::clone(&self.granted_models),
-            self.spec.allow_model_upload,
-            self.spec.max_model_upload_size,
-        )
-        .with_trainers(self.trainers.clone(), Arc::clone(&self.granted_trainers))
-        .with_tensor_budget(self.spec.memory_limit);
-        let state = InstanceState::new(&self.spec, request_id, nn)?;
+        let state = self.grants.instance(request_id)?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never

@@ -1,8 +1,7 @@
 //! The HTTP trigger: the gateway that routes requests to functions.
 //!
-//! [`App::load`] compiles (or loads from cache) and pre-instantiates every function of
-//! a [`Deployment`]; [`serve`] accepts connections and hands each request to the
-//! function whose route matches, in a fresh store.
+//! [`serve`] accepts connections and hands each request to the function of the node's
+//! current table whose route matches ([`Function`]: a fresh store per request).
 //!
 //! Host paths under `/.well-known/lepton/`: `health` answers `ok`; `metrics`
 //! answers per-function counters in the Prometheus text format.
@@ -10,24 +9,19 @@
 mod function;
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use wasmtime::component::Linker;
 
-use crate::caps::InstanceState;
-use crate::engine::Runtime;
-use crate::manifest::{Deployment, RESERVED_ROUTE_PREFIX};
-use crate::nn::ModelRegistry;
-use crate::train::TrainerRegistry;
+use crate::locked::RESERVED_ROUTE_PREFIX;
+use crate::node::Node;
 
 pub use function::Function;
 
@@ -43,109 +37,37 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The body of every response the gateway sends.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
-/// Every function of a deployment, ready to serve.
-pub struct App {
-    /// Ordered by route length, longest first, so the first match is the most specific.
-    functions: Vec<Arc<Function>>,
-    /// The node's models, when the deployment declares any.
-    models: Option<Arc<ModelRegistry>>,
-    /// The node's trainers, when the deployment declares any.
-    trainers: Option<Arc<TrainerRegistry>>,
+/// Answers one request on the gateway: host paths, then the node's function table.
+pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    let path = request.uri().path();
+    if has_dot_segment(path) {
+        return text(http::StatusCode::BAD_REQUEST, "paths with `.` or `..` segments are refused\n");
+    }
+    if let Some(host_path) =
+        path.strip_prefix(RESERVED_ROUTE_PREFIX).filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    {
+        return match host_path {
+            "/health" => text(http::StatusCode::OK, "ok\n"),
+            "/metrics" => text(http::StatusCode::OK, &node.metrics()),
+            _ => text(http::StatusCode::NOT_FOUND, "not found\n"),
+        };
+    }
+    // The table is loaded once: this request keeps the version it was routed to,
+    // whatever deploys happen while it runs.
+    let table = node.table();
+    match table.route(path) {
+        Some(function) => Arc::clone(function).handle(request).await,
+        None => text(http::StatusCode::NOT_FOUND, "no function serves this path\n"),
+    }
 }
 
-impl App {
-    /// Loads every function of `deployment`: compiles each component once (cached
-    /// under `state_dir`) and checks that it is a `wasi:http` proxy this host can run;
-    /// loads every model once. Call it inside a tokio runtime (batching models start a task).
-    pub fn load(runtime: &Runtime, deployment: &Deployment, state_dir: &Path) -> anyhow::Result<Self> {
-        let mut linker = Linker::<InstanceState>::new(runtime.engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking wasi:http")?;
-        crate::nn::add_to_linker(&mut linker, InstanceState::nn).map_err(anyhow::Error::from).context("linking wasi:nn")?;
-        let models = if deployment.models.is_empty() {
-            None
-        } else {
-            Some(Arc::new(ModelRegistry::load(deployment, state_dir)?))
-        };
-        let trainers = if deployment.trainers.is_empty() {
-            None
-        } else {
-            Some(Arc::new(TrainerRegistry::load(deployment, state_dir)?))
-        };
-        let cache_dir = state_dir.join("components");
-        let mut functions = Vec::with_capacity(deployment.functions.len());
-        for spec in &deployment.functions {
-            let function = Function::load(runtime, &linker, spec, &cache_dir, models.clone(), trainers.clone())
-                .with_context(|| format!("function `{}`", spec.name))?;
-            functions.push(Arc::new(function));
-        }
-        functions.sort_by_key(|f| std::cmp::Reverse(f.spec().route.len()));
-        let slots: u64 = deployment.functions.iter().map(|f| u64::from(f.max_concurrency)).sum();
-        if slots > u64::from(runtime.instances()) {
-            tracing::warn!(
-                "the functions' max_concurrency adds up to {slots}, more than the {} instance slots of the pool: \
-                 requests past that get 503",
-                runtime.instances()
-            );
-        }
-        Ok(Self { functions, models, trainers })
-    }
-
-    /// The node's models, when the deployment declares any.
-    pub fn models(&self) -> Option<&Arc<ModelRegistry>> {
-        self.models.as_ref()
-    }
-
-    /// The node's trainers, when the deployment declares any.
-    pub fn trainers(&self) -> Option<&Arc<TrainerRegistry>> {
-        self.trainers.as_ref()
-    }
-
-    /// The functions, most specific route first.
-    pub fn functions(&self) -> &[Arc<Function>] {
-        &self.functions
-    }
-
-    fn route(&self, path: &str) -> Option<&Arc<Function>> {
-        self.functions.iter().find(|f| {
-            let route = f.spec().route.as_str();
-            route == "/"
-                || path.strip_prefix(route).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        })
-    }
-
-    /// Answers one request.
-    pub async fn dispatch(&self, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
-        let path = request.uri().path();
-        if let Some(host_path) = path
-            .strip_prefix(RESERVED_ROUTE_PREFIX)
-            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
-        {
-            return match host_path {
-                "/health" => text(http::StatusCode::OK, "ok\n"),
-                "/metrics" => text(http::StatusCode::OK, &self.metrics()),
-                _ => text(http::StatusCode::NOT_FOUND, "not found\n"),
-            };
-        }
-        match self.route(path) {
-            Some(function) => Arc::clone(function).handle(request).await,
-            None => text(http::StatusCode::NOT_FOUND, "no function serves this path\n"),
-        }
-    }
-
-    fn metrics(&self) -> String {
-        let mut out = String::new();
-        for function in &self.functions {
-            function.write_metrics(&mut out);
-        }
-        if let Some(models) = &self.models {
-            models.write_metrics(&mut out);
-        }
-        if let Some(trainers) = &self.trainers {
-            trainers.write_metrics(&mut out);
-        }
-        out
-    }
+/// Whether `path` has a `.` or `..` segment, also percent-encoded (`%2e`): such a path
+/// is refused rather than routed on its raw text.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 /// A plain-text response made by the host.
@@ -162,21 +84,35 @@ pub(crate) fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never: Infallible| match never {}).boxed_unsync()
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish (for at most [`DRAIN_TIMEOUT`]).
+/// A request handler for [`serve_connections`]: the request and the peer's address.
+pub type Handler = Arc<
+    dyn Fn(hyper::Request<Incoming>, SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = hyper::Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Serves the gateway of `node` on `listener` until `shutdown` resolves, then lets
+/// in-flight requests finish (for at most [`DRAIN_TIMEOUT`]). At most
+/// `max_connections` are open at once: past that, new connections wait in the listen
+/// backlog until one closes.
 pub async fn serve(
     listener: TcpListener,
-    app: Arc<App>,
+    node: Arc<Node>,
     shutdown: impl Future<Output = ()>,
+    max_connections: usize,
 ) -> anyhow::Result<()> {
-    serve_with(listener, app, shutdown, DEFAULT_MAX_CONNECTIONS).await
+    let handler: Handler = Arc::new(move |request, _peer| {
+        let node = Arc::clone(&node);
+        Box::pin(async move { dispatch(&node, request).await })
+    });
+    serve_connections(listener, handler, shutdown, max_connections).await
 }
 
-/// As [`serve`], with at most `max_connections` open at once: past that, new
-/// connections wait in the listen backlog until one closes.
-pub async fn serve_with(
+/// Accepts connections on `listener` and answers each request with `handler`, until
+/// `shutdown` resolves; then drains (for at most [`DRAIN_TIMEOUT`]).
+pub async fn serve_connections(
     listener: TcpListener,
-    app: Arc<App>,
+    handler: Handler,
     shutdown: impl Future<Output = ()>,
     max_connections: usize,
 ) -> anyhow::Result<()> {
@@ -211,10 +147,10 @@ pub async fn serve_with(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, "set_nodelay failed: {error}");
         }
-        let app = Arc::clone(&app);
+        let handler = Arc::clone(&handler);
         let service = hyper::service::service_fn(move |request| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(app.dispatch(request).await) }
+            let answer = handler(request, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -225,13 +161,22 @@ pub async fn serve_with(
         });
     }
     drop(listener);
-    tracing::info!("shutting down: waiting for in-flight requests");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = graceful.shutdown() => tracing::debug!("all connections closed"),
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout: closing remaining connections"),
     }
-    if let Some(trainers) = app.trainers() {
-        trainers.checkpoint_all().await;
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dot_segments_are_found_also_encoded() {
+        for path in ["/a/../b", "/a/./b", "/..", "/a/%2e%2E/b", "/a/%2e"] {
+            assert!(super::has_dot_segment(path), "{path}");
+        }
+        for path in ["/a/b", "/a/.b", "/a/..b/", "/"] {
+            assert!(!super::has_dot_segment(path), "{path}");
+        }
+    }
 }

@@ -15,23 +15,21 @@ mod batch;
 mod onnx;
 mod tensor;
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use anyhow::Context as _;
-use dashmap::DashMap;
+use arc_swap::ArcSwap;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
 pub use self::tensor::{Tensor, element_size};
 pub use crate::bindings::wasi::nn::errors::ErrorCode;
 pub use crate::bindings::wasi::nn::tensor::TensorType;
-use crate::bindings::lepton::nn::training;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
-use crate::manifest::{Deployment, ModelSpec, Target};
-use crate::train::{TrainerRegistry, TrainerResource};
+use crate::locked::{Digest, ModelSpec, Name, Target};
 use graph::{ExecutionTarget, GraphEncoding};
 
 /// A guest-visible `wasi:nn` error: a code and a message.
@@ -55,9 +53,20 @@ pub struct Model {
     onnx: Arc<OnnxModel>,
     batcher: Option<batch::Batcher>,
     requests: std::sync::atomic::AtomicU64,
+    spec: ModelSpec,
 }
 
 impl Model {
+    /// The spec it was loaded with (for an uploaded model: a CPU placeholder).
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Inference requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// The ONNX model.
     pub fn onnx(&self) -> &Arc<OnnxModel> {
         &self.onnx
@@ -76,81 +85,57 @@ impl Model {
     }
 }
 
-/// Every model of the node, by name; loaded once, shared by all instances.
+/// What shares one loaded model: the same bytes run with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ModelKey {
+    file: Digest,
+    target: Target,
+    batch: Option<crate::locked::BatchSpec>,
+    sessions: u32,
+    threads: u32,
+}
+
+impl ModelKey {
+    fn of(spec: &ModelSpec) -> Self {
+        Self { file: spec.file.clone(), target: spec.target, batch: spec.batch, sessions: spec.sessions, threads: spec.threads }
+    }
+}
+
+/// The node's loaded models, shared by content digest: two apps (or two versions)
+/// naming the same ONNX file with the same settings share one loaded model. The
+/// registry holds models weakly: a model no active version and no request holds any
+/// more is unloaded (its sessions' threads end).
 pub struct ModelRegistry {
     runtime: OnnxRuntime,
-    models: DashMap<String, Arc<Model>>,
-    specs: Vec<ModelSpec>,
-    /// Where published weights are kept, so they outlive a restart.
-    published_dir: PathBuf,
-    /// One publish at a time: each swaps the model and then writes its file.
-    publishing: std::sync::Mutex<()>,
+    loaded: std::sync::Mutex<HashMap<ModelKey, Weak<Model>>>,
 }
 
 impl ModelRegistry {
-    /// Loads ONNX Runtime (see [`OnnxRuntime::locate`]) and every model of `deployment`:
-    /// the weights a trainer last published for it (kept under `state_dir`) when the
-    /// manifest still names the same file, else the file. Must run inside a tokio
-    /// runtime when a model batches.
-    pub fn load(deployment: &Deployment, state_dir: &Path) -> anyhow::Result<Self> {
-        let manifest_dir = deployment.manifest_path.parent().unwrap_or(Path::new("."));
-        let library = OnnxRuntime::locate(manifest_dir)?;
-        let runtime = OnnxRuntime::load(&library)?;
-        tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-        let registry = Self {
-            runtime,
-            models: DashMap::new(),
-            specs: deployment.models.clone(),
-            published_dir: state_dir.join("models"),
-            publishing: std::sync::Mutex::new(()),
-        };
-        for spec in &deployment.models {
-            let published = registry.published_path(spec);
-            let restored = published.is_file()
-                && match registry.insert(spec, &Source::File(&published)) {
-                    Ok(()) => {
-                        tracing::info!(model = %spec.name, "serving the weights last published for it");
-                        true
-                    }
-                    Err(error) => {
-                        tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}");
-                        false
-                    }
-                };
-            if !restored {
-                registry.insert(spec, &Source::File(&spec.path))?;
-            }
+    /// A registry on `runtime`, with nothing loaded yet.
+    pub fn new(runtime: OnnxRuntime) -> Self {
+        Self { runtime, loaded: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    /// The loaded model for `spec`, loading it from `path` unless one with the same
+    /// bytes and settings is resident. Call it inside a tokio runtime when it batches.
+    pub fn get_or_load(&self, spec: &ModelSpec, path: &Path) -> anyhow::Result<Arc<Model>> {
+        let key = ModelKey::of(spec);
+        if let Some(model) = self.lock().get(&key).and_then(Weak::upgrade) {
+            return Ok(model);
         }
-        Ok(registry)
+        let model = self.load(spec, &Source::File(path))?;
+        self.lock().insert(key, Arc::downgrade(&model));
+        Ok(model)
     }
 
-    /// Published weights of `spec`, named after the file they replace: a new file in
-    /// the manifest starts afresh.
-    fn published_path(&self, spec: &ModelSpec) -> PathBuf {
-        self.published_dir.join(format!("{}-{}.published.onnx", spec.name, &spec.digest[..16]))
-    }
-
-    /// Replaces model `name` with the ONNX graph `bytes` (loaded with the model's
-    /// settings) and keeps them for the next start; requests that already hold the old
-    /// one finish on it. Call it inside a tokio runtime when the model batches.
-    pub fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let spec = self.specs.iter().find(|s| s.name == name).with_context(|| format!("no model named {name:?}"))?;
-        let _one_at_a_time = self.publishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.insert(spec, &Source::Bytes(bytes))?;
-        let path = self.published_path(spec);
-        std::fs::create_dir_all(&self.published_dir)
-            .with_context(|| format!("creating `{}`", self.published_dir.display()))?;
-        crate::train::write_atomically(&path, bytes)
-    }
-
-    fn insert(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<()> {
+    /// Loads `spec`'s settings on `source`, not shared with anything.
+    pub fn load(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<Arc<Model>> {
         let started = Instant::now();
-        let onnx = OnnxModel::load(&self.runtime, &spec.name, source, spec.target, spec.sessions, spec.threads)
-            .with_context(|| format!("model `{}`", spec.name))?;
+        let onnx = OnnxModel::load(&self.runtime, spec.name.as_str(), source, spec.target, spec.sessions, spec.threads)?;
         let onnx = Arc::new(onnx);
         tracing::info!(
             model = %spec.name,
-            digest = %&spec.digest[..12],
+            digest = %spec.file.short(),
             target = ?onnx.target(),
             sessions = spec.sessions,
             batch = ?spec.batch,
@@ -158,32 +143,52 @@ impl ModelRegistry {
             started.elapsed()
         );
         let batcher = spec.batch.map(|b| batch::Batcher::spawn(Arc::clone(&onnx), b));
-        self.models.insert(spec.name.clone(), Arc::new(Model { onnx, batcher, requests: 0.into() }));
-        Ok(())
+        Ok(Arc::new(Model { onnx, batcher, requests: 0.into(), spec: spec.clone() }))
     }
 
-    /// The model named `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<Model>> {
-        self.models.get(name).map(|m| Arc::clone(m.value()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ModelKey, Weak<Model>>> {
+        self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends each model's counters in the Prometheus text format.
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let mut names: Vec<String> = self.models.iter().map(|m| m.key().clone()).collect();
-        names.sort();
-        for name in names {
-            if let Some(model) = self.get(&name) {
-                let requests = model.requests.load(std::sync::atomic::Ordering::Relaxed);
-                let _ = writeln!(out, "lepton_model_requests_total{{model=\"{name}\"}} {requests}");
-                let _ = writeln!(out, "lepton_model_runs_total{{model=\"{name}\"}} {}", model.onnx.runs());
-            }
-        }
+    /// Every model resident now (loaded from a file and still used).
+    pub fn resident(&self) -> Vec<Arc<Model>> {
+        let mut loaded = self.lock();
+        loaded.retain(|_, weak| weak.strong_count() > 0);
+        loaded.values().filter_map(Weak::upgrade).collect()
     }
 
     /// The ONNX Runtime in use.
     pub fn runtime(&self) -> &OnnxRuntime {
         &self.runtime
+    }
+}
+
+/// A model name of one app version: the model it serves now. A trainer's `publish`
+/// swaps what the slot holds; requests that hold the old model finish on it.
+pub struct ModelSlot {
+    spec: ModelSpec,
+    current: ArcSwap<Model>,
+}
+
+impl ModelSlot {
+    /// A slot serving `model`.
+    pub fn new(spec: ModelSpec, model: Arc<Model>) -> Self {
+        Self { spec, current: ArcSwap::new(model) }
+    }
+
+    /// The model served now.
+    pub fn current(&self) -> Arc<Model> {
+        self.current.load_full()
+    }
+
+    /// Serves `model` from now on.
+    pub fn replace(&self, model: Arc<Model>) {
+        self.current.store(model);
+    }
+
+    /// The spec the slot was made for.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }
 
@@ -199,12 +204,10 @@ pub struct ExecutionContext {
 
 /// What one instance may reach through `wasi:nn`.
 pub struct NnCtx {
-    registry: Option<Arc<ModelRegistry>>,
-    granted: Arc<[String]>,
-    allow_upload: bool,
-    max_upload: u64,
-    trainers: Option<Arc<TrainerRegistry>>,
-    granted_trainers: Arc<[String]>,
+    /// The granted models, by name: nothing else is loadable by name.
+    granted: Arc<HashMap<String, Arc<ModelSlot>>>,
+    /// Where `load` from bytes goes and its size cap, when the function allows it.
+    upload: Option<(Arc<ModelRegistry>, u64)>,
     /// Bytes of tensor data this instance may hold on the host at once.
     max_tensor_bytes: u64,
     tensor_bytes: AtomicU64,
@@ -218,15 +221,12 @@ pub const MAX_UPLOADS_PER_REQUEST: u64 = 2;
 pub const DEFAULT_TENSOR_BUDGET: u64 = 128 << 20;
 
 impl NnCtx {
-    /// Grants `granted` models of `registry`; uploads when `allow_upload`, up to `max_upload` bytes.
-    pub fn new(registry: Option<Arc<ModelRegistry>>, granted: Arc<[String]>, allow_upload: bool, max_upload: u64) -> Self {
+    /// Grants exactly the models in `granted`; `load` from bytes through `upload`'s
+    /// registry, up to its size, when given.
+    pub fn new(granted: Arc<HashMap<String, Arc<ModelSlot>>>, upload: Option<(Arc<ModelRegistry>, u64)>) -> Self {
         Self {
-            registry,
             granted,
-            allow_upload,
-            max_upload,
-            trainers: None,
-            granted_trainers: Arc::from([]),
+            upload,
             max_tensor_bytes: DEFAULT_TENSOR_BUDGET,
             tensor_bytes: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
@@ -263,13 +263,6 @@ impl NnCtx {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes as u64)));
     }
 
-    /// Also grants `granted` trainers of `trainers`.
-    #[must_use]
-    pub fn with_trainers(mut self, trainers: Option<Arc<TrainerRegistry>>, granted: Arc<[String]>) -> Self {
-        self.trainers = trainers;
-        self.granted_trainers = granted;
-        self
-    }
 }
 
 /// A borrowed view of an instance's `wasi:nn` state; the host traits are implemented on it.
@@ -290,12 +283,6 @@ impl<'a> NnView<'a> {
     }
 }
 
-/// `lookup()` when `name` is granted, else `None`: ungranted and unknown names answer
-/// alike, with no hint that something by that name exists on the node.
-fn granted<T>(grants: &[String], name: &str, lookup: impl FnOnce() -> Option<T>) -> Option<T> {
-    grants.iter().any(|granted| granted == name).then(lookup).flatten()
-}
-
 struct HasNn;
 
 impl HasData for HasNn {
@@ -308,7 +295,6 @@ pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T)
     wit_tensor::add_to_linker::<T, HasNn>(linker, view)?;
     inference::add_to_linker::<T, HasNn>(linker, view)?;
     errors::add_to_linker::<T, HasNn>(linker, view)?;
-    training::add_to_linker::<T, HasNn>(linker, view)?;
     Ok(())
 }
 
@@ -319,14 +305,11 @@ impl graph::Host for NnView<'_> {
         encoding: GraphEncoding,
         target: ExecutionTarget,
     ) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
-        if !self.ctx.allow_upload {
+        let Some((registry, max_upload)) = self.ctx.upload.clone() else {
             return self.fail(
                 ErrorCode::Security,
                 "loading a model from bytes is not allowed for this function (`allow_model_upload`)".into(),
             );
-        }
-        let Some(registry) = self.ctx.registry.clone() else {
-            return self.fail(ErrorCode::UnsupportedOperation, "this node has no inference backend".into());
         };
         if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
             return self.fail(ErrorCode::InvalidEncoding, format!("{encoding:?} is not supported; use onnx"));
@@ -336,10 +319,10 @@ impl graph::Host for NnView<'_> {
         let (Some(bytes), None) = (builders.next(), builders.next()) else {
             return self.fail(ErrorCode::InvalidArgument, format!("an ONNX graph is one builder, got {count}"));
         };
-        if bytes.len() as u64 > self.ctx.max_upload {
+        if bytes.len() as u64 > max_upload {
             return self.fail(
                 ErrorCode::TooLarge,
-                format!("model is {} bytes; the limit is {} (`max_model_upload_size`)", bytes.len(), self.ctx.max_upload),
+                format!("model is {} bytes; the limit is {max_upload} (`max_model_upload_size`)", bytes.len()),
             );
         }
         if self.ctx.uploads.fetch_add(1, Ordering::Relaxed) >= MAX_UPLOADS_PER_REQUEST {
@@ -349,23 +332,26 @@ impl graph::Host for NnView<'_> {
             );
         }
         let target = if matches!(target, ExecutionTarget::Gpu) { Target::Gpu } else { Target::Cpu };
-        let loaded = tokio::task::spawn_blocking(move || {
-            OnnxModel::load(registry.runtime(), "uploaded", &Source::Bytes(&bytes), target, 1, 1)
-        })
-        .await;
+        let spec = ModelSpec {
+            name: Name::new("uploaded").map_err(wasmtime::Error::msg)?,
+            file: Digest::of(&bytes),
+            target,
+            batch: None,
+            sessions: 1,
+            threads: 1,
+        };
+        let loaded = tokio::task::spawn_blocking(move || registry.load(&spec, &Source::Bytes(&bytes))).await;
         match loaded {
-            Ok(Ok(onnx)) => {
-                let model = Arc::new(Model { onnx: Arc::new(onnx), batcher: None, requests: 0.into() });
-                Ok(Ok(self.table.push(Graph { model })?))
-            }
+            Ok(Ok(model)) => Ok(Ok(self.table.push(Graph { model })?)),
             Ok(Err(error)) => self.fail(ErrorCode::InvalidEncoding, format!("{error:#}")),
             Err(error) => self.fail(ErrorCode::RuntimeError, error.to_string()),
         }
     }
 
     fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
-        let model = granted(&self.ctx.granted, &name, || self.ctx.registry.as_ref().and_then(|r| r.get(&name)));
-        match model {
+        // Ungranted and unknown names answer alike, with no hint that something by
+        // that name exists on the node.
+        match self.ctx.granted.get(&name).map(|slot| slot.current()) {
             Some(model) => Ok(Ok(self.table.push(Graph { model })?)),
             None => self.fail(ErrorCode::NotFound, format!("no model named {name:?}")),
         }
@@ -396,7 +382,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         inputs: Vec<(String, Resource<Tensor>)>,
     ) -> wasmtime::Result<Result<Vec<(String, Resource<Tensor>)>, Resource<NnError>>> {
         let model = Arc::clone(&self.table.get(&context)?.model);
-        let tensors = self.tensors(inputs)?;
+        let tensors = tensors_from_table(self.table, inputs)?;
         match model.compute(tensors).await {
             Ok(outputs) => {
                 let bytes = outputs.iter().map(|(_, t)| t.data.len()).sum();
@@ -465,92 +451,10 @@ impl errors::HostError for NnView<'_> {
     }
 }
 
-impl NnView<'_> {
-    fn tensors(&self, inputs: Vec<(String, Resource<Tensor>)>) -> wasmtime::Result<Vec<(String, Tensor)>> {
-        inputs.into_iter().map(|(name, t)| Ok((name, self.table.get(&t)?.clone()))).collect()
-    }
-
-    /// A training step (`update`) or an evaluation, on tensors copied out of the table.
-    async fn loss(
-        &mut self,
-        trainer: Resource<TrainerResource>,
-        inputs: Vec<(String, Resource<Tensor>)>,
-        targets: Resource<Tensor>,
-        update: bool,
-    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let inputs = self.tensors(inputs)?;
-        let targets = self.table.get(&targets)?.clone();
-        let result = if update { handle.step(inputs, targets).await } else { handle.evaluate(inputs, targets).await };
-        self.answer(result)
-    }
-
-    fn answer<T>(&mut self, result: Result<T, NnError>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
-        match result {
-            Ok(value) => Ok(Ok(value)),
-            Err(error) => self.fail(error.code, error.message),
-        }
-    }
-}
-
-impl training::Host for NnView<'_> {
-    fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<TrainerResource>, Resource<NnError>>> {
-        let trainer = granted(&self.ctx.granted_trainers, &name, || self.ctx.trainers.as_ref().and_then(|t| t.get(&name)));
-        match trainer {
-            Some(trainer) => Ok(Ok(self.table.push(TrainerResource(trainer))?)),
-            None => self.fail(ErrorCode::NotFound, format!("no trainer named {name:?}")),
-        }
-    }
-}
-
-impl training::HostTrainer for NnView<'_> {
-    async fn step(
-        &mut self,
-        trainer: Resource<TrainerResource>,
-        inputs: Vec<(String, Resource<Tensor>)>,
-        targets: Resource<Tensor>,
-    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
-        self.loss(trainer, inputs, targets, true).await
-    }
-
-    async fn evaluate(
-        &mut self,
-        trainer: Resource<TrainerResource>,
-        inputs: Vec<(String, Resource<Tensor>)>,
-        targets: Resource<Tensor>,
-    ) -> wasmtime::Result<Result<f32, Resource<NnError>>> {
-        self.loss(trainer, inputs, targets, false).await
-    }
-
-    fn steps(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<u64> {
-        Ok(Arc::clone(&self.table.get(&trainer)?.0).steps())
-    }
-
-    async fn export(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<Vec<u8>, Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let result = handle.export().await;
-        self.answer(result)
-    }
-
-    async fn publish(
-        &mut self,
-        trainer: Resource<TrainerResource>,
-        model: String,
-    ) -> wasmtime::Result<Result<(), Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let registry = self.ctx.registry.clone();
-        let result = handle.publish(&model, registry.as_ref()).await;
-        self.answer(result)
-    }
-
-    async fn checkpoint(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<(), Resource<NnError>>> {
-        let handle = Arc::clone(&self.table.get(&trainer)?.0);
-        let result = handle.checkpoint().await;
-        self.answer(result)
-    }
-
-    fn drop(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<()> {
-        self.table.delete(trainer)?;
-        Ok(())
-    }
+/// Copies the tensors named by `inputs` out of `table` (for a run or a training step).
+pub(crate) fn tensors_from_table(
+    table: &ResourceTable,
+    inputs: Vec<(String, Resource<Tensor>)>,
+) -> wasmtime::Result<Vec<(String, Tensor)>> {
+    inputs.into_iter().map(|(name, t)| Ok((name, table.get(&t)?.clone()))).collect()
 }

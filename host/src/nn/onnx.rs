@@ -28,19 +28,15 @@ pub struct OnnxRuntime {
 }
 
 impl OnnxRuntime {
-    /// Where ONNX Runtime is: `$ORT_DYLIB_PATH`, else `.cache/onnxruntime/libonnxruntime.so`
-    /// beside the manifest (where `./setup.sh` puts it), else in the working directory.
-    pub fn locate(manifest_dir: &Path) -> anyhow::Result<PathBuf> {
+    /// Where ONNX Runtime is: `$ORT_DYLIB_PATH` when set, else the first of
+    /// [`OnnxRuntime::search_path`]`(extra)` that exists.
+    pub fn locate(extra: &[PathBuf]) -> anyhow::Result<PathBuf> {
         if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
             let path = PathBuf::from(path);
             anyhow::ensure!(path.is_file(), "ORT_DYLIB_PATH is `{}`, which is not a file", path.display());
             return Ok(path);
         }
-        let mut candidates = vec![manifest_dir.join(".cache/onnxruntime").join(ORT_LIBRARY)];
-        let in_working_dir = PathBuf::from(".cache/onnxruntime").join(ORT_LIBRARY);
-        if candidates[0] != in_working_dir {
-            candidates.push(in_working_dir);
-        }
+        let candidates = Self::search_path(extra);
         candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
             anyhow::anyhow!(
                 "ONNX Runtime not found (looked in {}); run ./setup.sh, or set ORT_DYLIB_PATH to a libonnxruntime.so \
@@ -48,6 +44,30 @@ impl OnnxRuntime {
                 candidates.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
             )
         })
+    }
+
+    /// Where ONNX Runtime is looked for, in order: `ORT_LIBRARY` in each of `extra`
+    /// (the node passes its state dir's `onnxruntime/`), beside the `lepton` binary, in
+    /// `.cache/onnxruntime/` of the checkout the binary was built in (`target/*/lepton`:
+    /// where `./setup.sh` puts it, so a user who ran the setup never sets a variable),
+    /// and in `.cache/onnxruntime/` of the working directory.
+    pub fn search_path(extra: &[PathBuf]) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = extra.to_vec();
+        if let Some(bin) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_owned)) {
+            dirs.push(bin.clone());
+            if let Some(checkout) = bin.parent().and_then(Path::parent) {
+                dirs.push(checkout.join(".cache/onnxruntime"));
+            }
+        }
+        dirs.push(PathBuf::from(".cache/onnxruntime"));
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        for dir in dirs {
+            let candidate = dir.join(ORT_LIBRARY);
+            if !candidates.contains(&candidate) {
+                candidates.push(candidate);
+            }
+        }
+        candidates
     }
 
     /// Loads the library at `path` and creates the environment.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor as CTensor, Var};
 use candle_nn::optim::{AdamW, Optimizer as _, ParamsAdamW};
@@ -28,6 +29,7 @@ fn unsupported(op: &str) -> Option<&'static str> {
 }
 
 const STEPS_KEY: &str = "lepton.steps";
+/// The trainer's fingerprint ([`TrainerSpec::fingerprint`]) a checkpoint was written by.
 const INIT_KEY: &str = "lepton.init_digest";
 
 /// A declared graph input: name and dimensions (`None`: any size).
@@ -71,13 +73,14 @@ fn runtime(error: impl std::fmt::Display) -> NnError {
 }
 
 impl Trainer {
-    /// Loads `spec` (resuming from its checkpoint under `state_dir` when one was
-    /// written from the same initial graph) and checks that it can be trained.
-    pub fn load(spec: &TrainerSpec, state_dir: &Path) -> anyhow::Result<Self> {
-        let dir = state_dir.join("trainers").join(&spec.name);
+    /// Loads `spec` from its initial graph at `init` (resuming from the checkpoint in
+    /// `dir` when one was written by a trainer of the same fingerprint: same initial
+    /// graph and settings) and checks that it can be trained.
+    pub fn load(spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
         let checkpoint = dir.join("checkpoint.onnx");
-        let mut model = candle_onnx::read_file(&spec.init)
-            .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", spec.init.display()))?;
+        let fingerprint = spec.fingerprint().to_string();
+        let mut model =
+            candle_onnx::read_file(init).map_err(|e| anyhow::anyhow!("reading `{}`: {e}", init.display()))?;
         let mut steps = 0;
         let saved = checkpoint.exists().then(|| candle_onnx::read_file(&checkpoint)).and_then(|read| {
             read.map_err(|e| tracing::error!(trainer = %spec.name, "ignoring unreadable checkpoint `{}`: {e}", checkpoint.display()))
@@ -85,17 +88,17 @@ impl Trainer {
         });
         if let Some(saved) = saved {
             let meta = |key: &str| saved.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone());
-            if meta(INIT_KEY).as_deref() == Some(spec.init_digest.as_str()) {
+            if meta(INIT_KEY).as_deref() == Some(fingerprint.as_str()) {
                 steps = meta(STEPS_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
                 model = saved;
                 tracing::info!(trainer = %spec.name, steps, "resuming from checkpoint");
             } else {
-                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph");
+                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph or settings");
             }
         }
         model.metadata_props.retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
 
-        let device = device(spec.target, &spec.name);
+        let device = device(spec.target, spec.name.as_str());
         let graph_proto = model.graph.as_mut().context("the ONNX file has no graph")?;
         for node in &graph_proto.node {
             if let Some(reason) = unsupported(&node.op_type) {
@@ -173,7 +176,7 @@ impl Trainer {
             Optimizer::Sgd { lr, momentum } => OptimizerState::Sgd { lr, momentum, velocity: vec![None; weights.len()] },
         };
         let trainer = Self {
-            name: spec.name.clone(),
+            name: spec.name.to_string(),
             graph: model,
             weights,
             inputs,
@@ -182,7 +185,7 @@ impl Trainer {
             optimizer,
             steps,
             device,
-            init_digest: spec.init_digest.clone(),
+            init_digest: fingerprint,
             checkpoint,
         };
         trainer.check_gradients()?;
@@ -359,9 +362,7 @@ impl Trainer {
         let mut model = self.with_weights()?;
         model.metadata_props.push(StringStringEntryProto { key: STEPS_KEY.into(), value: self.steps.to_string() });
         model.metadata_props.push(StringStringEntryProto { key: INIT_KEY.into(), value: self.init_digest.clone() });
-        let dir = self.checkpoint.parent().ok_or_else(|| runtime("no checkpoint directory"))?;
-        std::fs::create_dir_all(dir).map_err(|e| runtime(format!("creating `{}`: {e}", dir.display())))?;
-        super::write_atomically(&self.checkpoint, &model.encode_to_vec()).map_err(|e| runtime(format!("{e:#}")))?;
+        crate::fsutil::write_atomically(&self.checkpoint, &model.encode_to_vec()).map_err(|e| runtime(format!("{e:#}")))?;
         tracing::info!(trainer = %self.name, steps = self.steps, "checkpoint written");
         Ok(())
     }

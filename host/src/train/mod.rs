@@ -1,18 +1,26 @@
 //! `lepton:nn/training`: training steps on host-held models.
 //!
-//! Each trainer of the manifest lives on a thread of its own that takes commands
-//! from a bounded queue: steps on one trainer run one at a time in arrival order
-//! (a queue, not a lock held across await points), different trainers run in
-//! parallel, and an async request only waits for its reply. A trainer that changed
-//! is checkpointed every `checkpoint_every` (and on `checkpoint()`, and when the host
-//! stops), atomically, under `<state-dir>/trainers/NAME/`; `lepton up` on the same
-//! state dir resumes from there.
+//! Each trainer lives on a thread of its own that takes commands from a bounded
+//! queue: steps on one trainer run one at a time in arrival order (a queue, not a lock
+//! held across await points), different trainers run in parallel, and an async request
+//! only waits for its reply. A trainer that changed is checkpointed every
+//! `checkpoint_every` (and on `checkpoint()`, and when the node stops), atomically,
+//! under `<state-dir>/trainers/APP/NAME-FINGERPRINT/`; a node on the same state dir
+//! resumes from there. A trainer is kept (weights, steps, checkpoints) across versions
+//! of its app that keep its fingerprint (initial graph and settings).
+//!
+//! The capability is wired like every wasmtime one: a [`TrainCtx`] per instance (the
+//! granted trainers and where `publish` goes), a [`TrainView`] over it and the store's
+//! resource table, and [`add_to_linker`]. It uses `wasi:nn`'s tensor and error types
+//! and nothing else of [`crate::nn`]; publishing goes through the [`Publisher`] trait.
 
 mod backend;
+mod host;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::Instant;
 
@@ -20,9 +28,16 @@ use anyhow::Context as _;
 use tokio::sync::oneshot;
 
 pub use self::backend::Trainer;
+pub use self::host::{TrainCtx, TrainView, add_to_linker};
 use crate::bindings::wasi::nn::errors::ErrorCode;
-use crate::manifest::{Deployment, TrainerSpec};
-use crate::nn::{ModelRegistry, NnError, Tensor};
+use crate::locked::{Digest, Name, TrainerSpec};
+use crate::nn::{NnError, Tensor};
+
+/// Where a trainer's `publish` puts the weights: the app's inference models.
+pub trait Publisher: Send + Sync {
+    /// Makes the ONNX graph `bytes` the model `model` (and keeps it for the next start).
+    fn publish(&self, model: &str, bytes: &[u8]) -> anyhow::Result<()>;
+}
 
 /// Commands waiting for one trainer, past which new ones are refused.
 pub const MAX_QUEUED_COMMANDS: usize = 1024;
@@ -46,25 +61,41 @@ pub struct TrainerResource(pub(crate) Arc<TrainerHandle>);
 /// The handle of one trainer's thread.
 pub struct TrainerHandle {
     name: String,
-    publishes: Option<String>,
+    publishes: Option<Name>,
+    fingerprint: Digest,
     sender: SyncSender<Command>,
-    steps: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+}
+
+/// Counters the trainer thread keeps up to date.
+#[derive(Default)]
+struct Stats {
+    steps: AtomicU64,
+    /// Unix time in milliseconds of the last checkpoint written (0: none yet).
+    last_checkpoint_ms: AtomicU64,
 }
 
 impl TrainerHandle {
-    fn start(spec: &TrainerSpec, state_dir: &Path) -> anyhow::Result<Self> {
+    /// Starts trainer `spec` from the initial graph at `init`, with its checkpoints in `dir`.
+    pub fn start(spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
         let started = Instant::now();
-        let trainer = Trainer::load(spec, state_dir).with_context(|| format!("trainer `{}`", spec.name))?;
+        let trainer = Trainer::load(spec, init, dir)?;
         tracing::info!(trainer = %spec.name, steps = trainer.steps(), "loaded in {:.1?}", started.elapsed());
-        let steps = Arc::new(AtomicU64::new(trainer.steps()));
+        let stats = Arc::new(Stats { steps: AtomicU64::new(trainer.steps()), last_checkpoint_ms: AtomicU64::new(0) });
         let (sender, receiver) = sync_channel(MAX_QUEUED_COMMANDS);
         let every = spec.checkpoint_every;
-        let counter = Arc::clone(&steps);
+        let counters = Arc::clone(&stats);
         std::thread::Builder::new()
             .name(format!("trainer-{}", spec.name))
-            .spawn(move || serve(trainer, &receiver, every, &counter))
+            .spawn(move || serve(trainer, &receiver, every, &counters))
             .context("spawning the trainer thread")?;
-        Ok(Self { name: spec.name.clone(), publishes: spec.publishes.clone(), sender, steps })
+        Ok(Self {
+            name: spec.name.to_string(),
+            publishes: spec.publishes.clone(),
+            fingerprint: spec.fingerprint(),
+            sender,
+            stats,
+        })
     }
 
     /// The trainer's name.
@@ -74,7 +105,12 @@ impl TrainerHandle {
 
     /// Steps taken.
     pub fn steps(&self) -> u64 {
-        self.steps.load(Ordering::SeqCst)
+        self.stats.steps.load(Ordering::SeqCst)
+    }
+
+    /// Unix time in milliseconds of the last checkpoint this trainer wrote, if any.
+    pub fn last_checkpoint_ms(&self) -> Option<u64> {
+        Some(self.stats.last_checkpoint_ms.load(Ordering::SeqCst)).filter(|&t| t > 0)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, NnError> {
@@ -133,20 +169,25 @@ impl TrainerHandle {
         .unwrap_or_else(|_| Err(timed_out()))
     }
 
-    /// Replaces inference model `model` with the current weights.
-    pub async fn publish(&self, model: &str, models: Option<&Arc<ModelRegistry>>) -> Result<(), NnError> {
-        if self.publishes.as_deref() != Some(model) {
+    /// Replaces inference model `model` with the current weights, through `publisher`.
+    pub async fn publish(&self, model: &str, publisher: Option<&Arc<dyn Publisher>>) -> Result<(), NnError> {
+        if self.publishes.as_ref().is_none_or(|p| p.as_str() != model) {
             return Err(NnError::new(
                 ErrorCode::Security,
-                format!("trainer `{}` may not publish {model:?} (its `publishes` is {:?})", self.name, self.publishes),
+                format!(
+                    "trainer `{}` may not publish {model:?} (its `publishes` is {:?})",
+                    self.name,
+                    self.publishes.as_ref().map(Name::as_str)
+                ),
             ));
         }
-        let models = models.ok_or_else(|| NnError::new(ErrorCode::RuntimeError, "this node has no inference backend".into()))?;
+        let publisher = publisher
+            .cloned()
+            .ok_or_else(|| NnError::new(ErrorCode::RuntimeError, "this node has no inference backend".into()))?;
         let bytes = self.export().await?;
-        let models = Arc::clone(models);
         let name = model.to_owned();
         let steps = self.steps();
-        tokio::task::spawn_blocking(move || models.replace(&name, &bytes))
+        tokio::task::spawn_blocking(move || publisher.publish(&name, &bytes))
             .await
             .map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?
             .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("{e:#}")))?;
@@ -168,7 +209,7 @@ fn guarded<T>(trainer: &str, work: impl FnOnce() -> Result<T, NnError>) -> Resul
     })
 }
 
-fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::Duration, steps: &AtomicU64) {
+fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::Duration, stats: &Stats) {
     let name = trainer.name().to_owned();
     let mut saved_steps = trainer.steps();
     let mut next_checkpoint = Instant::now() + every;
@@ -182,7 +223,7 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
             Ok(Command::Export { reply }) if reply.is_closed() => {}
             Ok(Command::Step { inputs, targets, reply }) => {
                 let result = guarded(&name, || trainer.step(&inputs, &targets));
-                steps.store(trainer.steps(), Ordering::SeqCst);
+                stats.steps.store(trainer.steps(), Ordering::SeqCst);
                 let _ = reply.send(result);
             }
             Ok(Command::Evaluate { inputs, targets, reply }) => {
@@ -199,6 +240,7 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
                 };
                 if result.is_ok() {
                     saved_steps = trainer.steps();
+                    stats.checkpointed();
                 }
                 let _ = reply.send(result);
             }
@@ -206,7 +248,10 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
         }
         if (Instant::now() >= next_checkpoint || stop) && trainer.steps() != saved_steps {
             match guarded(&name, || trainer.checkpoint()) {
-                Ok(()) => saved_steps = trainer.steps(),
+                Ok(()) => {
+                    saved_steps = trainer.steps();
+                    stats.checkpointed();
+                }
                 Err(error) => tracing::error!(trainer = %name, "checkpoint failed: {}", error.message),
             }
         }
@@ -239,51 +284,60 @@ pub unsafe fn pin_candle_threads() {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file that is synced and renamed
-/// into place, so a crash leaves either the old file or the new one.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let temp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::File::create(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing `{}`", temp.display()))?;
-    std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))
+impl Stats {
+    fn checkpointed(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_checkpoint_ms.store(u64::try_from(now.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
 }
 
-/// Every trainer of the node, by name.
+/// The node's trainers, by app and name: started at a deploy, kept across versions
+/// that keep a trainer's fingerprint, stopped once no active version uses them (and
+/// their last request ended; the thread checkpoints as it stops).
 pub struct TrainerRegistry {
-    trainers: Vec<Arc<TrainerHandle>>,
+    dir: std::path::PathBuf,
+    live: Mutex<HashMap<(Name, Name), Weak<TrainerHandle>>>,
 }
 
 impl TrainerRegistry {
-    /// Loads every trainer of `deployment`, resuming from checkpoints under `state_dir`.
-    pub fn load(deployment: &Deployment, state_dir: &Path) -> anyhow::Result<Self> {
-        let trainers = deployment
-            .trainers
-            .iter()
-            .map(|spec| TrainerHandle::start(spec, state_dir).map(Arc::new))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self { trainers })
+    /// A registry keeping checkpoints under `<state_dir>/trainers/`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self { dir: state_dir.join("trainers"), live: Mutex::new(HashMap::new()) }
     }
 
-    /// The trainer named `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<TrainerHandle>> {
-        self.trainers.iter().find(|t| t.name == name).cloned()
-    }
-
-    /// Writes a checkpoint of every trainer that changed (at shutdown).
-    pub async fn checkpoint_all(&self) {
-        for trainer in &self.trainers {
-            if let Err(error) = trainer.flush().await {
-                tracing::error!(trainer = %trainer.name, "checkpoint failed: {}", error.message);
-            }
+    /// Trainer `spec` of `app`: the running one when its fingerprint is the same, else
+    /// a new one started from `init` (resuming from its own checkpoint if it has one).
+    pub fn get_or_start(&self, app: &Name, spec: &TrainerSpec, init: &Path) -> anyhow::Result<Arc<TrainerHandle>> {
+        let key = (app.clone(), spec.name.clone());
+        let fingerprint = spec.fingerprint();
+        if let Some(running) = self.lock().get(&key).and_then(Weak::upgrade).filter(|t| t.fingerprint == fingerprint) {
+            return Ok(running);
         }
+        let dir = self.dir.join(app.as_str()).join(format!("{}-{}", spec.name, fingerprint.short()));
+        let handle = Arc::new(TrainerHandle::start(spec, init, &dir)?);
+        self.lock().insert(key, Arc::downgrade(&handle));
+        Ok(handle)
     }
 
-    /// Appends each trainer's step count in the Prometheus text format.
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        for trainer in &self.trainers {
-            let _ = writeln!(out, "lepton_trainer_steps_total{{trainer=\"{}\"}} {}", trainer.name, trainer.steps());
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name), Weak<TrainerHandle>>> {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every running trainer, with its app.
+    pub fn running(&self) -> Vec<(Name, Arc<TrainerHandle>)> {
+        let mut live = self.lock();
+        live.retain(|_, weak| weak.strong_count() > 0);
+        let mut running: Vec<_> = live.iter().filter_map(|((app, _), weak)| Some((app.clone(), weak.upgrade()?))).collect();
+        running.sort_by(|a, b| (&a.0, a.1.name()).cmp(&(&b.0, b.1.name())));
+        running
+    }
+
+    /// Writes a checkpoint of every running trainer that changed (at shutdown).
+    pub async fn checkpoint_all(&self) {
+        for (app, trainer) in self.running() {
+            if let Err(error) = trainer.flush().await {
+                tracing::error!(app = %app, trainer = %trainer.name, "checkpoint failed: {}", error.message);
+            }
         }
     }
 }

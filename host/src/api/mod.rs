@@ -1,0 +1,368 @@
+//! The admin API: JSON over HTTP on its own listener, under `/v1`, every request
+//! authenticated with `Authorization: Bearer <token>`.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `HEAD /v1/blobs/sha256:<hex>` | 200 when stored, 404 |
+//! | `PUT /v1/blobs/sha256:<hex>` | 201 stored (200 already there); 400 digest mismatch; 413 past `--max-blob-size` |
+//! | `POST /v1/apps/<app>/versions` (a locked app) | 201 `{app, version, routes}` once it serves; 200 when nothing changed; 400 invalid or missing blobs; 409 route taken |
+//! | `GET /v1/apps`, `GET /v1/apps/<app>` | apps, versions, active, routes |
+//! | `POST /v1/apps/<app>/rollback` (`{"version": N}`, optional) | 200 `{app, version}`; 404 no such version |
+//! | `DELETE /v1/apps/<app>` | 200; 404 |
+//! | `GET /v1/status` | functions, models, trainers |
+//! | `GET /v1/audit?limit=N` | the audit log, oldest first |
+//!
+//! Errors are `{"error": {"scope", "key", "reason"}}` (and `"missing": [digests]` for
+//! missing blobs), the same words the CLI prints.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::blobs::BlobError;
+use crate::http::{Body, Handler, full};
+use crate::locked::{Digest, LockedApp, Name, SpecError};
+use crate::node::audit::AuditRecord;
+use crate::node::{DeployError, Node};
+
+/// Default cap on one uploaded blob.
+pub const DEFAULT_MAX_BLOB_SIZE: u64 = 2 << 30;
+/// Cap on a JSON request body (a locked app is a few KiB).
+pub const MAX_JSON_BODY: usize = 8 << 20;
+/// How long a client has to send a JSON body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a blob upload may pause between pieces before it is dropped.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Auth failures recorded in the audit log per minute; past that they are counted only.
+pub const MAX_AUDITED_AUTH_FAILURES: u64 = 60;
+
+/// The admin API's bearer token.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// Reads the token from `file` when given, else from `<state_dir>/admin-token`,
+    /// making that file (32 random bytes, hex, mode 0600) on first start.
+    pub fn load_or_create(file: Option<&Path>, state_dir: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        let path = file.map_or_else(|| state_dir.join("admin-token"), Path::to_owned);
+        if file.is_none() && !path.exists() {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .context("reading /dev/urandom for the admin token")?;
+            write_private(&path, hex::encode(bytes).as_bytes())?;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading the admin token `{}`", path.display()))?;
+        let token = text.trim();
+        anyhow::ensure!(token.len() >= 16, "the admin token in `{}` is shorter than 16 characters", path.display());
+        Ok((Self(Arc::from(token)), path))
+    }
+
+    /// Whether `given` is the token, compared in constant time (of the digests).
+    fn accepts(&self, given: &str) -> bool {
+        let (a, b) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(given.as_bytes()));
+        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// Writes `bytes` to a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temp = crate::fsutil::temp_path(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .with_context(|| format!("creating `{}`", temp.display()))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing `{}`", temp.display()))?;
+    std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))
+}
+
+/// The admin API of one node.
+pub struct Admin {
+    node: Arc<Node>,
+    token: AdminToken,
+    max_blob_size: u64,
+    auth_failures: AtomicU64,
+    auth_window: AtomicU64,
+}
+
+impl Admin {
+    /// The API over `node`, accepting `token`, with blobs up to `max_blob_size`.
+    pub fn new(node: Arc<Node>, token: AdminToken, max_blob_size: u64) -> Arc<Self> {
+        Arc::new(Self { node, token, max_blob_size, auth_failures: AtomicU64::new(0), auth_window: AtomicU64::new(0) })
+    }
+
+    /// A handler for [`crate::http::serve_connections`].
+    pub fn handler(self: &Arc<Self>) -> Handler {
+        let admin = Arc::clone(self);
+        Arc::new(move |request, peer| {
+            let admin = Arc::clone(&admin);
+            Box::pin(async move { admin.answer(request, peer).await })
+        })
+    }
+
+    async fn answer(&self, request: hyper::Request<Incoming>, peer: SocketAddr) -> hyper::Response<Body> {
+        if !self.authorized(&request) {
+            self.audit_auth_failure(&request, peer);
+            let mut response = error(StatusCode::UNAUTHORIZED, SpecError::new("", None, "missing or wrong bearer token"));
+            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path.strip_prefix("/v1/").map(|p| p.split('/').collect()).unwrap_or_default();
+        let peer = peer.to_string();
+        match (&method, segments.as_slice()) {
+            (&Method::HEAD, ["blobs", digest]) => match Digest::parse(digest) {
+                Ok(digest) if self.node.blobs().contains(&digest) => empty(StatusCode::OK),
+                Ok(_) => empty(StatusCode::NOT_FOUND),
+                Err(_) => empty(StatusCode::BAD_REQUEST),
+            },
+            (&Method::PUT, ["blobs", digest]) => match Digest::parse(digest) {
+                Ok(digest) => self.put_blob(request, digest).await,
+                Err(reason) => error(StatusCode::BAD_REQUEST, SpecError::new("blob", None, reason)),
+            },
+            (&Method::POST, ["apps", app, "versions"]) => self.deploy(request, app, &peer).await,
+            (&Method::GET, ["apps"]) => json(StatusCode::OK, &serde_json::json!({ "apps": self.node.apps().await })),
+            (&Method::GET, ["apps", app]) => match parse_app(app) {
+                Ok(name) => match self.node.apps().await.into_iter().find(|a| a.name == name) {
+                    Some(info) => json(StatusCode::OK, &info),
+                    None => not_found(app),
+                },
+                Err(response) => response,
+            },
+            (&Method::POST, ["apps", app, "rollback"]) => self.rollback(request, app, &peer).await,
+            (&Method::DELETE, ["apps", app]) => match parse_app(app) {
+                Ok(name) => match self.node.remove(&name, &peer).await {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": name })),
+                    Err(e) => deploy_error(&e),
+                },
+                Err(response) => response,
+            },
+            (&Method::GET, ["status"]) => json(StatusCode::OK, &self.node.status()),
+            (&Method::GET, ["audit"]) => {
+                let limit = query(&request, "limit").and_then(|v| v.parse().ok()).unwrap_or(crate::node::audit::MAX_READ);
+                match self.node.audit().read(limit) {
+                    Ok(records) => json(StatusCode::OK, &serde_json::json!({ "records": records })),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, SpecError::new("audit", None, format!("{e:#}"))),
+                }
+            }
+            (_, ["blobs", _] | ["apps"] | ["apps", _] | ["apps", _, "versions" | "rollback"] | ["status"] | ["audit"]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, SpecError::new("", None, format!("{method} is not allowed on {path}")))
+            }
+            _ => error(StatusCode::NOT_FOUND, SpecError::new("", None, format!("no such endpoint: {method} {path}"))),
+        }
+    }
+
+    fn authorized(&self, request: &hyper::Request<Incoming>) -> bool {
+        request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| self.token.accepts(given.trim()))
+    }
+
+    fn audit_auth_failure(&self, request: &hyper::Request<Incoming>, peer: SocketAddr) {
+        let minute = crate::node::store::now_ms() / 60_000;
+        if self.auth_window.swap(minute, Ordering::Relaxed) != minute {
+            self.auth_failures.store(0, Ordering::Relaxed);
+        }
+        let n = self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "admin API: refused a request without a valid token");
+        if n >= MAX_AUDITED_AUTH_FAILURES {
+            return;
+        }
+        let record = AuditRecord {
+            time_ms: crate::node::store::now_ms(),
+            action: "auth-failure".to_owned(),
+            app: None,
+            version: None,
+            digests: Vec::new(),
+            peer: peer.to_string(),
+            outcome: format!("{} {}", request.method(), request.uri().path().chars().take(200).collect::<String>()),
+        };
+        if let Err(e) = self.node.audit().append(&record) {
+            tracing::error!("cannot write the audit log: {e:#}");
+        }
+    }
+
+    async fn put_blob(&self, request: hyper::Request<Incoming>, digest: Digest) -> hyper::Response<Body> {
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                SpecError::new("blob", None, format!("the blob is larger than {} bytes (`--max-blob-size`)", self.max_blob_size)),
+            )
+        };
+        let declared = request.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_blob_size) {
+            return too_large();
+        }
+        if self.node.blobs().contains(&digest) {
+            return json(StatusCode::OK, &serde_json::json!({ "digest": digest, "stored": false }));
+        }
+        let mut writer = match self.node.blobs().writer(digest.clone(), self.max_blob_size) {
+            Ok(writer) => writer,
+            Err(e) => return blob_error(&e, &digest),
+        };
+        let mut body = request.into_body();
+        loop {
+            let frame = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.frame()).await {
+                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, SpecError::new("blob", None, "the upload stalled")),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return error(StatusCode::BAD_REQUEST, SpecError::new("blob", None, format!("reading the body: {e}")));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data()
+                && let Err(e) = writer.write(&data)
+            {
+                return match e {
+                    BlobError::TooLarge { .. } => too_large(),
+                    other => blob_error(&other, &digest),
+                };
+            }
+        }
+        match tokio::task::spawn_blocking(move || writer.finish()).await {
+            Ok(Ok(())) => json(StatusCode::CREATED, &serde_json::json!({ "digest": digest, "stored": true })),
+            Ok(Err(e)) => blob_error(&e, &digest),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, SpecError::new("blob", None, e.to_string())),
+        }
+    }
+
+    async fn deploy(&self, request: hyper::Request<Incoming>, app: &str, peer: &str) -> hyper::Response<Body> {
+        let name = match parse_app(app) {
+            Ok(name) => name,
+            Err(response) => return response,
+        };
+        let body = match read_json_body(request).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let locked: LockedApp = match serde_json::from_slice(&body) {
+            Ok(locked) => locked,
+            Err(e) => return error(StatusCode::BAD_REQUEST, SpecError::new("locked app", None, e.to_string())),
+        };
+        if locked.name != name {
+            return error(
+                StatusCode::BAD_REQUEST,
+                SpecError::new("locked app", Some("name"), format!("is {:?}, but the URL names app {:?}", locked.name.as_str(), app)),
+            );
+        }
+        match self.node.deploy(locked, peer).await {
+            Ok(deployed) => {
+                let status = if deployed.unchanged { StatusCode::OK } else { StatusCode::CREATED };
+                json(status, &deployed)
+            }
+            Err(e) => deploy_error(&e),
+        }
+    }
+
+    async fn rollback(&self, request: hyper::Request<Incoming>, app: &str, peer: &str) -> hyper::Response<Body> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Rollback {
+            version: Option<u64>,
+        }
+        let name = match parse_app(app) {
+            Ok(name) => name,
+            Err(response) => return response,
+        };
+        let body = match read_json_body(request).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let wanted = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            match serde_json::from_slice::<Rollback>(&body) {
+                Ok(r) => r.version,
+                Err(e) => return error(StatusCode::BAD_REQUEST, SpecError::new("rollback", None, e.to_string())),
+            }
+        };
+        match self.node.rollback(&name, wanted, peer).await {
+            Ok(deployed) => json(StatusCode::OK, &deployed),
+            Err(e) => deploy_error(&e),
+        }
+    }
+}
+
+fn parse_app(app: &str) -> Result<Name, hyper::Response<Body>> {
+    Name::new(app).map_err(|reason| error(StatusCode::BAD_REQUEST, SpecError::new(format!("app {app:?}"), None, reason)))
+}
+
+fn not_found(app: &str) -> hyper::Response<Body> {
+    error(StatusCode::NOT_FOUND, SpecError::new("", None, format!("no app named {app:?}")))
+}
+
+async fn read_json_body(request: hyper::Request<Incoming>) -> Result<Bytes, hyper::Response<Body>> {
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_JSON_BODY).collect()).await {
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, SpecError::new("", None, "the body did not arrive in time"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            SpecError::new("", None, format!("JSON bodies are at most {MAX_JSON_BODY} bytes")),
+        )),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, SpecError::new("", None, format!("reading the body: {e}")))),
+    }
+}
+
+fn query<'a>(request: &'a hyper::Request<Incoming>, key: &str) -> Option<&'a str> {
+    request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn blob_error(e: &BlobError, digest: &Digest) -> hyper::Response<Body> {
+    let status = match e {
+        BlobError::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
+        BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, SpecError::new(format!("blob {digest}"), None, format!("{e:#}")))
+}
+
+fn deploy_error(e: &DeployError) -> hyper::Response<Body> {
+    let status = match e {
+        DeployError::Invalid(_) | DeployError::MissingBlobs(_) => StatusCode::BAD_REQUEST,
+        DeployError::RouteConflict { .. } => StatusCode::CONFLICT,
+        DeployError::NotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut body = serde_json::json!({ "error": e.spec_error() });
+    if let DeployError::MissingBlobs(missing) = e {
+        body["missing"] = serde_json::json!(missing);
+    }
+    json(status, &body)
+}
+
+fn error(status: StatusCode, error: SpecError) -> hyper::Response<Body> {
+    json(status, &serde_json::json!({ "error": error }))
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> hyper::Response<Body> {
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    let mut response = hyper::Response::new(full(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn empty(status: StatusCode) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(full(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}

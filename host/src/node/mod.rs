@@ -1,0 +1,835 @@
+//! The long-lived node: engine, linker, ONNX Runtime, blob store, model and trainer
+//! registries, the app store, and the function table that requests are routed through.
+//!
+//! A deploy builds the new version completely off the request path (components
+//! compiled or loaded from the cache, models loaded or shared, trainers kept or
+//! started, grants resolved), writes it durably, and only then swaps the table
+//! atomically; a request already routed keeps its `Arc<Function>` and finishes on the
+//! old version. A version that fails to build is rejected and the active one keeps
+//! serving.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use lepton_host::manifest::Manifest;
+//! use lepton_host::node::{Node, NodeConfig};
+//!
+//! let node = Node::open(NodeConfig::new(".lepton".into())).await?;
+//! let manifest = Manifest::load("lepton.toml".as_ref())?;
+//! let deployed = node.deploy_manifest(&manifest, "local").await?;
+//! println!("{} version {}", deployed.app, deployed.version);
+//! # Ok(()) }
+//! ```
+
+pub mod audit;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use wasmtime::component::Linker;
+
+use self::audit::{AuditLog, AuditRecord};
+use self::store::{AppStore, DEFAULT_KEEP_VERSIONS, StoredVersion};
+use crate::blobs::BlobStore;
+use crate::caps::{Grants, InstanceState};
+use crate::engine::Runtime;
+use crate::http::Function;
+use crate::locked::{Digest, LockedApp, ModelSpec, Name, SpecError};
+use crate::manifest::{BlobSource, Manifest};
+use crate::nn::{ModelRegistry, ModelSlot, OnnxRuntime, Source};
+use crate::train::{Publisher, TrainCtx, TrainerRegistry};
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// Where blobs, versions, caches, checkpoints and the audit log are kept.
+    pub state_dir: PathBuf,
+    /// Component instances that may run at once (all functions together).
+    pub max_instances: u32,
+    /// Versions kept per app.
+    pub keep_versions: usize,
+    /// Directories searched for ONNX Runtime before the defaults (see [`OnnxRuntime::search_path`]).
+    pub ort_search: Vec<PathBuf>,
+    /// Whether [`Node::open`] serves the apps that were active in the state dir.
+    pub restore: bool,
+}
+
+impl NodeConfig {
+    /// Defaults, with state under `state_dir`.
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            ort_search: vec![state_dir.join("onnxruntime")],
+            state_dir,
+            max_instances: crate::engine::DEFAULT_POOL_INSTANCES,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            restore: true,
+        }
+    }
+
+    /// Sets whether the apps active in the state dir are served at open (`lepton check`: no).
+    #[must_use]
+    pub fn restore(mut self, restore: bool) -> Self {
+        self.restore = restore;
+        self
+    }
+
+    /// Sets the instance pool's size.
+    #[must_use]
+    pub fn max_instances(mut self, instances: u32) -> Self {
+        self.max_instances = instances;
+        self
+    }
+
+    /// Sets how many versions of each app are kept.
+    #[must_use]
+    pub fn keep_versions(mut self, keep: usize) -> Self {
+        self.keep_versions = keep;
+        self
+    }
+
+    /// Searches `dir` for ONNX Runtime too (before the defaults).
+    #[must_use]
+    pub fn ort_dir(mut self, dir: PathBuf) -> Self {
+        self.ort_search.push(dir);
+        self
+    }
+}
+
+/// Why a deploy, rollback or removal did not happen. Nothing changed on the node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeployError {
+    /// The app is not acceptable (validation, or it failed to load); 400.
+    #[error("{0}")]
+    Invalid(SpecError),
+    /// Blobs the app names are not in the node's store; 400.
+    #[error("missing blobs: {}", .0.iter().map(Digest::as_str).collect::<Vec<_>>().join(", "))]
+    MissingBlobs(Vec<Digest>),
+    /// A route is already served by another app; 409.
+    #[error("route \"{route}\" of function `{function}` in app `{app}` is already served by function `{other_function}` of app `{other_app}`")]
+    RouteConflict {
+        /// The route.
+        route: String,
+        /// The app deployed.
+        app: String,
+        /// Its function claiming the route.
+        function: String,
+        /// The app that has it.
+        other_app: String,
+        /// Its function.
+        other_function: String,
+    },
+    /// No such app or version; 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The node could not do it (disk); 500.
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl DeployError {
+    /// The error as `{scope, key, reason}` (the API's JSON and the CLI's text say the same).
+    pub fn spec_error(&self) -> SpecError {
+        match self {
+            Self::Invalid(error) => error.clone(),
+            Self::RouteConflict { app, .. } => SpecError::new(format!("app `{app}`"), Some("route"), self.to_string()),
+            other => SpecError::new("", None, other.to_string()),
+        }
+    }
+}
+
+/// What a deploy or rollback came to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deployed {
+    /// The app.
+    pub app: Name,
+    /// The version serving now.
+    pub version: u64,
+    /// Whether the content was already active (nothing changed).
+    pub unchanged: bool,
+    /// The routes it serves, `(function, route)`.
+    pub routes: Vec<(String, String)>,
+}
+
+/// The active version of one app, built.
+pub struct ActiveApp {
+    name: Name,
+    version: u64,
+    digest: Digest,
+    functions: Vec<Arc<Function>>,
+    models: Arc<AppModels>,
+}
+
+impl ActiveApp {
+    /// The version serving.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// Every active app, and the routes of their functions, most specific first.
+#[derive(Default)]
+pub struct FunctionTable {
+    apps: BTreeMap<Name, Arc<ActiveApp>>,
+    routes: Vec<Arc<Function>>,
+}
+
+impl FunctionTable {
+    fn with(&self, app: Option<Arc<ActiveApp>>, without: &Name) -> Self {
+        let mut apps = self.apps.clone();
+        apps.remove(without);
+        if let Some(app) = app {
+            apps.insert(app.name.clone(), app);
+        }
+        let mut routes: Vec<Arc<Function>> = apps.values().flat_map(|a| a.functions.iter().cloned()).collect();
+        routes.sort_by_key(|f| std::cmp::Reverse(f.spec().route.specificity()));
+        Self { apps, routes }
+    }
+
+    /// The function serving `path` (normalized), if any.
+    pub fn route(&self, path: &str) -> Option<&Arc<Function>> {
+        self.routes.iter().find(|f| f.spec().route.matches(path))
+    }
+
+    /// Every function, most specific route first.
+    pub fn functions(&self) -> &[Arc<Function>] {
+        &self.routes
+    }
+}
+
+/// The long-lived node.
+pub struct Node {
+    runtime: Runtime,
+    linker: Linker<InstanceState>,
+    config: NodeConfig,
+    blobs: BlobStore,
+    models: Mutex<Option<Arc<ModelRegistry>>>,
+    trainers: TrainerRegistry,
+    table: ArcSwap<FunctionTable>,
+    /// The app store; holding it is the deploy lock (one change at a time).
+    store: tokio::sync::Mutex<AppStore>,
+    audit: AuditLog,
+}
+
+impl Node {
+    /// Opens the node on its state dir and serves every app that was active there
+    /// (an app that no longer loads is skipped with an error in the log; the node
+    /// starts anyway). Call it inside a multi-threaded tokio runtime.
+    pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        let state_dir = &config.state_dir;
+        std::fs::create_dir_all(state_dir).with_context(|| format!("creating `{}`", state_dir.display()))?;
+        let runtime = Runtime::with_instances(config.max_instances)?;
+        let mut linker = Linker::<InstanceState>::new(runtime.engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:http")?;
+        crate::nn::add_to_linker(&mut linker, InstanceState::nn).map_err(anyhow::Error::from).context("linking wasi:nn")?;
+        crate::train::add_to_linker(&mut linker, InstanceState::train)
+            .map_err(anyhow::Error::from)
+            .context("linking lepton:nn/training")?;
+        let store = AppStore::open(state_dir, config.keep_versions)?;
+        let node = Arc::new(Self {
+            blobs: BlobStore::new(state_dir)?,
+            trainers: TrainerRegistry::new(state_dir),
+            audit: AuditLog::open(state_dir)?,
+            runtime,
+            linker,
+            config,
+            models: Mutex::new(None),
+            table: ArcSwap::from_pointee(FunctionTable::default()),
+            store: tokio::sync::Mutex::new(store),
+        });
+        let store = node.store.lock().await;
+        for name in store.apps().keys().filter(|_| node.config.restore) {
+            let Some(active) = store.active(name) else { continue };
+            match node.build(active, None).await {
+                Ok(app) => {
+                    let table = node.table.load().with(Some(Arc::new(app)), name);
+                    node.table.store(Arc::new(table));
+                }
+                Err(error) => tracing::error!(app = %name, version = active.version, "not serving: {error}"),
+            }
+        }
+        drop(store);
+        Ok(node)
+    }
+
+    /// The table requests are routed through now.
+    pub fn table(&self) -> Arc<FunctionTable> {
+        self.table.load_full()
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    /// The model registry, loading ONNX Runtime on first use.
+    pub fn models(&self) -> anyhow::Result<Arc<ModelRegistry>> {
+        let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(registry) = models.as_ref() {
+            return Ok(Arc::clone(registry));
+        }
+        let library = OnnxRuntime::locate(&self.config.ort_search)?;
+        let runtime = OnnxRuntime::load(&library)?;
+        tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+        let registry = Arc::new(ModelRegistry::new(runtime));
+        *models = Some(Arc::clone(&registry));
+        Ok(registry)
+    }
+
+    /// Stores the manifest's blobs and deploys it as its app (a no-op when that content
+    /// is already active): what `lepton up MANIFEST` does at start.
+    pub async fn deploy_manifest(&self, manifest: &Manifest, peer: &str) -> Result<Deployed, DeployError> {
+        self.store_blobs(manifest).await?;
+        self.deploy(manifest.app.clone(), peer).await
+    }
+
+    /// Loads every component, model and trainer of `manifest` as a deploy would,
+    /// without serving it: what `lepton check` prints, one line each.
+    pub async fn check(&self, manifest: &Manifest) -> Result<Vec<String>, DeployError> {
+        self.store_blobs(manifest).await?;
+        let app = manifest.app.clone();
+        app.validate().map_err(DeployError::Invalid)?;
+        let stored = StoredVersion { version: 0, created_ms: 0, digest: app.digest(), app };
+        let built = self.build(&stored, None).await?;
+        let describe = |ios: &[crate::nn::Io]| {
+            ios.iter().map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape)).collect::<Vec<_>>().join(", ")
+        };
+        let mut lines = Vec::new();
+        for spec in &stored.app.models {
+            if let Some(slot) = built.models.slots.get(&spec.name) {
+                let model = slot.current();
+                let onnx = model.onnx();
+                lines.push(format!(
+                    "model `{}` on {:?}: inputs [{}] outputs [{}]",
+                    spec.name,
+                    onnx.target(),
+                    describe(onnx.inputs()),
+                    describe(onnx.outputs())
+                ));
+            }
+        }
+        for (app, trainer) in self.trainers.running() {
+            if app == stored.app.name {
+                lines.push(format!("trainer `{}` at step {}", trainer.name(), trainer.steps()));
+            }
+        }
+        for function in &stored.app.functions {
+            lines.push(format!("function `{}` serves {}", function.name, function.route));
+        }
+        Ok(lines)
+    }
+
+    async fn store_blobs(&self, manifest: &Manifest) -> Result<(), DeployError> {
+        let blobs = self.blobs.clone();
+        let sources = manifest.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            for (digest, source) in &sources {
+                match source {
+                    BlobSource::File(path) => blobs.put_file(digest, path),
+                    BlobSource::Bytes(bytes) => blobs.put_bytes(digest, bytes),
+                }
+                .with_context(|| format!("storing blob {digest}"))?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .map_err(|e| DeployError::Internal(e.into()))?
+        .map_err(DeployError::Internal)
+    }
+
+    /// Deploys `app` as the next version of its app, once it is fully loaded.
+    pub async fn deploy(&self, app: LockedApp, peer: &str) -> Result<Deployed, DeployError> {
+        let digests = std::iter::once(app.digest()).chain(app.blobs()).map(String::from).collect();
+        let name = app.name.clone();
+        let result = self.deploy_inner(app).await;
+        self.record("deploy", &name, &result, digests, peer);
+        result
+    }
+
+    async fn deploy_inner(&self, app: LockedApp) -> Result<Deployed, DeployError> {
+        app.validate().map_err(DeployError::Invalid)?;
+        let missing = self.blobs.missing(&app.blobs());
+        if !missing.is_empty() {
+            return Err(DeployError::MissingBlobs(missing));
+        }
+        let mut store = self.store.lock().await;
+        let digest = app.digest();
+        if let Some(active) = store.active(&app.name)
+            && active.digest == digest
+        {
+            return Ok(self.deployed(&active.app, active.version, true));
+        }
+        self.check_routes(&app)?;
+        // Built as version "next" in memory; its number is fixed once it is written.
+        let next = store.app(&app.name).and_then(|r| r.versions.keys().next_back()).map_or(1, |v| v + 1);
+        let preview = StoredVersion { version: next, created_ms: store::now_ms(), digest, app };
+        let previous = self.table.load().apps.get(&preview.app.name).cloned();
+        let built = self.build(&preview, previous.as_deref()).await?;
+        let stored = store.add_version(preview.app).map_err(DeployError::Internal)?;
+        debug_assert_eq!(stored.version, next);
+        store.set_active(&stored.app.name, stored.version).map_err(DeployError::Internal)?;
+        self.swap(Some(built), &stored.app.name);
+        self.collect_garbage(&store);
+        Ok(self.deployed(&stored.app, stored.version, false))
+    }
+
+    /// Makes `version` (default: the newest one before the active one) of `app` active again.
+    pub async fn rollback(&self, app: &Name, version: Option<u64>, peer: &str) -> Result<Deployed, DeployError> {
+        let result = self.rollback_inner(app, version).await;
+        self.record("rollback", app, &result, Vec::new(), peer);
+        result
+    }
+
+    async fn rollback_inner(&self, name: &Name, version: Option<u64>) -> Result<Deployed, DeployError> {
+        let mut store = self.store.lock().await;
+        let record = store.app(name).ok_or_else(|| DeployError::NotFound(format!("no app named {:?}", name.as_str())))?;
+        let target = match version {
+            Some(v) => v,
+            None => {
+                let active = record.active.unwrap_or(u64::MAX);
+                *record.versions.range(..active).next_back().map(|(v, _)| v).ok_or_else(|| {
+                    DeployError::NotFound(format!("app `{name}` has no version before {active} to roll back to"))
+                })?
+            }
+        };
+        let stored = record
+            .versions
+            .get(&target)
+            .cloned()
+            .ok_or_else(|| DeployError::NotFound(format!("app `{name}` has no version {target} (kept: {:?})", record.versions.keys().collect::<Vec<_>>())))?;
+        if record.active == Some(target) {
+            return Ok(self.deployed(&stored.app, target, true));
+        }
+        self.check_routes(&stored.app)?;
+        let previous = self.table.load().apps.get(name).cloned();
+        let built = self.build(&stored, previous.as_deref()).await?;
+        store.set_active(name, target).map_err(DeployError::Internal)?;
+        self.swap(Some(built), name);
+        Ok(self.deployed(&stored.app, target, false))
+    }
+
+    /// Stops serving `app` and forgets its versions.
+    pub async fn remove(&self, app: &Name, peer: &str) -> Result<(), DeployError> {
+        let result = async {
+            let mut store = self.store.lock().await;
+            if store.app(app).is_none() {
+                return Err(DeployError::NotFound(format!("no app named {:?}", app.as_str())));
+            }
+            store.remove(app).map_err(DeployError::Internal)?;
+            self.swap(None, app);
+            self.collect_garbage(&store);
+            Ok(())
+        }
+        .await;
+        let outcome = match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(error) => error.to_string(),
+        };
+        self.audit_record("remove", app, None, outcome, Vec::new(), peer);
+        result
+    }
+
+    /// Every app, its versions and what is active: for `GET /v1/apps[/APP]`.
+    pub async fn apps(&self) -> Vec<AppInfo> {
+        let store = self.store.lock().await;
+        store
+            .apps()
+            .iter()
+            .map(|(name, record)| AppInfo {
+                name: name.clone(),
+                active: record.active,
+                versions: record
+                    .versions
+                    .values()
+                    .map(|v| VersionInfo { version: v.version, created_ms: v.created_ms, digest: v.digest.clone() })
+                    .collect(),
+                routes: record
+                    .active
+                    .and_then(|v| record.versions.get(&v))
+                    .map(|v| v.app.functions.iter().map(|f| (f.name.to_string(), f.route.to_string())).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// What runs on the node now: for `GET /v1/status`.
+    pub fn status(&self) -> NodeStatus {
+        let table = self.table();
+        let functions = table
+            .apps
+            .values()
+            .flat_map(|app| app.functions.iter())
+            .map(|f| FunctionStatus {
+                app: f.app().to_string(),
+                version: f.version(),
+                function: f.spec().name.to_string(),
+                route: f.spec().route.to_string(),
+                in_flight: f.in_flight(),
+                served: f.served(),
+            })
+            .collect();
+        let registry = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut models: Vec<ModelStatus> = table
+            .apps
+            .values()
+            .flat_map(|app| app.models.slots.iter().map(move |(name, slot)| (app, name, slot)))
+            .map(|(app, name, slot)| {
+                let model = slot.current();
+                ModelStatus {
+                    app: app.name.to_string(),
+                    model: name.to_string(),
+                    digest: slot.spec().file.to_string(),
+                    target: slot.spec().target,
+                    device: model.onnx().target(),
+                    sessions: slot.spec().sessions,
+                    requests: model.requests(),
+                }
+            })
+            .collect();
+        models.sort_by(|a, b| (&a.app, &a.model).cmp(&(&b.app, &b.model)));
+        let trainers = self
+            .trainers
+            .running()
+            .into_iter()
+            .map(|(app, t)| TrainerStatus {
+                app: app.to_string(),
+                trainer: t.name().to_owned(),
+                steps: t.steps(),
+                last_checkpoint_ms: t.last_checkpoint_ms(),
+            })
+            .collect();
+        let resident_models = registry.map_or(0, |r| r.resident().len());
+        NodeStatus { functions, models, resident_models, trainers }
+    }
+
+    /// Counters in the Prometheus text format, for `/.well-known/lepton/metrics`.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let table = self.table();
+        for function in table.functions() {
+            function.write_metrics(&mut out);
+        }
+        let status = self.status();
+        for model in &status.models {
+            let _ = writeln!(out, "lepton_model_requests_total{{model=\"{}\"}} {}", model.model, model.requests);
+        }
+        for app in table.apps.values() {
+            for (name, slot) in &app.models.slots {
+                let _ = writeln!(out, "lepton_model_runs_total{{model=\"{name}\"}} {}", slot.current().onnx().runs());
+            }
+        }
+        for trainer in &status.trainers {
+            let _ = writeln!(out, "lepton_trainer_steps_total{{trainer=\"{}\"}} {}", trainer.trainer, trainer.steps);
+        }
+        out
+    }
+
+    /// At shutdown, once requests drained: checkpoints every trainer that changed.
+    pub async fn shutdown(&self) {
+        self.trainers.checkpoint_all().await;
+    }
+
+    fn deployed(&self, app: &LockedApp, version: u64, unchanged: bool) -> Deployed {
+        let routes = app.functions.iter().map(|f| (f.name.to_string(), f.route.to_string())).collect();
+        Deployed { app: app.name.clone(), version, unchanged, routes }
+    }
+
+    fn check_routes(&self, app: &LockedApp) -> Result<(), DeployError> {
+        let table = self.table.load();
+        for function in &app.functions {
+            let taken = table
+                .routes
+                .iter()
+                .find(|other| other.app() != &app.name && other.spec().route.same_as(&function.route));
+            if let Some(other) = taken {
+                return Err(DeployError::RouteConflict {
+                    route: function.route.to_string(),
+                    app: app.name.to_string(),
+                    function: function.name.to_string(),
+                    other_app: other.app().to_string(),
+                    other_function: other.spec().name.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn swap(&self, app: Option<ActiveApp>, name: &Name) {
+        let table = self.table.load().with(app.map(Arc::new), name);
+        self.table.store(Arc::new(table));
+    }
+
+    fn collect_garbage(&self, store: &AppStore) {
+        let removed = self.blobs.collect_garbage(&store.referenced_blobs());
+        if removed > 0 {
+            tracing::info!(removed, "deleted blobs no kept version uses");
+        }
+    }
+
+    fn record(&self, action: &str, app: &Name, result: &Result<Deployed, DeployError>, digests: Vec<String>, peer: &str) {
+        let (version, outcome) = match result {
+            Ok(d) if d.unchanged => (Some(d.version), "unchanged".to_owned()),
+            Ok(d) => (Some(d.version), "ok".to_owned()),
+            Err(error) => (None, error.to_string()),
+        };
+        self.audit_record(action, app, version, outcome, digests, peer);
+    }
+
+    fn audit_record(&self, action: &str, app: &Name, version: Option<u64>, outcome: String, digests: Vec<String>, peer: &str) {
+        let record = AuditRecord {
+            time_ms: store::now_ms(),
+            action: action.to_owned(),
+            app: Some(app.to_string()),
+            version,
+            digests,
+            peer: peer.to_owned(),
+            outcome,
+        };
+        if let Err(error) = self.audit.append(&record) {
+            tracing::error!("cannot write the audit log: {error:#}");
+        }
+    }
+
+    /// Builds `stored` into a servable app, reusing `previous`'s models and the
+    /// running trainers where nothing changed.
+    async fn build(&self, stored: &StoredVersion, previous: Option<&ActiveApp>) -> Result<ActiveApp, DeployError> {
+        // Compiling and loading models are CPU-bound and synchronous: off the async
+        // workers' hands, but inside the runtime (a batching model spawns a task).
+        tokio::task::block_in_place(|| self.build_blocking(stored, previous))
+    }
+
+    fn build_blocking(&self, stored: &StoredVersion, previous: Option<&ActiveApp>) -> Result<ActiveApp, DeployError> {
+        let app = &stored.app;
+        let rejected = |scope: String, key: Option<&str>, error: &anyhow::Error| {
+            DeployError::Invalid(SpecError::new(scope, key, format!("{error:#}")))
+        };
+        let needs_onnx = !app.models.is_empty() || app.functions.iter().any(|f| f.allow_model_upload);
+        let registry = if needs_onnx {
+            Some(self.models().map_err(|e| rejected(format!("app `{}`", app.name), Some("models"), &e))?)
+        } else {
+            None
+        };
+        let published_dir = self.config.state_dir.join("models").join(app.name.as_str());
+        let mut slots = HashMap::new();
+        for spec in &app.models {
+            let reuse = previous.and_then(|p| p.models.slots.get(&spec.name)).filter(|slot| slot.spec() == spec);
+            let slot = match (reuse, &registry) {
+                (Some(slot), _) => Arc::clone(slot),
+                (None, Some(registry)) => {
+                    let model = load_model(registry, spec, &published_dir, &self.blobs)
+                        .map_err(|e| rejected(format!("model `{}`", spec.name), None, &e))?;
+                    Arc::new(ModelSlot::new(spec.clone(), model))
+                }
+                (None, None) => {
+                    return Err(DeployError::Internal(anyhow::anyhow!("no model registry for model `{}`", spec.name)));
+                }
+            };
+            slots.insert(spec.name.clone(), slot);
+        }
+        let models = Arc::new(AppModels { slots, registry: registry.clone(), published_dir, publishing: Mutex::new(()) });
+        let mut trainers = HashMap::new();
+        for spec in &app.trainers {
+            let handle = self
+                .trainers
+                .get_or_start(&app.name, spec, &self.blobs.path(&spec.init))
+                .map_err(|e| rejected(format!("trainer `{}`", spec.name), None, &e))?;
+            trainers.insert(spec.name.clone(), handle);
+        }
+        let publisher: Arc<dyn Publisher> = Arc::clone(&models) as Arc<dyn Publisher>;
+        let cache_dir = self.config.state_dir.join("components");
+        let mut functions = Vec::with_capacity(app.functions.len());
+        for spec in &app.functions {
+            let scope = || format!("function `{}`", spec.name);
+            let mounts = spec
+                .files
+                .iter()
+                .map(|m| self.blobs.unpacked(&m.source))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .map_err(|e| rejected(scope(), Some("files"), &e))?;
+            let granted_models = spec.models.iter().filter_map(|m| Some((m.to_string(), Arc::clone(models.slots.get(m)?)))).collect();
+            let granted_trainers: HashMap<String, _> =
+                spec.trainers.iter().filter_map(|t| Some((t.to_string(), Arc::clone(trainers.get(t)?)))).collect();
+            let train = TrainCtx::new(Arc::new(granted_trainers), Some(Arc::clone(&publisher)));
+            let grants = Grants::new(spec, mounts, granted_models, registry.clone(), train);
+            let function = Function::load(
+                &self.runtime,
+                &self.linker,
+                (&app.name, stored.version),
+                spec,
+                &self.blobs.path(&spec.component),
+                &cache_dir,
+                grants,
+            )
+            .map_err(|e| rejected(scope(), Some("component"), &e))?;
+            functions.push(Arc::new(function));
+        }
+        let slots: u64 = app.functions.iter().map(|f| u64::from(f.max_concurrency)).sum();
+        if slots > u64::from(self.runtime.instances()) {
+            tracing::warn!(
+                app = %app.name,
+                "the functions' max_concurrency adds up to {slots}, more than the {} instance slots of the pool: \
+                 requests past that get 503",
+                self.runtime.instances()
+            );
+        }
+        Ok(ActiveApp { name: app.name.clone(), version: stored.version, digest: stored.digest.clone(), functions, models })
+    }
+}
+
+impl ActiveApp {
+    /// The digest of the locked app serving.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+}
+
+/// The weights a trainer last published for `spec` in this app, if they load; else
+/// the model file (shared by digest with every app that names the same bytes).
+fn load_model(
+    registry: &ModelRegistry,
+    spec: &ModelSpec,
+    published_dir: &Path,
+    blobs: &BlobStore,
+) -> anyhow::Result<Arc<crate::nn::Model>> {
+    let published = published_path(published_dir, spec);
+    if published.is_file() {
+        match registry.load(spec, &Source::File(&published)) {
+            Ok(model) => {
+                tracing::info!(model = %spec.name, "serving the weights last published for it");
+                return Ok(model);
+            }
+            Err(error) => tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}"),
+        }
+    }
+    registry.get_or_load(spec, &blobs.path(&spec.file))
+}
+
+/// Published weights of `spec`, named after the file they replace: a new file starts afresh.
+fn published_path(dir: &Path, spec: &ModelSpec) -> PathBuf {
+    dir.join(format!("{}-{}.published.onnx", spec.name, &spec.file.hex()[..16]))
+}
+
+/// The models of one app version, by name; where its trainers publish.
+pub struct AppModels {
+    slots: HashMap<Name, Arc<ModelSlot>>,
+    registry: Option<Arc<ModelRegistry>>,
+    published_dir: PathBuf,
+    /// One publish at a time: each swaps the model and then writes its file.
+    publishing: Mutex<()>,
+}
+
+impl Publisher for AppModels {
+    fn publish(&self, model: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let slot = Name::new(model).ok().and_then(|n| self.slots.get(&n)).with_context(|| format!("no model named {model:?}"))?;
+        let registry = self.registry.as_ref().context("this node has no inference backend")?;
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loaded = registry.load(slot.spec(), &Source::Bytes(bytes))?;
+        slot.replace(loaded);
+        crate::fsutil::write_atomically(&published_path(&self.published_dir, slot.spec()), bytes)
+    }
+}
+
+/// One app as `GET /v1/apps` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppInfo {
+    /// The app.
+    pub name: Name,
+    /// The version serving, if any.
+    pub active: Option<u64>,
+    /// Kept versions, oldest first.
+    pub versions: Vec<VersionInfo>,
+    /// `(function, route)` of the active version.
+    pub routes: Vec<(String, String)>,
+}
+
+/// One kept version.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+    /// Its number.
+    pub version: u64,
+    /// When it was deployed (Unix ms).
+    pub created_ms: u64,
+    /// The locked app's digest.
+    pub digest: Digest,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Functions serving.
+    pub functions: Vec<FunctionStatus>,
+    /// Models of the active versions.
+    pub models: Vec<ModelStatus>,
+    /// Distinct models loaded from files (shared by digest).
+    pub resident_models: usize,
+    /// Running trainers.
+    pub trainers: Vec<TrainerStatus>,
+}
+
+/// One function in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStatus {
+    /// Its app.
+    pub app: String,
+    /// The app version.
+    pub version: u64,
+    /// The function.
+    pub function: String,
+    /// Its route.
+    pub route: String,
+    /// Requests running now.
+    pub in_flight: usize,
+    /// Requests served.
+    pub served: u64,
+}
+
+/// One model in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    /// Its app.
+    pub app: String,
+    /// Its name in the app.
+    pub model: String,
+    /// The ONNX file's digest.
+    pub digest: String,
+    /// The target asked for.
+    pub target: crate::locked::Target,
+    /// The device it runs on (after any GPU fallback).
+    pub device: crate::locked::Target,
+    /// Sessions.
+    pub sessions: u32,
+    /// Inference requests.
+    pub requests: u64,
+}
+
+/// One trainer in [`NodeStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainerStatus {
+    /// Its app.
+    pub app: String,
+    /// The trainer.
+    pub trainer: String,
+    /// Steps taken.
+    pub steps: u64,
+    /// Unix ms of its last checkpoint.
+    pub last_checkpoint_ms: Option<u64>,
+}
