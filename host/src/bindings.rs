@@ -4,7 +4,10 @@
 //! `wasi:http` and the rest of WASI come bound by `wasmtime-wasi` and
 //! `wasmtime-wasi-http`.
 
-#![expect(missing_docs, reason = "bindgen-generated code; the re-exported types are documented in the WIT")]
+#![expect(
+    missing_docs,
+    reason = "bindgen-generated code; the re-exported types are documented in the WIT"
+)]
 
 wasmtime::component::bindgen!({
     path: "../wit",

@@ -72,7 +72,11 @@ impl BlobStore {
 
     /// The digests of `wanted` that are not stored.
     pub fn missing<'a>(&self, wanted: impl IntoIterator<Item = &'a Digest>) -> Vec<Digest> {
-        wanted.into_iter().filter(|d| !self.contains(d)).cloned().collect()
+        wanted
+            .into_iter()
+            .filter(|d| !self.contains(d))
+            .cloned()
+            .collect()
     }
 
     /// Stores `bytes` under their digest (which must be `expected`).
@@ -87,11 +91,14 @@ impl BlobStore {
         if self.contains(expected) {
             return Ok(());
         }
-        let mut file = std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
         let mut writer = self.writer(expected.clone(), u64::MAX)?;
         let mut buffer = vec![0; 1 << 20];
         loop {
-            let n = file.read(&mut buffer).with_context(|| format!("reading `{}`", path.display()))?;
+            let n = file
+                .read(&mut buffer)
+                .with_context(|| format!("reading `{}`", path.display()))?;
             if n == 0 {
                 break;
             }
@@ -104,8 +111,18 @@ impl BlobStore {
     pub fn writer(&self, expected: Digest, limit: u64) -> Result<BlobWriter, BlobError> {
         let final_path = self.path(&expected);
         let temp = fsutil::temp_path(&final_path);
-        let file = std::fs::File::create(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
-        Ok(BlobWriter { file: Some(file), temp, final_path, dir: self.dir.clone(), hasher: Sha256::new(), written: 0, limit, expected })
+        let file = std::fs::File::create(&temp)
+            .with_context(|| format!("creating `{}`", temp.display()))?;
+        Ok(BlobWriter {
+            file: Some(file),
+            temp,
+            final_path,
+            dir: self.dir.clone(),
+            hasher: Sha256::new(),
+            written: 0,
+            limit,
+            expected,
+        })
     }
 
     /// The directory that mount blob `digest` (a tar) unpacks to, unpacking it once.
@@ -114,10 +131,12 @@ impl BlobStore {
         if dir.is_dir() {
             return Ok(dir);
         }
-        std::fs::create_dir_all(&self.mounts).with_context(|| format!("creating `{}`", self.mounts.display()))?;
+        std::fs::create_dir_all(&self.mounts)
+            .with_context(|| format!("creating `{}`", self.mounts.display()))?;
         let temp = fsutil::temp_path(&dir);
         std::fs::create_dir(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
-        let file = std::fs::File::open(self.path(digest)).with_context(|| format!("opening blob {digest}"))?;
+        let file = std::fs::File::open(self.path(digest))
+            .with_context(|| format!("opening blob {digest}"))?;
         let result = unpack(file, &temp);
         if let Err(error) = result {
             let _ = std::fs::remove_dir_all(&temp);
@@ -129,7 +148,9 @@ impl BlobStore {
             Err(_) if dir.is_dir() => {
                 let _ = std::fs::remove_dir_all(&temp);
             }
-            Err(error) => return Err(error).with_context(|| format!("renaming into `{}`", dir.display())),
+            Err(error) => {
+                return Err(error).with_context(|| format!("renaming into `{}`", dir.display()));
+            }
         }
         fsutil::sync_dir(&self.mounts)?;
         Ok(dir)
@@ -146,7 +167,9 @@ impl BlobStore {
         };
         let mut removed = 0;
         for dir in [&self.dir, &self.mounts] {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 let name = entry.file_name();
@@ -154,11 +177,17 @@ impl BlobStore {
                 if keep_hex.contains(name.as_ref()) || !old(&path) {
                     continue;
                 }
-                let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
                 match gone {
                     Ok(()) if dir == &self.dir && !fsutil::is_temp(&path) => removed += 1,
                     Ok(()) => {}
-                    Err(error) => tracing::warn!(path = %path.display(), "cannot remove unused blob: {error}"),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), "cannot remove unused blob: {error}")
+                    }
                 }
             }
         }
@@ -187,7 +216,8 @@ impl BlobWriter {
         }
         self.hasher.update(bytes);
         let file = self.file.as_mut().context("blob already finished")?;
-        file.write_all(bytes).with_context(|| format!("writing `{}`", self.temp.display()))?;
+        file.write_all(bytes)
+            .with_context(|| format!("writing `{}`", self.temp.display()))?;
         Ok(())
     }
 
@@ -195,12 +225,17 @@ impl BlobWriter {
     pub fn finish(mut self) -> Result<(), BlobError> {
         let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if actual != self.expected {
-            return Err(BlobError::DigestMismatch { expected: self.expected.clone(), actual });
+            return Err(BlobError::DigestMismatch {
+                expected: self.expected.clone(),
+                actual,
+            });
         }
         let file = self.file.take().context("blob already finished")?;
-        file.sync_all().with_context(|| format!("syncing `{}`", self.temp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("syncing `{}`", self.temp.display()))?;
         drop(file);
-        std::fs::rename(&self.temp, &self.final_path).with_context(|| format!("renaming into `{}`", self.final_path.display()))?;
+        std::fs::rename(&self.temp, &self.final_path)
+            .with_context(|| format!("renaming into `{}`", self.final_path.display()))?;
         fsutil::sync_dir(&self.dir)?;
         Ok(())
     }
@@ -239,7 +274,9 @@ fn pack_into(
     for entry in entries {
         let path = entry.path();
         let name = relative.join(entry.file_name());
-        let kind = entry.file_type().with_context(|| format!("reading `{}`", path.display()))?;
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading `{}`", path.display()))?;
         let mut header = tar::Header::new_gnu();
         header.set_mtime(0);
         header.set_uid(0);
@@ -248,18 +285,30 @@ fn pack_into(
             header.set_entry_type(tar::EntryType::Directory);
             header.set_mode(0o755);
             header.set_size(0);
-            builder.append_data(&mut header, &name, std::io::empty()).context("packing")?;
+            builder
+                .append_data(&mut header, &name, std::io::empty())
+                .context("packing")?;
             pack_into(builder, &path, &name, limit, total)?;
         } else if kind.is_file() {
-            let bytes = std::fs::read(&path).with_context(|| format!("reading `{}`", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading `{}`", path.display()))?;
             *total += bytes.len() as u64;
-            anyhow::ensure!(*total <= limit, "`{}` holds more than {limit} bytes", dir.display());
+            anyhow::ensure!(
+                *total <= limit,
+                "`{}` holds more than {limit} bytes",
+                dir.display()
+            );
             header.set_entry_type(tar::EntryType::Regular);
             header.set_mode(0o644);
             header.set_size(bytes.len() as u64);
-            builder.append_data(&mut header, &name, bytes.as_slice()).context("packing")?;
+            builder
+                .append_data(&mut header, &name, bytes.as_slice())
+                .context("packing")?;
         } else {
-            anyhow::bail!("`{}` is a symbolic link or special file; mounts hold only files and directories", path.display());
+            anyhow::bail!(
+                "`{}` is a symbolic link or special file; mounts hold only files and directories",
+                path.display()
+            );
         }
     }
     Ok(())
@@ -279,13 +328,21 @@ fn unpack(reader: impl std::io::Read, dest: &Path) -> anyhow::Result<()> {
             matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory),
             "the tar holds an entry of type {kind:?}; only files and directories are allowed"
         );
-        let path = entry.path().context("reading an entry's path")?.into_owned();
+        let path = entry
+            .path()
+            .context("reading an entry's path")?
+            .into_owned();
         anyhow::ensure!(
-            path.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+            path.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_))),
             "the tar holds the path `{}`, which leaves its directory",
             path.display()
         );
-        anyhow::ensure!(entry.unpack_in(dest).context("unpacking")?, "the tar entry `{}` was refused", path.display());
+        anyhow::ensure!(
+            entry.unpack_in(dest).context("unpacking")?,
+            "the tar entry `{}` was refused",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -299,14 +356,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = BlobStore::new(dir.path()).expect("store");
         let digest = Digest::of(b"hello");
-        assert!(matches!(store.put_bytes(&Digest::of(b"other"), b"hello"), Err(BlobError::DigestMismatch { .. })));
+        assert!(matches!(
+            store.put_bytes(&Digest::of(b"other"), b"hello"),
+            Err(BlobError::DigestMismatch { .. })
+        ));
         assert!(!store.contains(&Digest::of(b"other")));
         store.put_bytes(&digest, b"hello").expect("stored");
         assert_eq!(std::fs::read(store.path(&digest)).expect("read"), b"hello");
         let mut writer = store.writer(Digest::of(b"xxxx"), 3).expect("writer");
-        assert!(matches!(writer.write(b"xxxx"), Err(BlobError::TooLarge { limit: 3 })));
+        assert!(matches!(
+            writer.write(b"xxxx"),
+            Err(BlobError::TooLarge { limit: 3 })
+        ));
         drop(writer);
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256")).expect("list").collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .expect("list")
+            .collect();
         assert_eq!(left.len(), 1, "no temporaries are left");
     }
 
@@ -324,7 +389,10 @@ mod tests {
         let digest = Digest::of(&tar);
         store.put_bytes(&digest, &tar).expect("stored");
         let unpacked = store.unpacked(&digest).expect("unpacked");
-        assert_eq!(std::fs::read(unpacked.join("sub/b.txt")).expect("read"), b"b");
+        assert_eq!(
+            std::fs::read(unpacked.join("sub/b.txt")).expect("read"),
+            b"b"
+        );
         assert_eq!(store.unpacked(&digest).expect("again"), unpacked);
     }
 
@@ -341,7 +409,10 @@ mod tests {
         let tar = builder.into_inner().expect("tar");
         let dir = tempfile::tempdir().expect("temp dir");
         let error = unpack(tar.as_slice(), dir.path()).expect_err("refused");
-        assert!(format!("{error:#}").contains("leaves its directory"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("leaves its directory"),
+            "{error:#}"
+        );
         assert!(!dir.path().join("../x").exists());
     }
 }

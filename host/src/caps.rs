@@ -58,11 +58,16 @@ impl Grants {
         Self {
             function: Arc::from(spec.name.as_str()),
             environment: spec.environment.clone(),
-            mounts: mounts.into_iter().zip(spec.files.iter().map(|m| m.destination.clone())).collect(),
+            mounts: mounts
+                .into_iter()
+                .zip(spec.files.iter().map(|m| m.destination.clone()))
+                .collect(),
             outbound: Arc::from(spec.allowed_outbound_hosts.as_slice()),
             memory_limit: usize::try_from(spec.memory_limit).unwrap_or(usize::MAX),
             models: Arc::new(models),
-            upload: upload.filter(|_| spec.allow_model_upload).map(|r| (r, spec.max_model_upload_size)),
+            upload: upload
+                .filter(|_| spec.allow_model_upload)
+                .map(|r| (r, spec.max_model_upload_size)),
             tensor_budget: spec.memory_limit,
             train,
         }
@@ -76,8 +81,18 @@ impl Grants {
         wasi.allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .stdout(GuestLog::new("stdout", &self.function, &request_id, &budget))
-            .stderr(GuestLog::new("stderr", &self.function, &request_id, &budget));
+            .stdout(GuestLog::new(
+                "stdout",
+                &self.function,
+                &request_id,
+                &budget,
+            ))
+            .stderr(GuestLog::new(
+                "stderr",
+                &self.function,
+                &request_id,
+                &budget,
+            ));
         for (key, value) in &self.environment {
             wasi.env(key, value);
         }
@@ -89,13 +104,17 @@ impl Grants {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(self.memory_limit).trap_on_grow_failure(false).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.memory_limit)
+                .trap_on_grow_failure(false)
+                .build(),
             outbound: OutboundPolicy {
                 function: Arc::clone(&self.function),
                 request_id,
                 allowed: Arc::clone(&self.outbound),
             },
-            nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone()).with_tensor_budget(self.tensor_budget),
+            nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone())
+                .with_tensor_budget(self.tensor_budget),
             train: self.train.clone(),
         })
     }
@@ -126,13 +145,20 @@ impl InstanceState {
 
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for InstanceState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
     }
 }
 
@@ -146,9 +172,13 @@ struct OutboundPolicy {
 impl OutboundPolicy {
     fn allows(&self, uri: &http::Uri) -> bool {
         let scheme = uri.scheme_str().unwrap_or("http");
-        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
         let host = uri.host().unwrap_or_default();
-        self.allowed.iter().any(|allowed| allowed.matches(scheme, host, port))
+        self.allowed
+            .iter()
+            .any(|allowed| allowed.matches(scheme, host, port))
     }
 }
 
@@ -190,8 +220,18 @@ struct GuestLog {
 }
 
 impl GuestLog {
-    fn new(stream: &'static str, function: &Arc<str>, request_id: &Arc<str>, budget: &Arc<AtomicUsize>) -> Self {
-        Self { stream, function: Arc::clone(function), request_id: Arc::clone(request_id), budget: Arc::clone(budget) }
+    fn new(
+        stream: &'static str,
+        function: &Arc<str>,
+        request_id: &Arc<str>,
+        budget: &Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            stream,
+            function: Arc::clone(function),
+            request_id: Arc::clone(request_id),
+            budget: Arc::clone(budget),
+        }
     }
 }
 
@@ -203,7 +243,10 @@ impl IsTerminal for GuestLog {
 
 impl StdoutStream for GuestLog {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(GuestLogWriter { log: self.clone(), line: Vec::new() })
+        Box::new(GuestLogWriter {
+            log: self.clone(),
+            line: Vec::new(),
+        })
     }
 }
 
@@ -222,7 +265,9 @@ impl GuestLogWriter {
         let left = self
             .log
             .budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left.saturating_sub(len)))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_sub(len))
+            })
             .unwrap_or(0);
         if left < len {
             if left > 0 {
@@ -250,7 +295,11 @@ impl GuestLogWriter {
 }
 
 impl tokio::io::AsyncWrite for GuestLogWriter {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         for &byte in buf {
             if byte == b'\n' {
                 self.emit();

@@ -127,7 +127,10 @@ struct AdminArgs {
 
 impl AdminArgs {
     fn client(&self, manifest: Option<&Path>) -> anyhow::Result<AdminClient> {
-        let dir = self.state_dir.clone().unwrap_or_else(|| crate::client::default_state_dir(manifest));
+        let dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| crate::client::default_state_dir(manifest));
         AdminClient::locate(self.admin.clone(), &dir)
     }
 }
@@ -147,35 +150,65 @@ pub fn main() -> anyhow::Result<()> {
             max_instances,
             max_connections,
         } => {
-            let manifest = manifest.or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
+            let manifest =
+                manifest.or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(manifest.as_deref()));
-            let up = Up { manifest, listen, admin, admin_token_file, state_dir, keep_versions, max_blob_size, max_instances, max_connections };
+            let up = Up {
+                manifest,
+                listen,
+                admin,
+                admin_token_file,
+                state_dir,
+                keep_versions,
+                max_blob_size,
+                max_instances,
+                max_connections,
+            };
             tokio_runtime()?.block_on(up.run())
         }
-        Command::Check { manifest, state_dir } => {
+        Command::Check {
+            manifest,
+            state_dir,
+        } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(Some(&manifest)));
             tokio_runtime()?.block_on(check(&manifest, &state_dir))
         }
         Command::Deploy { manifest, admin } => deploy(&manifest, &admin),
         Command::Apps { admin } => apps(&admin),
         Command::Status { admin } => status(&admin),
-        Command::Rollback { app, version, admin } => {
-            let body = version.map_or_else(|| serde_json::json!({}), |v| serde_json::json!({ "version": v }));
-            let answer = admin.client(None)?.post(&format!("/v1/apps/{app}/rollback"), &body)?.ok()?;
+        Command::Rollback {
+            app,
+            version,
+            admin,
+        } => {
+            let body = version.map_or_else(
+                || serde_json::json!({}),
+                |v| serde_json::json!({ "version": v }),
+            );
+            let answer = admin
+                .client(None)?
+                .post(&format!("/v1/apps/{app}/rollback"), &body)?
+                .ok()?;
             print_or_json(&admin, &answer, |out| {
                 writeln!(out, "{app} is at version {}", answer["version"])?;
                 Ok(())
             })
         }
         Command::Rm { app, admin } => {
-            let answer = admin.client(None)?.delete(&format!("/v1/apps/{app}"))?.ok()?;
+            let answer = admin
+                .client(None)?
+                .delete(&format!("/v1/apps/{app}"))?
+                .ok()?;
             print_or_json(&admin, &answer, |out| {
                 writeln!(out, "removed {app}")?;
                 Ok(())
             })
         }
         Command::Audit { limit, admin } => {
-            let answer = admin.client(None)?.get(&format!("/v1/audit?limit={limit}"))?.ok()?;
+            let answer = admin
+                .client(None)?
+                .get(&format!("/v1/audit?limit={limit}"))?
+                .ok()?;
             print_or_json(&admin, &answer, |out| {
                 let rows = answer["records"].as_array().cloned().unwrap_or_default();
                 let rows: Vec<Vec<String>> = rows
@@ -191,7 +224,11 @@ pub fn main() -> anyhow::Result<()> {
                         ]
                     })
                     .collect();
-                table(out, &["TIME", "ACTION", "APP", "VERSION", "PEER", "OUTCOME"], &rows)
+                table(
+                    out,
+                    &["TIME", "ACTION", "APP", "VERSION", "PEER", "OUTCOME"],
+                    &rows,
+                )
             })
         }
     }
@@ -228,25 +265,38 @@ impl Up {
     async fn run(self) -> anyhow::Result<()> {
         // The manifest is checked first: a bad one fails before anything listens.
         let manifest = self.manifest.as_deref().map(Manifest::load).transpose()?;
-        let config = NodeConfig::new(self.state_dir.clone()).max_instances(self.max_instances).keep_versions(self.keep_versions);
+        let config = NodeConfig::new(self.state_dir.clone())
+            .max_instances(self.max_instances)
+            .keep_versions(self.keep_versions);
         let config = match self.manifest.as_deref().and_then(Path::parent) {
             Some(dir) => config.ort_dir(dir.join(".cache/onnxruntime")),
             None => config,
         };
         let node = Node::open(config).await?;
         if let Some(manifest) = &manifest {
-            let deployed = node.deploy_manifest(manifest, "local").await.map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
+            let deployed = node
+                .deploy_manifest(manifest, "local")
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
             tracing::info!(app = %deployed.app, version = deployed.version, unchanged = deployed.unchanged, "deployed");
         }
-        let (token, token_path) = AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
-        let admin_listener =
-            tokio::net::TcpListener::bind(self.admin).await.with_context(|| format!("cannot listen on {}", self.admin))?;
-        let listener =
-            tokio::net::TcpListener::bind(self.listen).await.with_context(|| format!("cannot listen on {}", self.listen))?;
-        let admin_address = admin_listener.local_addr().context("reading the admin address")?;
+        let (token, token_path) =
+            AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
+        let admin_listener = tokio::net::TcpListener::bind(self.admin)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.admin))?;
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.listen))?;
+        let admin_address = admin_listener
+            .local_addr()
+            .context("reading the admin address")?;
         let address = listener.local_addr().context("reading the bound address")?;
         let admin_url = format!("http://{admin_address}");
-        crate::fsutil::write_atomically(&self.state_dir.join("admin.url"), format!("{admin_url}\n").as_bytes())?;
+        crate::fsutil::write_atomically(
+            &self.state_dir.join("admin.url"),
+            format!("{admin_url}\n").as_bytes(),
+        )?;
         tracing::info!(token = %token_path.display(), "admin API on {admin_url}");
 
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -263,14 +313,21 @@ impl Up {
         {
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "lepton: admin on {admin_url}").context("writing to stdout")?;
-            writeln!(stdout, "lepton: listening on http://{address}").context("writing to stdout")?;
+            writeln!(stdout, "lepton: listening on http://{address}")
+                .context("writing to stdout")?;
             stdout.flush().context("writing to stdout")?;
         }
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);
         });
-        crate::http::serve(listener, std::sync::Arc::clone(&node), when_stopped(stopped), self.max_connections).await?;
+        crate::http::serve(
+            listener,
+            std::sync::Arc::clone(&node),
+            when_stopped(stopped),
+            self.max_connections,
+        )
+        .await?;
         tracing::info!("shutting down: requests drained");
         let _ = admin_server.await;
         node.shutdown().await;
@@ -286,7 +343,10 @@ async fn check(manifest_path: &Path, state_dir: &Path) -> anyhow::Result<()> {
         None => config,
     };
     let node = Node::open(config).await?;
-    let lines = node.check(&manifest).await.map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
+    let lines = node
+        .check(&manifest)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
     let mut stdout = std::io::stdout().lock();
     for line in lines {
         writeln!(stdout, "ok: {line}")?;
@@ -300,8 +360,17 @@ fn deploy(manifest_path: &Path, admin: &AdminArgs) -> anyhow::Result<()> {
     let client = admin.client(Some(manifest_path))?;
     let answer = client.deploy(&manifest)?;
     print_or_json(admin, &answer, |out| {
-        let unchanged = if answer["unchanged"].as_bool() == Some(true) { " (unchanged)" } else { "" };
-        writeln!(out, "deployed {} version {}{unchanged}", text(&answer["app"]), answer["version"])?;
+        let unchanged = if answer["unchanged"].as_bool() == Some(true) {
+            " (unchanged)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "deployed {} version {}{unchanged}",
+            text(&answer["app"]),
+            answer["version"]
+        )?;
         for route in answer["routes"].as_array().into_iter().flatten() {
             writeln!(out, "  {} -> {}", text(&route[1]), text(&route[0]))?;
         }
@@ -317,9 +386,21 @@ fn apps(admin: &AdminArgs) -> anyhow::Result<()> {
             .into_iter()
             .flatten()
             .map(|app| {
-                let versions = app["versions"].as_array().map(|v| v.iter().map(|v| text(&v["version"])).collect::<Vec<_>>().join(","));
-                let routes = app["routes"].as_array().map(|r| r.iter().map(|r| text(&r[1])).collect::<Vec<_>>().join(" "));
-                vec![text(&app["name"]), text(&app["active"]), versions.unwrap_or_default(), routes.unwrap_or_default()]
+                let versions = app["versions"].as_array().map(|v| {
+                    v.iter()
+                        .map(|v| text(&v["version"]))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                });
+                let routes = app["routes"]
+                    .as_array()
+                    .map(|r| r.iter().map(|r| text(&r[1])).collect::<Vec<_>>().join(" "));
+                vec![
+                    text(&app["name"]),
+                    text(&app["active"]),
+                    versions.unwrap_or_default(),
+                    routes.unwrap_or_default(),
+                ]
             })
             .collect();
         table(out, &["APP", "ACTIVE", "VERSIONS", "ROUTES"], &rows)
@@ -330,13 +411,30 @@ fn status(admin: &AdminArgs) -> anyhow::Result<()> {
     let answer = admin.client(None)?.get("/v1/status")?.ok()?;
     print_or_json(admin, &answer, |out| {
         let rows = |key: &str, fields: &[&str]| -> Vec<Vec<String>> {
-            answer[key].as_array().into_iter().flatten().map(|row| fields.iter().map(|f| text(&row[*f])).collect()).collect()
+            answer[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|row| fields.iter().map(|f| text(&row[*f])).collect())
+                .collect()
         };
         let functions = ["app", "version", "function", "route", "in_flight", "served"];
-        table(out, &["APP", "VERSION", "FUNCTION", "ROUTE", "IN FLIGHT", "SERVED"], &rows("functions", &functions))?;
-        let models = ["app", "model", "digest", "target", "device", "sessions", "requests"];
+        table(
+            out,
+            &["APP", "VERSION", "FUNCTION", "ROUTE", "IN FLIGHT", "SERVED"],
+            &rows("functions", &functions),
+        )?;
+        let models = [
+            "app", "model", "digest", "target", "device", "sessions", "requests",
+        ];
         writeln!(out)?;
-        table(out, &["APP", "MODEL", "DIGEST", "TARGET", "DEVICE", "SESSIONS", "REQUESTS"], &rows("models", &models))?;
+        table(
+            out,
+            &[
+                "APP", "MODEL", "DIGEST", "TARGET", "DEVICE", "SESSIONS", "REQUESTS",
+            ],
+            &rows("models", &models),
+        )?;
         writeln!(out)?;
         table(out, &["APP", "TRAINER", "STEPS", "LAST CHECKPOINT"], &{
             answer["trainers"]
@@ -344,8 +442,16 @@ fn status(admin: &AdminArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .flatten()
                 .map(|t| {
-                    let last = t["last_checkpoint_ms"].as_u64().map(format_time).unwrap_or_else(|| "-".to_owned());
-                    vec![text(&t["app"]), text(&t["trainer"]), text(&t["steps"]), last]
+                    let last = t["last_checkpoint_ms"]
+                        .as_u64()
+                        .map(format_time)
+                        .unwrap_or_else(|| "-".to_owned());
+                    vec![
+                        text(&t["app"]),
+                        text(&t["trainer"]),
+                        text(&t["steps"]),
+                        last,
+                    ]
                 })
                 .collect::<Vec<_>>()
         })
@@ -375,7 +481,11 @@ fn text(value: &serde_json::Value) -> String {
     }
 }
 
-fn table(out: &mut dyn std::io::Write, header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+fn table(
+    out: &mut dyn std::io::Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -383,7 +493,11 @@ fn table(out: &mut dyn std::io::Write, header: &[&str], rows: &[Vec<String>]) ->
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         padded.join("  ").trim_end().to_owned()
     };
     writeln!(out, "{}", line(header.to_vec()))?;
@@ -407,12 +521,20 @@ fn format_time(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         tracing::warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

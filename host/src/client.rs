@@ -35,7 +35,11 @@ impl Answer {
             return Ok(self.body);
         }
         let error = &self.body["error"];
-        let text = match (error["scope"].as_str(), error["key"].as_str(), error["reason"].as_str()) {
+        let text = match (
+            error["scope"].as_str(),
+            error["key"].as_str(),
+            error["reason"].as_str(),
+        ) {
             (scope, key, Some(reason)) => {
                 let mut text = String::new();
                 if let Some(scope) = scope.filter(|s| !s.is_empty()) {
@@ -74,23 +78,39 @@ impl AdminClient {
             Ok(token) => token,
             Err(_) => read("admin-token")?,
         };
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout_read(Duration::from_secs(600)).build();
-        Ok(Self { url: url.trim_end_matches('/').to_owned(), token, agent })
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(600))
+            .build();
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            agent,
+        })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        self.agent.request(method, &format!("{}{path}", self.url)).set("authorization", &format!("Bearer {}", self.token))
+        self.agent
+            .request(method, &format!("{}{path}", self.url))
+            .set("authorization", &format!("Bearer {}", self.token))
     }
 
     fn answer(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<Answer> {
         let response = match result {
             Ok(response) => response,
             Err(ureq::Error::Status(_, response)) => response,
-            Err(error) => return Err(error).with_context(|| format!("cannot reach the admin API at {}", self.url)),
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("cannot reach the admin API at {}", self.url));
+            }
         };
         let status = response.status();
         let mut text = String::new();
-        response.into_reader().take(64 << 20).read_to_string(&mut text).context("reading the answer")?;
+        response
+            .into_reader()
+            .take(64 << 20)
+            .read_to_string(&mut text)
+            .context("reading the answer")?;
         let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         Ok(Answer { status, body })
     }
@@ -107,7 +127,11 @@ impl AdminClient {
 
     /// `POST path` with a JSON body.
     pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
-        self.answer(self.request("POST", path).set("content-type", "application/json").send_string(&body.to_string()))
+        self.answer(
+            self.request("POST", path)
+                .set("content-type", "application/json")
+                .send_string(&body.to_string()),
+        )
     }
 
     /// Whether the node has blob `digest`.
@@ -126,14 +150,20 @@ impl AdminClient {
         let answer = match source {
             BlobSource::Bytes(bytes) => self.answer(request.send_bytes(bytes))?,
             BlobSource::File(path) => {
-                let file = std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
-                let len = file.metadata().with_context(|| format!("reading `{}`", path.display()))?.len();
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("opening `{}`", path.display()))?;
+                let len = file
+                    .metadata()
+                    .with_context(|| format!("reading `{}`", path.display()))?
+                    .len();
                 let request = request.set("content-length", &len.to_string());
                 if len > PROGRESS_ABOVE {
                     let bar = indicatif::ProgressBar::new(len).with_message(file_name(path));
                     bar.set_style(
-                        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
                     let answer = self.answer(request.send(bar.wrap_read(file)));
                     bar.finish_and_clear();
@@ -151,7 +181,8 @@ impl AdminClient {
     pub fn deploy(&self, manifest: &Manifest) -> anyhow::Result<serde_json::Value> {
         for (digest, source) in &manifest.blobs {
             if !self.has_blob(digest)? {
-                self.put_blob(digest, source).with_context(|| format!("uploading {}", describe(source)))?;
+                self.put_blob(digest, source)
+                    .with_context(|| format!("uploading {}", describe(source)))?;
             }
         }
         self.deploy_locked(&manifest.app)
@@ -160,12 +191,15 @@ impl AdminClient {
     /// Posts a locked app.
     pub fn deploy_locked(&self, app: &LockedApp) -> anyhow::Result<serde_json::Value> {
         let body = serde_json::to_value(app).context("encoding the locked app")?;
-        self.post(&format!("/v1/apps/{}/versions", app.name), &body)?.ok()
+        self.post(&format!("/v1/apps/{}/versions", app.name), &body)?
+            .ok()
     }
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn describe(source: &BlobSource) -> String {
@@ -177,7 +211,10 @@ fn describe(source: &BlobSource) -> String {
 
 /// The state dir a client command reads `admin.url` and `admin-token` from by default.
 pub fn default_state_dir(manifest: Option<&Path>) -> PathBuf {
-    let beside = manifest.and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()).map(|d| d.join(".lepton"));
+    let beside = manifest
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join(".lepton"));
     match beside {
         Some(dir) if dir.join("admin.url").is_file() => dir,
         _ => PathBuf::from(".lepton"),

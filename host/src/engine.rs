@@ -59,14 +59,18 @@ impl Runtime {
         pool.total_tables(instances.saturating_mul(POOL_SLOTS_PER_INSTANCE));
         // Per-function caps are enforced by each store's limiter; the pool only
         // needs room for the largest memory any function may grow to.
-        pool.max_memory_size(usize::try_from(crate::locked::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX));
+        pool.max_memory_size(
+            usize::try_from(crate::locked::MAX_MEMORY_LIMIT).unwrap_or(usize::MAX),
+        );
         // Returning a slot's pages with `madvise` flushes every core's TLB (an IPI
         // each); batching the decommits makes that one flush per batch. Measured with
         // `cargo bench --bench http` on the hello function (docs/benchmarks.md).
         pool.decommit_batch_size(DECOMMIT_BATCH);
         pool.table_keep_resident(TABLE_KEEP_RESIDENT);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
 
         // The ticker holds the engine weakly: it stops once the last engine is gone.
         let ticker_engine = engine.weak();
@@ -98,29 +102,46 @@ impl Runtime {
     /// A short hex fingerprint of everything that makes compiled code compatible.
     pub fn fingerprint(&self) -> String {
         let mut hasher = std::hash::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         format!("{:016x}", hasher.finish())
     }
 
     /// Loads the component at `path`, from the compile cache in `cache_dir` when it
     /// is there. `digest` is the digest of its bytes; bytes that do not match it are
     /// refused (a blob store file changed behind the node's back).
-    pub fn load_component(&self, path: &Path, digest: &Digest, cache_dir: &Path) -> anyhow::Result<LoadedComponent> {
+    pub fn load_component(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        cache_dir: &Path,
+    ) -> anyhow::Result<LoadedComponent> {
         let cached = cache_dir.join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint()));
         let started = Instant::now();
         if cached.exists() {
             match self.deserialize(&cached) {
                 Ok(component) => {
-                    return Ok(LoadedComponent { component, from_cache: true, elapsed: started.elapsed(), cached });
+                    return Ok(LoadedComponent {
+                        component,
+                        from_cache: true,
+                        elapsed: started.elapsed(),
+                        cached,
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(path = %cached.display(), "recompiling: cached component is unusable: {error:#}");
                 }
             }
         }
-        let bytes = std::fs::read(path).with_context(|| format!("reading component `{}`", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading component `{}`", path.display()))?;
         let read = Digest::of(&bytes);
-        anyhow::ensure!(&read == digest, "component `{}` holds {read}, not {digest}", path.display());
+        anyhow::ensure!(
+            &read == digest,
+            "component `{}` holds {read}, not {digest}",
+            path.display()
+        );
         let compiled = self
             .engine
             .precompile_component(&bytes)
@@ -128,10 +149,18 @@ impl Runtime {
             .context("not a valid WebAssembly component")?;
         crate::fsutil::write_atomically(&cached, &compiled)?;
         let component = self.deserialize(&cached)?;
-        Ok(LoadedComponent { component, from_cache: false, elapsed: started.elapsed(), cached })
+        Ok(LoadedComponent {
+            component,
+            from_cache: false,
+            elapsed: started.elapsed(),
+            cached,
+        })
     }
 
-    #[expect(unsafe_code, reason = "loading precompiled machine code is unsafe by nature")]
+    #[expect(
+        unsafe_code,
+        reason = "loading precompiled machine code is unsafe by nature"
+    )]
     fn deserialize(&self, cached: &Path) -> anyhow::Result<Component> {
         // SAFETY: the file was produced by `Engine::precompile_component` of an engine
         // with the same compatibility hash (it is in the name), written by this host into

@@ -49,7 +49,11 @@ pub struct SpecError {
 impl SpecError {
     /// An error at `scope`, on `key`.
     pub fn new(scope: impl Into<String>, key: Option<&str>, reason: impl Into<String>) -> Self {
-        Self { scope: scope.into(), key: key.map(str::to_owned), reason: reason.into() }
+        Self {
+            scope: scope.into(),
+            key: key.map(str::to_owned),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -77,11 +81,16 @@ impl Name {
         let ok = !name.is_empty()
             && name.len() <= 64
             && name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
         if ok {
             Ok(Self(name.to_owned()))
         } else {
-            Err("invalid name: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter".to_owned())
+            Err(
+                "invalid name: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter"
+                    .to_owned(),
+            )
         }
     }
 
@@ -91,7 +100,13 @@ impl Name {
         let mut name: String = text
             .chars()
             .map(|c| c.to_ascii_lowercase())
-            .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .skip_while(|c| !c.is_ascii_lowercase())
             .take(64)
             .collect();
@@ -150,10 +165,19 @@ impl Digest {
 
     /// Parses `sha256:<64 lowercase hex>`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let ok = text
-            .strip_prefix("sha256:")
-            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        if ok { Ok(Self(text.to_owned())) } else { Err(format!("{text:?} is not a digest (expected sha256:<64 hex digits>)")) }
+        let ok = text.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(format!(
+                "{text:?} is not a digest (expected sha256:<64 hex digits>)"
+            ))
+        }
     }
 
     /// The 64 hex digits.
@@ -222,18 +246,33 @@ impl Route {
             ));
         }
         if base.contains(['?', '#', ' ']) || base.chars().any(char::is_control) {
-            return Err(format!("{route:?} must be a plain path (no query, fragment or space)"));
+            return Err(format!(
+                "{route:?} must be a plain path (no query, fragment or space)"
+            ));
         }
-        let base = if base.len() > 1 { base.trim_end_matches('/') } else { base };
-        if base.len() > 1 && base[1..].split('/').any(|s| s.is_empty() || s == "." || s == "..") {
-            return Err(format!("{route:?} must not have empty, `.` or `..` segments"));
+        let base = if base.len() > 1 {
+            base.trim_end_matches('/')
+        } else {
+            base
+        };
+        if base.len() > 1
+            && base[1..]
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        {
+            return Err(format!(
+                "{route:?} must not have empty, `.` or `..` segments"
+            ));
         }
         // Host paths are answered before any route, so only routes inside the
         // reserved prefix are refused (they could never be reached).
         if base == RESERVED_ROUTE_PREFIX || base.starts_with(&format!("{RESERVED_ROUTE_PREFIX}/")) {
             return Err(format!("{route:?} is reserved for the host"));
         }
-        Ok(Self { base: base.to_owned(), prefix })
+        Ok(Self {
+            base: base.to_owned(),
+            prefix,
+        })
     }
 
     /// Whether `path` (already normalized) is served by this route.
@@ -244,7 +283,8 @@ impl Route {
         if self.base == "/" {
             return true;
         }
-        path.strip_prefix(&self.base).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        path.strip_prefix(&self.base)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
     /// Orders routes so that the most specific comes first: exact before prefix of the
@@ -322,15 +362,26 @@ impl OutboundHost {
         let default_port = match scheme {
             "http" => 80,
             "https" => 443,
-            _ => return Err(format!("{pattern:?} has scheme {scheme:?}; expected \"http\" or \"https\"")),
+            _ => {
+                return Err(format!(
+                    "{pattern:?} has scheme {scheme:?}; expected \"http\" or \"https\""
+                ));
+            }
         };
         if rest.is_empty() || rest.contains(['/', '?', '#', '@', '*']) {
-            return Err(format!("{pattern:?} must be exactly scheme://host:port (no path, user or wildcard)"));
+            return Err(format!(
+                "{pattern:?} must be exactly scheme://host:port (no path, user or wildcard)"
+            ));
         }
-        let parse_port = |port: &str| port.parse::<u16>().map_err(|_| format!("{pattern:?} has an invalid port {port:?}"));
+        let parse_port = |port: &str| {
+            port.parse::<u16>()
+                .map_err(|_| format!("{pattern:?} has an invalid port {port:?}"))
+        };
         let (host, port) = if rest.starts_with('[') {
             // An IPv6 literal: `[::1]` or `[::1]:8080`.
-            let end = rest.find(']').ok_or_else(|| format!("{pattern:?} has an unclosed `[`"))?;
+            let end = rest
+                .find(']')
+                .ok_or_else(|| format!("{pattern:?} has an unclosed `[`"))?;
             let (host, after) = rest.split_at(end + 1);
             let port = match after.strip_prefix(':') {
                 Some(port) => parse_port(port)?,
@@ -347,7 +398,11 @@ impl OutboundHost {
         if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
             return Err(format!("{pattern:?} has an invalid host"));
         }
-        Ok(Self { scheme: scheme.to_owned(), host: host.to_ascii_lowercase(), port })
+        Ok(Self {
+            scheme: scheme.to_owned(),
+            host: host.to_ascii_lowercase(),
+            port,
+        })
     }
 
     /// Whether a request to `scheme://host:port` is allowed by this pattern.
@@ -534,7 +589,9 @@ impl LockedApp {
         let mut blobs: Vec<Digest> = self
             .functions
             .iter()
-            .flat_map(|f| std::iter::once(f.component.clone()).chain(f.files.iter().map(|m| m.source.clone())))
+            .flat_map(|f| {
+                std::iter::once(f.component.clone()).chain(f.files.iter().map(|m| m.source.clone()))
+            })
             .chain(self.models.iter().map(|m| m.file.clone()))
             .chain(self.trainers.iter().map(|t| t.init.clone()))
             .collect();
@@ -549,12 +606,22 @@ impl LockedApp {
             return Err(SpecError::new(
                 "",
                 Some("lock_version"),
-                format!("is {}, this host reads only {LOCK_VERSION}", self.lock_version),
+                format!(
+                    "is {}, this host reads only {LOCK_VERSION}",
+                    self.lock_version
+                ),
             ));
         }
         let app = format!("app `{}`", self.name);
-        if self.functions.len() > MAX_ITEMS || self.models.len() > MAX_ITEMS || self.trainers.len() > MAX_ITEMS {
-            return Err(SpecError::new(app, None, format!("at most {MAX_ITEMS} functions, models and trainers each")));
+        if self.functions.len() > MAX_ITEMS
+            || self.models.len() > MAX_ITEMS
+            || self.trainers.len() > MAX_ITEMS
+        {
+            return Err(SpecError::new(
+                app,
+                None,
+                format!("at most {MAX_ITEMS} functions, models and trainers each"),
+            ));
         }
         unique(self.models.iter().map(|m| &m.name), "model")?;
         unique(self.trainers.iter().map(|t| &t.name), "trainer")?;
@@ -570,34 +637,57 @@ impl LockedApp {
                 return Err(SpecError::new(
                     format!("trainer `{}`", trainer.name),
                     Some("publishes"),
-                    format!("no model named {:?} (declare it as [model.{model}])", model.as_str()),
+                    format!(
+                        "no model named {:?} (declare it as [model.{model}])",
+                        model.as_str()
+                    ),
                 ));
             }
         }
         for function in &self.functions {
             function.validate()?;
             let scope = || format!("function `{}`", function.name);
-            if let Some(missing) = function.models.iter().find(|m| !self.models.iter().any(|model| &model.name == *m)) {
+            if let Some(missing) = function
+                .models
+                .iter()
+                .find(|m| !self.models.iter().any(|model| &model.name == *m))
+            {
                 return Err(SpecError::new(
                     scope(),
                     Some("models"),
-                    format!("no model named {:?} (declare it as [model.{missing}])", missing.as_str()),
+                    format!(
+                        "no model named {:?} (declare it as [model.{missing}])",
+                        missing.as_str()
+                    ),
                 ));
             }
-            if let Some(missing) = function.trainers.iter().find(|t| !self.trainers.iter().any(|tr| &tr.name == *t)) {
+            if let Some(missing) = function
+                .trainers
+                .iter()
+                .find(|t| !self.trainers.iter().any(|tr| &tr.name == *t))
+            {
                 return Err(SpecError::new(
                     scope(),
                     Some("trainers"),
-                    format!("no trainer named {:?} (declare it as [trainer.{missing}])", missing.as_str()),
+                    format!(
+                        "no trainer named {:?} (declare it as [trainer.{missing}])",
+                        missing.as_str()
+                    ),
                 ));
             }
         }
         for (i, a) in self.functions.iter().enumerate() {
-            if let Some(b) = self.functions[i + 1..].iter().find(|b| b.route.same_as(&a.route)) {
+            if let Some(b) = self.functions[i + 1..]
+                .iter()
+                .find(|b| b.route.same_as(&a.route))
+            {
                 return Err(SpecError::new(
                     "",
                     None,
-                    format!("functions `{}` and `{}` both claim route \"{}\"", a.name, b.name, a.route),
+                    format!(
+                        "functions `{}` and `{}` both claim route \"{}\"",
+                        a.name, b.name, a.route
+                    ),
                 ));
             }
         }
@@ -609,7 +699,11 @@ fn unique<'a>(names: impl Iterator<Item = &'a Name>, kind: &str) -> Result<(), S
     let mut seen = std::collections::BTreeSet::new();
     for name in names {
         if !seen.insert(name) {
-            return Err(SpecError::new(format!("{kind} `{name}`"), None, "declared twice"));
+            return Err(SpecError::new(
+                format!("{kind} `{name}`"),
+                None,
+                "declared twice",
+            ));
         }
     }
     Ok(())
@@ -617,22 +711,42 @@ fn unique<'a>(names: impl Iterator<Item = &'a Name>, kind: &str) -> Result<(), S
 
 impl FunctionSpec {
     fn validate(&self) -> Result<(), SpecError> {
-        let error = |key: &str, reason: String| SpecError::new(format!("function `{}`", self.name), Some(key), reason);
+        let error = |key: &str, reason: String| {
+            SpecError::new(format!("function `{}`", self.name), Some(key), reason)
+        };
         if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
-            return Err(error("timeout", format!("must be more than 0s and at most {}s", MAX_TIMEOUT.as_secs())));
+            return Err(error(
+                "timeout",
+                format!(
+                    "must be more than 0s and at most {}s",
+                    MAX_TIMEOUT.as_secs()
+                ),
+            ));
         }
         if !(MIN_MEMORY_LIMIT..=MAX_MEMORY_LIMIT).contains(&self.memory_limit) {
-            return Err(error("memory_limit", "must be between 64KiB (one page) and 4GiB".to_owned()));
+            return Err(error(
+                "memory_limit",
+                "must be between 64KiB (one page) and 4GiB".to_owned(),
+            ));
         }
         if self.max_concurrency == 0 {
             return Err(error("max_concurrency", "must be at least 1".to_owned()));
         }
-        if self.environment.len() > MAX_GRANTS || self.files.len() > MAX_GRANTS || self.allowed_outbound_hosts.len() > MAX_GRANTS
+        if self.environment.len() > MAX_GRANTS
+            || self.files.len() > MAX_GRANTS
+            || self.allowed_outbound_hosts.len() > MAX_GRANTS
         {
-            return Err(error("environment", format!("at most {MAX_GRANTS} variables, mounts and hosts each")));
+            return Err(error(
+                "environment",
+                format!("at most {MAX_GRANTS} variables, mounts and hosts each"),
+            ));
         }
         for (key, value) in &self.environment {
-            if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') || key.len() + value.len() > MAX_TEXT {
+            if key.is_empty()
+                || key.contains(['=', '\0'])
+                || value.contains('\0')
+                || key.len() + value.len() > MAX_TEXT
+            {
                 return Err(error("environment", format!("invalid variable {key:?}")));
             }
         }
@@ -643,7 +757,10 @@ impl FunctionSpec {
                 && !path.contains('\0')
                 && path.split('/').skip(1).all(|s| s != "." && s != "..");
             if !clean {
-                return Err(error("files", format!("destination {path:?} must be an absolute path without `.` or `..`")));
+                return Err(error(
+                    "files",
+                    format!("destination {path:?} must be an absolute path without `.` or `..`"),
+                ));
             }
         }
         Ok(())
@@ -656,10 +773,18 @@ impl ModelSpec {
         if let Some(batch) = self.batch
             && (batch.max_size < 1 || batch.max_wait > Duration::from_secs(1))
         {
-            return Err(SpecError::new(scope(), Some("batch"), "`max_size` must be at least 1 and `max_wait` at most 1s"));
+            return Err(SpecError::new(
+                scope(),
+                Some("batch"),
+                "`max_size` must be at least 1 and `max_wait` at most 1s",
+            ));
         }
         if !(1..=256).contains(&self.sessions) || !(1..=256).contains(&self.threads) {
-            return Err(SpecError::new(scope(), None, "`sessions` and `threads` must be between 1 and 256"));
+            return Err(SpecError::new(
+                scope(),
+                None,
+                "`sessions` and `threads` must be between 1 and 256",
+            ));
         }
         Ok(())
     }
@@ -667,17 +792,30 @@ impl ModelSpec {
 
 impl TrainerSpec {
     fn validate(&self) -> Result<(), SpecError> {
-        let error = |key: &str, reason: String| SpecError::new(format!("trainer `{}`", self.name), Some(key), reason);
+        let error = |key: &str, reason: String| {
+            SpecError::new(format!("trainer `{}`", self.name), Some(key), reason)
+        };
         let (Optimizer::AdamW { lr, .. } | Optimizer::Sgd { lr, .. }) = self.optimizer;
         if !(lr.is_finite() && lr > 0.0) {
-            return Err(error("optimizer.lr", format!("{lr} must be a positive number")));
+            return Err(error(
+                "optimizer.lr",
+                format!("{lr} must be a positive number"),
+            ));
         }
         match self.optimizer {
             Optimizer::Sgd { momentum, .. } if !(0.0..1.0).contains(&momentum) => {
-                return Err(error("optimizer.momentum", format!("{momentum} must be in [0, 1)")));
+                return Err(error(
+                    "optimizer.momentum",
+                    format!("{momentum} must be in [0, 1)"),
+                ));
             }
-            Optimizer::AdamW { weight_decay, .. } if !(weight_decay.is_finite() && weight_decay >= 0.0) => {
-                return Err(error("optimizer.weight_decay", format!("{weight_decay} must be a number >= 0")));
+            Optimizer::AdamW { weight_decay, .. }
+                if !(weight_decay.is_finite() && weight_decay >= 0.0) =>
+            {
+                return Err(error(
+                    "optimizer.weight_decay",
+                    format!("{weight_decay} must be a number >= 0"),
+                ));
             }
             _ => {}
         }
@@ -694,11 +832,16 @@ mod millis {
 
     use serde::{Deserialize as _, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        duration: &Duration,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
         u64::deserialize(deserializer).map(Duration::from_millis)
     }
 }
@@ -719,17 +862,33 @@ mod tests {
         let all = Route::parse("/...").expect("valid");
         assert!(all.matches("/") && all.matches("/anything/at/all"));
         assert_eq!(all.to_string(), "/...");
-        assert_eq!(Route::parse("/hello/").expect("valid").to_string(), "/hello");
+        assert_eq!(
+            Route::parse("/hello/").expect("valid").to_string(),
+            "/hello"
+        );
         assert!(Route::parse("/").expect("valid").matches("/"));
         assert!(!Route::parse("/").expect("valid").matches("/x"));
-        for bad in ["hello", "/api/*", "/a/.../b", "/a...", "/a?b", "/a/../b", "/a//b", "/.well-known/lepton/x", "/.well-known/lepton/..."] {
+        for bad in [
+            "hello",
+            "/api/*",
+            "/a/.../b",
+            "/a...",
+            "/a?b",
+            "/a/../b",
+            "/a//b",
+            "/.well-known/lepton/x",
+            "/.well-known/lepton/...",
+        ] {
             assert!(Route::parse(bad).is_err(), "{bad} was accepted");
         }
         assert!(Route::parse("/.well-known/leptonx").is_ok());
         assert!(Route::parse("/.well-known/...").is_ok());
         let mut routes = [all, prefix, exact];
         routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
-        assert_eq!(routes.map(|r| r.to_string()), ["/hello", "/hello/...", "/..."]);
+        assert_eq!(
+            routes.map(|r| r.to_string()),
+            ["/hello", "/hello/...", "/..."]
+        );
     }
 
     #[test]
@@ -738,13 +897,27 @@ mod tests {
         assert!(host.matches("http", "127.0.0.1", 8080));
         assert!(!host.matches("https", "127.0.0.1", 8080));
         assert!(!host.matches("http", "127.0.0.1", 8081));
-        assert_eq!(OutboundHost::parse("https://Example.com").expect("valid").to_string(), "https://example.com:443");
+        assert_eq!(
+            OutboundHost::parse("https://Example.com")
+                .expect("valid")
+                .to_string(),
+            "https://example.com:443"
+        );
         assert!(OutboundHost::parse("ftp://x:1").is_err());
         assert!(OutboundHost::parse("http://x:1/path").is_err());
         assert!(OutboundHost::parse("http://*:1").is_err());
         assert!(OutboundHost::parse("127.0.0.1:80").is_err());
-        assert_eq!(OutboundHost::parse("http://[::1]").expect("valid").to_string(), "http://[::1]:80");
-        assert!(OutboundHost::parse("http://[::1]:8080").expect("valid").matches("http", "[::1]", 8080));
+        assert_eq!(
+            OutboundHost::parse("http://[::1]")
+                .expect("valid")
+                .to_string(),
+            "http://[::1]:80"
+        );
+        assert!(
+            OutboundHost::parse("http://[::1]:8080")
+                .expect("valid")
+                .matches("http", "[::1]", 8080)
+        );
     }
 
     #[test]
@@ -755,7 +928,10 @@ mod tests {
         assert_eq!(Name::sanitized("My App!").as_str(), "my-app");
         assert_eq!(Name::sanitized("...").as_str(), "app");
         let digest = Digest::of(b"abc");
-        assert_eq!(digest.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            digest.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(Digest::parse(digest.as_str()), Ok(digest));
         assert!(Digest::parse("sha256:ABC").is_err() && Digest::parse("md5:00").is_err());
     }
@@ -768,9 +944,20 @@ mod tests {
             "max_model_upload_size":0,"trainers":[]}]}"#;
         let app: LockedApp = serde_json::from_str(json).expect("parses");
         let error = app.validate().expect_err("timeout 0");
-        assert_eq!((error.scope.as_str(), error.key.as_deref()), ("function `f`", Some("timeout")));
+        assert_eq!(
+            (error.scope.as_str(), error.key.as_deref()),
+            ("function `f`", Some("timeout"))
+        );
         assert!(serde_json::from_str::<LockedApp>(&json.replace("\"/f\"", "\"/f/*\"")).is_err());
-        assert!(serde_json::from_str::<LockedApp>(&json.replace("\"name\":\"f\"", "\"name\":\"../f\"")).is_err());
-        assert!(serde_json::from_str::<LockedApp>(&json.replace("\"timeout\":0", "\"timeout\":0,\"extra\":1")).is_err());
+        assert!(
+            serde_json::from_str::<LockedApp>(&json.replace("\"name\":\"f\"", "\"name\":\"../f\""))
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<LockedApp>(
+                &json.replace("\"timeout\":0", "\"timeout\":0,\"extra\":1")
+            )
+            .is_err()
+        );
     }
 }

@@ -32,8 +32,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::locked::{
-    BatchSpec, Digest, FileMount, FunctionSpec, LockedApp, Loss, ModelSpec, Name, Optimizer, OutboundHost, Route, SpecError,
-    Target, TrainerSpec, LOCK_VERSION, MAX_MEMORY_LIMIT, MAX_TIMEOUT, RESERVED_ROUTE_PREFIX,
+    BatchSpec, Digest, FileMount, FunctionSpec, LOCK_VERSION, LockedApp, Loss, MAX_MEMORY_LIMIT,
+    MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX, Route, SpecError,
+    Target, TrainerSpec,
 };
 
 /// The only manifest version this host understands.
@@ -259,33 +260,59 @@ fn at(key: &'static str) -> impl Fn(String) -> ItemError {
 impl Manifest {
     /// Reads, validates and resolves the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text, path)
     }
 
     /// Validates and resolves manifest text; relative paths resolve against `path`'s directory.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let raw: RawManifest = toml::from_str(text)
-            .map_err(|e| ManifestError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
-        let invalid = |error: SpecError| ManifestError::Invalid { path: path.to_owned(), error };
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |error: SpecError| ManifestError::Invalid {
+            path: path.to_owned(),
+            error,
+        };
         if raw.manifest_version != MANIFEST_VERSION {
             return Err(invalid(SpecError::new(
                 "",
                 None,
-                format!("`manifest_version` is {}, this host supports only {MANIFEST_VERSION}", raw.manifest_version),
+                format!(
+                    "`manifest_version` is {}, this host supports only {MANIFEST_VERSION}",
+                    raw.manifest_version
+                ),
             )));
         }
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
         let name = match &raw.name {
-            Some(name) => Name::new(name).map_err(|e| invalid(SpecError::new("", Some("name"), e)))?,
+            Some(name) => {
+                Name::new(name).map_err(|e| invalid(SpecError::new("", Some("name"), e)))?
+            }
             None => {
                 let dir = std::fs::canonicalize(&base).unwrap_or_else(|_| base.clone());
-                Name::sanitized(&dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+                Name::sanitized(
+                    &dir.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
             }
         };
         let mut blobs = BTreeMap::new();
-        fn item<T>(path: &Path, kind: &str, name: &str, result: Result<T, ItemError>) -> Result<T, ManifestError> {
+        fn item<T>(
+            path: &Path,
+            kind: &str,
+            name: &str,
+            result: Result<T, ItemError>,
+        ) -> Result<T, ManifestError> {
             result.map_err(|(key, reason)| ManifestError::Invalid {
                 path: path.to_owned(),
                 error: SpecError::new(format!("{kind} `{name}`"), key, reason),
@@ -293,19 +320,44 @@ impl Manifest {
         }
         let mut models = Vec::with_capacity(raw.model.len());
         for (name, model) in raw.model {
-            models.push(item(path, "model", &name, resolve_model(&name, model, &base, &mut blobs))?);
+            models.push(item(
+                path,
+                "model",
+                &name,
+                resolve_model(&name, model, &base, &mut blobs),
+            )?);
         }
         let mut trainers = Vec::with_capacity(raw.trainer.len());
         for (name, trainer) in raw.trainer {
-            trainers.push(item(path, "trainer", &name, resolve_trainer(&name, trainer, &base, &mut blobs))?);
+            trainers.push(item(
+                path,
+                "trainer",
+                &name,
+                resolve_trainer(&name, trainer, &base, &mut blobs),
+            )?);
         }
         let mut functions = Vec::with_capacity(raw.function.len());
         for (name, function) in raw.function {
-            functions.push(item(path, "function", &name, resolve_function(&name, function, &base, &mut blobs))?);
+            functions.push(item(
+                path,
+                "function",
+                &name,
+                resolve_function(&name, function, &base, &mut blobs),
+            )?);
         }
-        let app = LockedApp { lock_version: LOCK_VERSION, name, functions, models, trainers };
+        let app = LockedApp {
+            lock_version: LOCK_VERSION,
+            name,
+            functions,
+            models,
+            trainers,
+        };
         app.validate().map_err(invalid)?;
-        Ok(Self { path: path.to_owned(), app, blobs })
+        Ok(Self {
+            path: path.to_owned(),
+            app,
+            blobs,
+        })
     }
 }
 
@@ -314,13 +366,20 @@ fn name(name: &str) -> Result<Name, ItemError> {
 }
 
 fn names(key: &'static str, list: &[String]) -> Result<Vec<Name>, ItemError> {
-    list.iter().map(|n| Name::new(n).map_err(|e| (Some(key), format!("{n:?}: {e}")))).collect()
+    list.iter()
+        .map(|n| Name::new(n).map_err(|e| (Some(key), format!("{n:?}: {e}"))))
+        .collect()
 }
 
 /// Digests the file at `base/relative` and records it as a blob source.
-fn file_blob(base: &Path, relative: &str, blobs: &mut BTreeMap<Digest, BlobSource>) -> Result<Digest, String> {
+fn file_blob(
+    base: &Path,
+    relative: &str,
+    blobs: &mut BTreeMap<Digest, BlobSource>,
+) -> Result<Digest, String> {
     let path = base.join(relative);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
     let digest = Digest::of(&bytes);
     blobs.insert(digest.clone(), BlobSource::File(path));
     Ok(digest)
@@ -335,9 +394,18 @@ fn resolve_function(
     let name = name(function)?;
     let component = file_blob(base, &raw.component, blobs).map_err(at("component"))?;
     let route = Route::parse(&raw.route).map_err(at("route"))?;
-    let timeout = raw.timeout.map_or(Ok(DEFAULT_TIMEOUT), |t| parse_duration(&t)).map_err(at("timeout"))?;
-    let memory_limit = raw.memory_limit.map_or(Ok(DEFAULT_MEMORY_LIMIT), |t| parse_size(&t)).map_err(at("memory_limit"))?;
-    let max_body_size = raw.max_body_size.map_or(Ok(DEFAULT_MAX_BODY_SIZE), |t| parse_size(&t)).map_err(at("max_body_size"))?;
+    let timeout = raw
+        .timeout
+        .map_or(Ok(DEFAULT_TIMEOUT), |t| parse_duration(&t))
+        .map_err(at("timeout"))?;
+    let memory_limit = raw
+        .memory_limit
+        .map_or(Ok(DEFAULT_MEMORY_LIMIT), |t| parse_size(&t))
+        .map_err(at("memory_limit"))?;
+    let max_body_size = raw
+        .max_body_size
+        .map_or(Ok(DEFAULT_MAX_BODY_SIZE), |t| parse_size(&t))
+        .map_err(at("max_body_size"))?;
     let max_model_upload_size = raw
         .max_model_upload_size
         .map_or(Ok(DEFAULT_MAX_MODEL_UPLOAD_SIZE), |t| parse_size(&t))
@@ -346,12 +414,22 @@ fn resolve_function(
     for mount in raw.files {
         let source = base.join(&mount.source);
         if !source.is_dir() {
-            return Err((Some("files"), format!("source {:?} is not a directory", source.display().to_string())));
+            return Err((
+                Some("files"),
+                format!(
+                    "source {:?} is not a directory",
+                    source.display().to_string()
+                ),
+            ));
         }
-        let tar = crate::blobs::pack_dir(&source, MAX_MOUNT_SIZE).map_err(|e| (Some("files"), format!("{e:#}")))?;
+        let tar = crate::blobs::pack_dir(&source, MAX_MOUNT_SIZE)
+            .map_err(|e| (Some("files"), format!("{e:#}")))?;
         let digest = Digest::of(&tar);
         blobs.insert(digest.clone(), BlobSource::Bytes(Arc::from(tar)));
-        files.push(FileMount { source: digest, destination: mount.destination });
+        files.push(FileMount {
+            source: digest,
+            destination: mount.destination,
+        });
     }
     let allowed_outbound_hosts = raw
         .allowed_outbound_hosts
@@ -383,7 +461,10 @@ fn parse_target(target: Option<&str>) -> Result<Target, ItemError> {
     match target {
         None | Some("cpu") => Ok(Target::Cpu),
         Some("gpu") => Ok(Target::Gpu),
-        Some(other) => Err((Some("target"), format!("{other:?} is not \"cpu\" or \"gpu\""))),
+        Some(other) => Err((
+            Some("target"),
+            format!("{other:?} is not \"cpu\" or \"gpu\""),
+        )),
     }
 }
 
@@ -398,29 +479,64 @@ fn resolve_trainer(
     let loss = match raw.loss.as_str() {
         "cross-entropy" => Loss::CrossEntropy,
         "mse" => Loss::Mse,
-        other => return Err((Some("loss"), format!("{other:?} is not \"cross-entropy\" or \"mse\""))),
+        other => {
+            return Err((
+                Some("loss"),
+                format!("{other:?} is not \"cross-entropy\" or \"mse\""),
+            ));
+        }
     };
     let lr = raw.optimizer.lr;
     let optimizer = match raw.optimizer.kind.as_str() {
         "adamw" => {
             if raw.optimizer.momentum.is_some() {
-                return Err((Some("optimizer.momentum"), "applies to \"sgd\" only".to_owned()));
+                return Err((
+                    Some("optimizer.momentum"),
+                    "applies to \"sgd\" only".to_owned(),
+                ));
             }
-            Optimizer::AdamW { lr, weight_decay: raw.optimizer.weight_decay.unwrap_or(0.01) }
+            Optimizer::AdamW {
+                lr,
+                weight_decay: raw.optimizer.weight_decay.unwrap_or(0.01),
+            }
         }
         "sgd" => {
             if raw.optimizer.weight_decay.is_some() {
-                return Err((Some("optimizer.weight_decay"), "applies to \"adamw\" only".to_owned()));
+                return Err((
+                    Some("optimizer.weight_decay"),
+                    "applies to \"adamw\" only".to_owned(),
+                ));
             }
-            Optimizer::Sgd { lr, momentum: raw.optimizer.momentum.unwrap_or(0.0) }
+            Optimizer::Sgd {
+                lr,
+                momentum: raw.optimizer.momentum.unwrap_or(0.0),
+            }
         }
-        other => return Err((Some("optimizer.kind"), format!("{other:?} is not \"adamw\" or \"sgd\""))),
+        other => {
+            return Err((
+                Some("optimizer.kind"),
+                format!("{other:?} is not \"adamw\" or \"sgd\""),
+            ));
+        }
     };
     let target = parse_target(raw.target.as_deref())?;
-    let checkpoint_every =
-        raw.checkpoint_every.map_or(Ok(Duration::from_secs(30)), |t| parse_duration(&t)).map_err(at("checkpoint_every"))?;
-    let publishes = raw.publishes.map(|p| Name::new(&p).map_err(|e| (Some("publishes"), format!("{p:?}: {e}")))).transpose()?;
-    Ok(TrainerSpec { name, init, loss, optimizer, target, checkpoint_every, publishes })
+    let checkpoint_every = raw
+        .checkpoint_every
+        .map_or(Ok(Duration::from_secs(30)), |t| parse_duration(&t))
+        .map_err(at("checkpoint_every"))?;
+    let publishes = raw
+        .publishes
+        .map(|p| Name::new(&p).map_err(|e| (Some("publishes"), format!("{p:?}: {e}"))))
+        .transpose()?;
+    Ok(TrainerSpec {
+        name,
+        init,
+        loss,
+        optimizer,
+        target,
+        checkpoint_every,
+        publishes,
+    })
 }
 
 fn resolve_model(
@@ -440,12 +556,23 @@ fn resolve_model(
         None => None,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    Ok(ModelSpec { name, file, target, batch, sessions: raw.sessions.unwrap_or(cores), threads: raw.threads.unwrap_or(1) })
+    Ok(ModelSpec {
+        name,
+        file,
+        target,
+        batch,
+        sessions: raw.sessions.unwrap_or(cores),
+        threads: raw.threads.unwrap_or(1),
+    })
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let error = || format!("invalid duration {text:?} (expected a whole number with ms, s, m or h, e.g. \"5s\")");
+    let error = || {
+        format!(
+            "invalid duration {text:?} (expected a whole number with ms, s, m or h, e.g. \"5s\")"
+        )
+    };
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let number: u64 = digits.parse().map_err(|_| error())?;
     let millis = match &text[digits.len()..] {
@@ -460,7 +587,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses `"512KiB"`, `"64MiB"`, `"1GiB"` (also `B`, `KB`, `MB`, `GB`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let error = || format!("invalid size {text:?} (expected a whole number with B, KiB, MiB or GiB, e.g. \"64MiB\")");
+    let error = || {
+        format!(
+            "invalid size {text:?} (expected a whole number with B, KiB, MiB or GiB, e.g. \"64MiB\")"
+        )
+    };
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let number: u64 = digits.parse().map_err(|_| error())?;
     let unit: u64 = match &text[digits.len()..] {
@@ -512,7 +643,13 @@ mod tests {
         // Packing is deterministic: the same directory gives the same digest.
         let again = Manifest::from_toml(text, &path).expect("valid");
         assert_eq!(again.app.digest(), manifest.app.digest());
-        let error = Manifest::from_toml(&text.replace("/f/...", "/f/*"), &path).expect_err("wildcard");
-        assert!(error.to_string().contains("function `f`: `route`: \"/f/*\": wildcards are written only as a final `/...`"), "{error}");
+        let error =
+            Manifest::from_toml(&text.replace("/f/...", "/f/*"), &path).expect_err("wildcard");
+        assert!(
+            error.to_string().contains(
+                "function `f`: `route`: \"/f/*\": wildcards are written only as a final `/...`"
+            ),
+            "{error}"
+        );
     }
 }

@@ -58,16 +58,19 @@ pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Respo
 /// A 405 answer naming the methods the handler takes (`allow`, e.g. `"POST"`).
 pub fn method_not_allowed(allow: &'static str, message: impl Into<String>) -> Response {
     let mut response = text_response(http::StatusCode::METHOD_NOT_ALLOWED, message);
-    response.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
     response
 }
 
 /// A 200 response carrying `body` as `application/json`.
 pub fn json_response(body: Vec<u8>) -> Response {
     let mut response = Response::new(body);
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

@@ -325,8 +325,16 @@ impl Graph {
     /// `allow_model_upload = true` ([`ErrorCode::Security`] otherwise), up to
     /// `max_model_upload_size` ([`ErrorCode::TooLarge`]).
     pub fn load_onnx(model: &[u8], gpu: bool) -> Result<Self, Error> {
-        let target = if gpu { graph::ExecutionTarget::Gpu } else { graph::ExecutionTarget::Cpu };
-        Ok(Self(graph::load(&[model.to_vec()], graph::GraphEncoding::Onnx, target)?))
+        let target = if gpu {
+            graph::ExecutionTarget::Gpu
+        } else {
+            graph::ExecutionTarget::Cpu
+        };
+        Ok(Self(graph::load(
+            &[model.to_vec()],
+            graph::GraphEncoding::Onnx,
+            target,
+        )?))
     }
 
     /// A fresh execution context, for running the model more than once.

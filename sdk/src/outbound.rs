@@ -39,8 +39,15 @@ pub fn send(request: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, 
     };
     let _ = outgoing.set_scheme(Some(&scheme));
     let _ = outgoing.set_authority(parts.uri.authority().map(http::uri::Authority::as_str));
-    let _ = outgoing.set_path_with_query(parts.uri.path_and_query().map(http::uri::PathAndQuery::as_str));
-    let outgoing_body = outgoing.body().map_err(|()| Error("request body already taken".into()))?;
+    let _ = outgoing.set_path_with_query(
+        parts
+            .uri
+            .path_and_query()
+            .map(http::uri::PathAndQuery::as_str),
+    );
+    let outgoing_body = outgoing
+        .body()
+        .map_err(|()| Error("request body already taken".into()))?;
     let future = outgoing_handler::handle(outgoing, None).map_err(|e| Error(format!("{e:?}")))?;
     write_body(&outgoing_body, &body);
     OutgoingBody::finish(outgoing_body, None).map_err(|e| Error(format!("{e:?}")))?;

@@ -23,7 +23,8 @@ pub fn serve(handler: fn(Request) -> Response, request: &IncomingRequest, out: R
 
 fn plain(status: u16, message: String) -> Response {
     let mut response = Response::new(message.into_bytes());
-    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
     response
 }
 
@@ -54,8 +55,12 @@ fn read_request(request: &IncomingRequest) -> Result<Request, String> {
 pub(crate) fn read_body(body: IncomingBody) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     {
-        let mut stream = body.stream().map_err(|()| "request body already taken".to_owned())?;
-        stream.read_to_end(&mut bytes).map_err(|e| format!("reading the body: {e}"))?;
+        let mut stream = body
+            .stream()
+            .map_err(|()| "request body already taken".to_owned())?;
+        stream
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("reading the body: {e}"))?;
     }
     drop(IncomingBody::finish(body));
     Ok(bytes)
@@ -81,7 +86,9 @@ fn respond(out: ResponseOutparam, response: Response) {
 pub(crate) fn write_body(body: &OutgoingBody, bytes: &[u8]) {
     if let Ok(mut stream) = body.write() {
         // The client may have gone away; nothing useful is left to do then.
-        let _ = stream.write_all(bytes).and_then(|()| std::io::Write::flush(&mut stream));
+        let _ = stream
+            .write_all(bytes)
+            .and_then(|()| std::io::Write::flush(&mut stream));
     }
 }
 
@@ -96,7 +103,9 @@ pub(crate) fn from_wasi_method(method: Method) -> http::Method {
         Method::Options => http::Method::OPTIONS,
         Method::Trace => http::Method::TRACE,
         Method::Patch => http::Method::PATCH,
-        Method::Other(other) => http::Method::from_bytes(other.as_bytes()).unwrap_or(http::Method::GET),
+        Method::Other(other) => {
+            http::Method::from_bytes(other.as_bytes()).unwrap_or(http::Method::GET)
+        }
     }
 }
 

@@ -10,10 +10,16 @@ use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.join("../..").canonicalize().expect("workspace root exists");
+    let root = manifest_dir
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists");
     let guests = root.join("guest-examples");
     let target_dir = root.join("target").join("guests");
-    println!("cargo:rerun-if-changed={}", guests.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        guests.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-changed={}", root.join("sdk").display());
 
     let members = guest_members(&guests);
@@ -25,7 +31,13 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&guests)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
         .arg(guests.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir);
@@ -41,18 +53,31 @@ fn main() {
             command.env_remove(key.as_ref());
         }
     }
-    let status = command.status().expect("failed to run cargo for the guest examples");
+    let status = command
+        .status()
+        .expect("failed to run cargo for the guest examples");
     assert!(
         status.success(),
         "building the guest examples failed (is the target installed? `rustup target add wasm32-wasip2`)"
     );
 
-    let mut out = String::from("/// Every guest example: (crate name, path to its component).\npub const ALL: &[(&str, &str)] = &[\n");
+    let mut out = String::from(
+        "/// Every guest example: (crate name, path to its component).\npub const ALL: &[(&str, &str)] = &[\n",
+    );
     let mut consts = String::new();
     for member in &members {
-        let path = target_dir.join("wasm32-wasip2/release").join(format!("{}.wasm", member.replace('-', "_")));
-        assert!(path.exists(), "guest {member} did not produce {}", path.display());
-        out.push_str(&format!("    ({member:?}, {:?}),\n", path.display().to_string()));
+        let path = target_dir
+            .join("wasm32-wasip2/release")
+            .join(format!("{}.wasm", member.replace('-', "_")));
+        assert!(
+            path.exists(),
+            "guest {member} did not produce {}",
+            path.display()
+        );
+        out.push_str(&format!(
+            "    ({member:?}, {:?}),\n",
+            path.display().to_string()
+        ));
         consts.push_str(&format!(
             "/// The `{member}` guest example, compiled to a component.\npub const {}: &str = {:?};\n",
             member.to_uppercase().replace('-', "_"),
@@ -67,10 +92,15 @@ fn main() {
 
 /// The `members = [...]` of the guest workspace (kept as simple string list).
 fn guest_members(guests: &Path) -> Vec<String> {
-    let manifest = std::fs::read_to_string(guests.join("Cargo.toml")).expect("guest-examples/Cargo.toml");
+    let manifest =
+        std::fs::read_to_string(guests.join("Cargo.toml")).expect("guest-examples/Cargo.toml");
     let line = manifest
         .lines()
         .find(|line| line.trim_start().starts_with("members"))
         .expect("guest-examples/Cargo.toml has a members line");
-    line.split('"').skip(1).step_by(2).map(str::to_owned).collect()
+    line.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
 }

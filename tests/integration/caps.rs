@@ -14,7 +14,11 @@ fn environment_is_only_what_the_manifest_grants() {
     assert_eq!(lepton.get("/probe/env?GRANTED").body, "ok: yes\n");
     let secret = lepton.get("/probe/env?HOST_SECRET");
     assert_eq!(secret.status, 403, "{secret:?}");
-    assert_eq!(lepton.get("/probe/env?GREETING").status, 403, "one function's grant is not another's");
+    assert_eq!(
+        lepton.get("/probe/env?GREETING").status,
+        403,
+        "one function's grant is not another's"
+    );
     assert_eq!(lepton.get("/probe/env?PATH").status, 403);
 }
 
@@ -28,12 +32,19 @@ fn files_are_read_only_and_limited_to_the_granted_directory() {
     write_file(project.dir.path(), "static/greeting.txt", "from a file");
     write_file(project.dir.path(), "secret.txt", "not granted");
     let lepton = project.up();
-    assert_eq!(lepton.get("/probe/file?/static/greeting.txt").body, "ok: from a file\n");
+    assert_eq!(
+        lepton.get("/probe/file?/static/greeting.txt").body,
+        "ok: from a file\n"
+    );
     assert_eq!(lepton.get("/probe/write?/static/new.txt").status, 403);
     assert!(!project.path("static/new.txt").exists());
     assert_eq!(lepton.get("/probe/file?/static/../secret.txt").status, 403);
     assert_eq!(lepton.get("/probe/file?/etc/passwd").status, 403);
-    assert_eq!(lepton.get("/bare/file?/static/greeting.txt").status, 403, "no grant, no files");
+    assert_eq!(
+        lepton.get("/bare/file?/static/greeting.txt").status,
+        403,
+        "no grant, no files"
+    );
 }
 
 #[test]
@@ -55,24 +66,40 @@ fn outbound_http_reaches_only_allowed_hosts() {
 #[test]
 fn sockets_are_denied() {
     let target = pong_server();
-    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n"));
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
+    ));
     let lepton = project.up();
     let reply = lepton.get(&format!("/probe/tcp?{target}"));
     assert_eq!(reply.status, 403, "{reply:?}");
     // Outbound HTTP with no grant at all is denied too.
-    assert_eq!(lepton.get(&format!("/probe/http?http://{target}/")).status, 403);
+    assert_eq!(
+        lepton.get(&format!("/probe/http?http://{target}/")).status,
+        403
+    );
 }
 
 #[test]
 fn guest_output_goes_to_the_host_log_tagged_with_the_function() {
-    let project = Project::new(&manifest("[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n"));
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
+    ));
     let lepton = project.up();
     let reply = lepton.get("/probe/stdout");
     assert_eq!(reply.status, 200);
-    let request_id = reply.header("x-lepton-request-id").expect("request id").to_owned();
+    let request_id = reply
+        .header("x-lepton-request-id")
+        .expect("request id")
+        .to_owned();
     let log = lepton.wait_for_log("probe says hi on stdout");
-    let line = log.lines().find(|l| l.contains("probe says hi on stdout")).expect("line");
+    let line = log
+        .lines()
+        .find(|l| l.contains("probe says hi on stdout"))
+        .expect("line");
     assert!(line.contains("function=probe"), "{line}");
     assert!(line.contains(&request_id), "{line}");
-    assert!(line.contains("stream=\"stdout\"") || line.contains("stream=stdout"), "{line}");
+    assert!(
+        line.contains("stream=\"stdout\"") || line.contains("stream=stdout"),
+        "{line}"
+    );
 }

@@ -18,7 +18,9 @@ fn check_accepts_a_valid_manifest() {
 
 #[test]
 fn check_rejects_a_file_that_is_not_a_component() {
-    let project = Project::new(&manifest("[function.bad]\ncomponent = \"core.wasm\"\nroute = \"/bad\"\n"));
+    let project = Project::new(&manifest(
+        "[function.bad]\ncomponent = \"core.wasm\"\nroute = \"/bad\"\n",
+    ));
     // A valid core module, but not a component.
     std::fs::write(project.path("core.wasm"), b"\0asm\x01\0\0\0").expect("write");
     let (status, _, stderr) = project.run(&["check"]);
@@ -31,7 +33,9 @@ fn check_rejects_a_file_that_is_not_a_component() {
 
 #[test]
 fn check_rejects_a_component_that_is_not_an_http_proxy() {
-    let project = Project::new(&manifest("[function.empty]\ncomponent = \"empty.wasm\"\nroute = \"/e\"\n"));
+    let project = Project::new(&manifest(
+        "[function.empty]\ncomponent = \"empty.wasm\"\nroute = \"/e\"\n",
+    ));
     // The smallest component: a header and nothing else, so no `wasi:http` export.
     std::fs::write(project.path("empty.wasm"), b"\0asm\x0d\0\x01\0").expect("write");
     let (status, _, stderr) = project.run(&["check"]);

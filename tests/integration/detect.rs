@@ -44,12 +44,20 @@ fn features(file: &[u8]) -> Vec<i32> {
 
 /// The model's most probable label and its score, from native ONNX Runtime.
 fn native(files: &[(&str, Vec<u8>)]) -> Vec<(String, f32)> {
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(magika_dir().join("config.min.json")).expect("config")).expect("json");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(magika_dir().join("config.min.json")).expect("config"),
+    )
+    .expect("json");
     let labels = config["target_labels_space"].as_array().expect("labels");
     // One ONNX Runtime environment per test process, shared by the tests that need it.
     static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
-    let env = ENV.get_or_init(|| ort::init_from(ort_library()).expect("load ORT").with_name("test").build().expect("env"));
+    let env = ENV.get_or_init(|| {
+        ort::init_from(ort_library())
+            .expect("load ORT")
+            .with_name("test")
+            .build()
+            .expect("env")
+    });
     let mut session = ort::session::Session::builder(env)
         .expect("builder")
         .commit_from_file(magika_dir().join("model.onnx"))
@@ -57,9 +65,12 @@ fn native(files: &[(&str, Vec<u8>)]) -> Vec<(String, f32)> {
     files
         .iter()
         .map(|(_, file)| {
-            let input = ort::value::Tensor::from_array((vec![1i64, 2048], features(file))).expect("tensor");
+            let input =
+                ort::value::Tensor::from_array((vec![1i64, 2048], features(file))).expect("tensor");
             let outputs = session.run(vec![("bytes", input.into_dyn())]).expect("run");
-            let (_, scores) = outputs["target_label"].try_extract_tensor::<f32>().expect("scores");
+            let (_, scores) = outputs["target_label"]
+                .try_extract_tensor::<f32>()
+                .expect("scores");
             let (best, score) = scores
                 .iter()
                 .enumerate()
@@ -75,7 +86,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -135,11 +150,17 @@ fn pdf() -> Vec<u8> {
         pdf.push_str(&format!("{} 0 obj\n{object}\nendobj\n", i + 1));
     }
     let xref = pdf.len();
-    pdf.push_str(&format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1));
+    pdf.push_str(&format!(
+        "xref\n0 {}\n0000000000 65535 f \n",
+        objects.len() + 1
+    ));
     for offset in offsets {
         pdf.push_str(&format!("{offset:010} 00000 n \n"));
     }
-    pdf.push_str(&format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1));
+    pdf.push_str(&format!(
+        "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+        objects.len() + 1
+    ));
     pdf.into_bytes()
 }
 
@@ -147,20 +168,31 @@ fn json_document() -> Vec<u8> {
     let items: Vec<String> = (0..40)
         .map(|i| format!("    {{\"id\": {i}, \"name\": \"item-{i}\", \"tags\": [\"a\", \"b\"], \"price\": {}.5, \"active\": {}}}", i * 3, i % 2 == 0))
         .collect();
-    format!("{{\n  \"items\": [\n{}\n  ],\n  \"count\": 40\n}}\n", items.join(",\n")).into_bytes()
+    format!(
+        "{{\n  \"items\": [\n{}\n  ],\n  \"count\": 40\n}}\n",
+        items.join(",\n")
+    )
+    .into_bytes()
 }
 
 fn test_files() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("png", png()),
         ("pdf", pdf()),
-        ("rust", std::fs::read(root().join("host/src/manifest.rs")).expect("a Rust source")),
+        (
+            "rust",
+            std::fs::read(root().join("host/src/manifest.rs")).expect("a Rust source"),
+        ),
         ("json", json_document()),
     ]
 }
 
 fn field<'a>(body: &'a str, name: &str) -> &'a str {
-    let start = body.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("no {name} in {body}")) + name.len() + 3;
+    let start = body
+        .find(&format!("\"{name}\":"))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        + name.len()
+        + 3;
     let rest = body[start..].trim_start();
     let end = rest.find([',', '}']).unwrap_or(rest.len());
     rest[..end].trim().trim_matches('"')
@@ -175,9 +207,17 @@ fn detect_matches_native_onnx_runtime_on_real_files() {
         let reply = lepton.post("/detect", file);
         assert_eq!(reply.status, 200, "{kind}: {reply:?}");
         assert_eq!(reply.header("content-type"), Some("application/json"));
-        assert_eq!(field(&reply.body, "dl_label"), label, "{kind}: {}", reply.body);
+        assert_eq!(
+            field(&reply.body, "dl_label"),
+            label,
+            "{kind}: {}",
+            reply.body
+        );
         let guest_score: f32 = field(&reply.body, "score").parse().expect("score");
-        assert!((guest_score - score).abs() < 1e-4, "{kind}: guest {guest_score}, native {score}");
+        assert!(
+            (guest_score - score).abs() < 1e-4,
+            "{kind}: guest {guest_score}, native {score}"
+        );
         assert_eq!(label, kind, "the model itself recognises the {kind} file");
         assert_eq!(field(&reply.body, "label"), *kind, "{}", reply.body);
     }

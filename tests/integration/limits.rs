@@ -14,11 +14,23 @@ fn a_trapping_guest_gets_500_with_a_request_id_and_the_server_keeps_serving() {
     for _ in 0..3 {
         let reply = lepton.get("/trap");
         assert_eq!(reply.status, 500);
-        let request_id = reply.header("x-lepton-request-id").expect("request id").to_owned();
-        assert!(reply.body.contains(&request_id), "body names the request id: {reply:?}");
-        assert!(!reply.body.contains("secret-detail"), "guest internals leaked: {reply:?}");
+        let request_id = reply
+            .header("x-lepton-request-id")
+            .expect("request id")
+            .to_owned();
+        assert!(
+            reply.body.contains(&request_id),
+            "body names the request id: {reply:?}"
+        );
+        assert!(
+            !reply.body.contains("secret-detail"),
+            "guest internals leaked: {reply:?}"
+        );
         let log = lepton.wait_for_log(&format!("request_id={request_id}"));
-        assert!(log.contains("secret-detail-42"), "the panic is in the host log");
+        assert!(
+            log.contains("secret-detail-42"),
+            "the panic is in the host log"
+        );
     }
     assert_eq!(lepton.get("/hello").status, 200);
 }
@@ -34,16 +46,25 @@ fn a_guest_past_its_timeout_gets_504_promptly() {
     let url = lepton.url("/spin");
     let spinning = std::thread::spawn(move || {
         let started = Instant::now();
-        (crate::util::reply(ureq::get(&url).call()), started.elapsed())
+        (
+            crate::util::reply(ureq::get(&url).call()),
+            started.elapsed(),
+        )
     });
     lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
     assert_eq!(lepton.get("/hello").status, 200);
     let (reply, elapsed) = spinning.join().expect("thread");
     assert_eq!(reply.status, 504, "{reply:?}");
-    assert!(elapsed >= Duration::from_secs(1), "answered early: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "answered early: {elapsed:?}"
+    );
     // The server answers within 100 ms of the deadline (one epoch tick, 10 ms, plus
     // scheduling); the margin here also covers the client on a busy CI machine.
-    assert!(elapsed < Duration::from_millis(1200), "answered late: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(1200),
+        "answered late: {elapsed:?}"
+    );
     assert_eq!(lepton.metric("lepton_requests_timed_out_total", "spin"), 1);
     assert_eq!(lepton.get("/hello").status, 200);
 }
@@ -62,7 +83,10 @@ fn memory_growth_past_the_limit_fails_inside_the_guest() {
         .and_then(|rest| rest.strip_suffix(" MiB\n"))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected body {reply:?}"));
-    assert!((16..32).contains(&mib), "allocated {mib} MiB under a 32 MiB limit");
+    assert!(
+        (16..32).contains(&mib),
+        "allocated {mib} MiB under a 32 MiB limit"
+    );
     // Allocating infallibly past the limit aborts the guest: a 500, and serving goes on.
     assert_eq!(lepton.get("/hog/abort").status, 500);
     assert_eq!(lepton.get("/hog").status, 200);
@@ -74,7 +98,10 @@ fn request_bodies_over_the_limit_get_413() {
         "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_body_size = \"1KiB\"\n",
     ));
     let lepton = project.up();
-    assert_eq!(lepton.post("/probe/echo", &[b'x'; 1024]).body, "ok: 1024 bytes\n");
+    assert_eq!(
+        lepton.post("/probe/echo", &[b'x'; 1024]).body,
+        "ok: 1024 bytes\n"
+    );
     assert_eq!(lepton.post("/probe/echo", &[b'x'; 1025]).status, 413);
     // Without a content-length (chunked), the cap is enforced while reading.
     let chunked = crate::util::reply(
@@ -154,18 +181,25 @@ fn a_node_out_of_instance_slots_answers_503_and_recovers() {
 #[test]
 fn connections_past_the_cap_wait_for_a_free_one() {
     use std::io::{Read as _, Write as _};
-    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
     let lepton = project.up_with(&["--max-connections", "1"], &[]);
     // The first connection stays open (keep-alive) and holds the only slot.
     let mut first = std::net::TcpStream::connect(&lepton.address).expect("connect");
-    first.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("write");
+    first
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .expect("write");
     let mut buffer = [0u8; 256];
     let n = first.read(&mut buffer).expect("read");
     assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
     // A second client is not served while the first holds the slot...
     let waiting = lepton.get_in_background("/hello");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!waiting.is_finished(), "a second connection was served past the cap");
+    assert!(
+        !waiting.is_finished(),
+        "a second connection was served past the cap"
+    );
     // ...and is as soon as the first closes.
     drop(first);
     assert_eq!(waiting.join().expect("thread").status, 200);

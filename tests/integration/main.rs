@@ -28,6 +28,9 @@ fn every_guest_has_a_host_test() {
     for (name, _) in lepton_test_artifacts::ALL {
         // Tests name a guest's component as `{NAME}` in the manifests they write.
         let placeholder = format!("{{{}}}", name.to_uppercase().replace('-', "_"));
-        assert!(sources.contains(&placeholder), "guest `{name}` has no host test (no manifest uses `{placeholder}`)");
+        assert!(
+            sources.contains(&placeholder),
+            "guest `{name}` has no host test (no manifest uses `{placeholder}`)"
+        );
     }
 }

@@ -8,7 +8,9 @@ fn up_error(text: &str) -> String {
     let (status, stdout, stderr) = project.run(&["up", "lepton.toml", "--listen", "127.0.0.1:0"]);
     assert!(!status.success(), "lepton up accepted a bad manifest");
     assert_eq!(stdout, "", "nothing may listen");
-    let start = stderr.find("error: ").unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    let start = stderr
+        .find("error: ")
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
     stderr[start..].trim_end().to_owned()
 }
 
@@ -43,14 +45,18 @@ unknown field `functions`, expected one of `manifest_version`, `name`, `function
 #[test]
 fn bad_function_name() {
     assert_eq!(
-        up_error(&manifest("[function.Hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n")),
+        up_error(&manifest(
+            "[function.Hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"
+        )),
         "error: invalid manifest `lepton.toml`: function `Hello`: invalid name: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter"
     );
 }
 
 #[test]
 fn missing_component_file() {
-    let error = up_error(&manifest("[function.hello]\ncomponent = \"missing.wasm\"\nroute = \"/hello\"\n"));
+    let error = up_error(&manifest(
+        "[function.hello]\ncomponent = \"missing.wasm\"\nroute = \"/hello\"\n",
+    ));
     assert_eq!(
         error,
         "error: invalid manifest `lepton.toml`: function `hello`: `component`: cannot read \"./missing.wasm\": No such file or directory (os error 2)"
@@ -90,7 +96,9 @@ fn duplicate_route() {
 #[test]
 fn bad_outbound_host() {
     assert_eq!(
-        up_error(&manifest(&format!("{HELLO}allowed_outbound_hosts = [\"http://*:80\"]\n"))),
+        up_error(&manifest(&format!(
+            "{HELLO}allowed_outbound_hosts = [\"http://*:80\"]\n"
+        ))),
         "error: invalid manifest `lepton.toml`: function `hello`: `allowed_outbound_hosts`: \"http://*:80\" must be exactly scheme://host:port (no path, user or wildcard)"
     );
 }
@@ -98,7 +106,9 @@ fn bad_outbound_host() {
 #[test]
 fn missing_files_source() {
     assert_eq!(
-        up_error(&manifest(&format!("{HELLO}files = [{{ source = \"nope\", destination = \"/static\" }}]\n"))),
+        up_error(&manifest(&format!(
+            "{HELLO}files = [{{ source = \"nope\", destination = \"/static\" }}]\n"
+        ))),
         "error: invalid manifest `lepton.toml`: function `hello`: `files`: source \"./nope\" is not a directory"
     );
 }
@@ -106,7 +116,9 @@ fn missing_files_source() {
 #[test]
 fn reserved_route_and_version() {
     assert_eq!(
-        up_error(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/.well-known/lepton/x\"\n")),
+        up_error(&manifest(
+            "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/.well-known/lepton/x\"\n"
+        )),
         "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/.well-known/lepton/x\" is reserved for the host"
     );
     assert_eq!(
@@ -121,7 +133,9 @@ fn missing_manifest() {
     let (status, _, stderr) = project.run(&["up", "nowhere.toml"]);
     assert!(!status.success());
     assert!(
-        stderr.contains("error: cannot read manifest `nowhere.toml`: No such file or directory (os error 2)"),
+        stderr.contains(
+            "error: cannot read manifest `nowhere.toml`: No such file or directory (os error 2)"
+        ),
         "{stderr}"
     );
 }
@@ -129,7 +143,9 @@ fn missing_manifest() {
 #[test]
 fn wildcard_routes_other_than_a_final_dots_are_refused() {
     assert_eq!(
-        up_error(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/api/*\"\n")),
+        up_error(&manifest(
+            "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/api/*\"\n"
+        )),
         "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/api/*\": wildcards are written only as a final \
          `/...` (\"/api/...\" matches /api and everything below it)"
     );

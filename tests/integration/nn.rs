@@ -3,8 +3,15 @@
 use crate::onnx::identity_model;
 use crate::util::{Lepton, Project, manifest, tensor_line as line};
 
-const ALL_TYPES: [(&str, &str); 7] =
-    [("a", "FP16"), ("b", "FP32"), ("c", "FP64"), ("d", "BF16"), ("e", "U8"), ("f", "I32"), ("g", "I64")];
+const ALL_TYPES: [(&str, &str); 7] = [
+    ("a", "FP16"),
+    ("b", "FP32"),
+    ("c", "FP64"),
+    ("d", "BF16"),
+    ("e", "U8"),
+    ("f", "I32"),
+    ("g", "I64"),
+];
 
 fn element_size(ty: &str) -> usize {
     match ty {
@@ -24,7 +31,11 @@ fn project(extra: &str, model_extra: &str) -> Project {
          [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn/...\"\nmodels = [\"ident\"]\n{extra}\n"
     )));
     std::fs::write(project.path("ident.onnx"), identity_model(&ALL_TYPES, 3)).expect("write model");
-    std::fs::write(project.path("other.onnx"), identity_model(&[("x", "FP32")], 1)).expect("write model");
+    std::fs::write(
+        project.path("other.onnx"),
+        identity_model(&[("x", "FP32")], 1),
+    )
+    .expect("write model");
     project
 }
 
@@ -37,7 +48,9 @@ fn all_inputs(rows: u32, seed: u8) -> String {
         .iter()
         .map(|(name, ty)| {
             let len = rows as usize * 3 * element_size(ty);
-            let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect();
             line(name, ty, &[rows, 3], &data)
         })
         .collect()
@@ -62,8 +75,14 @@ fn only_granted_models_load_and_others_look_absent() {
     let not_granted = lepton.get("/nn/load/other");
     let unknown = lepton.get("/nn/load/nowhere");
     assert_eq!(not_granted.status, 400);
-    assert_eq!(not_granted.body, "error: ErrorCode::NotFound: no model named \"other\"");
-    assert_eq!(unknown.body, "error: ErrorCode::NotFound: no model named \"nowhere\"");
+    assert_eq!(
+        not_granted.body,
+        "error: ErrorCode::NotFound: no model named \"other\""
+    );
+    assert_eq!(
+        unknown.body,
+        "error: ErrorCode::NotFound: no model named \"nowhere\""
+    );
 }
 
 #[test]
@@ -74,14 +93,33 @@ fn loading_from_bytes_needs_allow_model_upload_and_is_capped() {
         denied.post("/nn/upload", &model).body,
         "error: ErrorCode::Security: loading a model from bytes is not allowed for this function (`allow_model_upload`)"
     );
-    let allowed = start(&project("allow_model_upload = true\nmax_model_upload_size = \"1KiB\"", ""));
+    let allowed = start(&project(
+        "allow_model_upload = true\nmax_model_upload_size = \"1KiB\"",
+        "",
+    ));
     assert_eq!(allowed.post("/nn/upload", &model).body, "ok\n");
     assert_eq!(allowed.post("/nn/upload-sdk", &model).body, "ok\n");
-    assert!(denied.post("/nn/upload-sdk", &model).body.starts_with("error: security: "), "SDK errors carry the code");
+    assert!(
+        denied
+            .post("/nn/upload-sdk", &model)
+            .body
+            .starts_with("error: security: "),
+        "SDK errors carry the code"
+    );
     let too_large = allowed.post("/nn/upload", &vec![0u8; 2048]);
-    assert!(too_large.body.starts_with("error: ErrorCode::TooLarge: model is 2048 bytes"), "{too_large:?}");
+    assert!(
+        too_large
+            .body
+            .starts_with("error: ErrorCode::TooLarge: model is 2048 bytes"),
+        "{too_large:?}"
+    );
     let garbage = allowed.post("/nn/upload", b"not an onnx model");
-    assert!(garbage.body.starts_with("error: ErrorCode::InvalidEncoding: "), "{garbage:?}");
+    assert!(
+        garbage
+            .body
+            .starts_with("error: ErrorCode::InvalidEncoding: "),
+        "{garbage:?}"
+    );
     assert_eq!(allowed.get("/.well-known/lepton/health").status, 200);
 }
 
@@ -98,9 +136,15 @@ fn malformed_inputs_are_invalid_argument_errors() {
         "error: ErrorCode::InvalidArgument: unknown input `zz`; model `ident` takes `a`, `b`, `c`, `d`, `e`, `f`, `g`"
     );
     let missing: String = good.lines().skip(1).map(|l| format!("{l}\n")).collect();
-    assert_eq!(compute(missing), "error: ErrorCode::InvalidArgument: missing input `a`");
+    assert_eq!(
+        compute(missing),
+        "error: ErrorCode::InvalidArgument: missing input `a`"
+    );
     let wrong_type = good.replacen("b FP32", "b I32", 1);
-    assert_eq!(compute(wrong_type), "error: ErrorCode::InvalidArgument: input `b` is TensorType::I32, the model takes TensorType::Fp32");
+    assert_eq!(
+        compute(wrong_type),
+        "error: ErrorCode::InvalidArgument: input `b` is TensorType::I32, the model takes TensorType::Fp32"
+    );
     let wrong_shape = good.replacen("e U8 1,3 ", "e U8 3,1 ", 1);
     assert_eq!(
         compute(wrong_shape),
@@ -112,12 +156,18 @@ fn malformed_inputs_are_invalid_argument_errors() {
         "error: ErrorCode::InvalidArgument: input `e`: tensor of dimensions [1, 3] and type TensorType::U8 needs 3 bytes, got 4"
     );
     // The server is unharmed.
-    assert_eq!(lepton.post("/nn/compute/ident", good.as_bytes()).status, 200);
+    assert_eq!(
+        lepton.post("/nn/compute/ident", good.as_bytes()).status,
+        200
+    );
 }
 
 #[test]
 fn concurrent_requests_are_batched_and_each_gets_its_own_rows_back() {
-    let project = project("max_concurrency = 64", "batch = { max_size = 64, max_wait = \"200ms\" }");
+    let project = project(
+        "max_concurrency = 64",
+        "batch = { max_size = 64, max_wait = \"200ms\" }",
+    );
     let lepton = start(&project);
     let url = lepton.url("/nn/compute/ident");
     let start = std::sync::Arc::new(std::sync::Barrier::new(16));
@@ -141,7 +191,10 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_rows_back() {
     }
     let runs = lepton.metric("lepton_model_runs_total", "ident");
     assert_eq!(lepton.metric("lepton_model_requests_total", "ident"), 16);
-    assert!(runs < 16, "16 concurrent requests took {runs} runs: nothing was batched");
+    assert!(
+        runs < 16,
+        "16 concurrent requests took {runs} runs: nothing was batched"
+    );
 }
 
 #[test]
@@ -149,8 +202,16 @@ fn target_gpu_without_cuda_falls_back_to_cpu_and_says_so() {
     let project = project("", "target = \"gpu\"");
     let lepton = start(&project);
     let log = lepton.wait_for_log("running on the CPU");
-    assert!(log.contains("target \"gpu\": CUDA is not available"), "{log}");
-    assert_eq!(lepton.post("/nn/compute/ident", all_inputs(1, 3).as_bytes()).status, 200);
+    assert!(
+        log.contains("target \"gpu\": CUDA is not available"),
+        "{log}"
+    );
+    assert_eq!(
+        lepton
+            .post("/nn/compute/ident", all_inputs(1, 3).as_bytes())
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -163,12 +224,18 @@ fn a_missing_onnx_runtime_is_a_clear_startup_error() {
             .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
             .output()
             .expect("run lepton");
-        (output.status, String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     assert!(!status.success());
     assert_eq!(stdout, "");
     assert!(
-        stderr.contains("`models`: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"),
+        stderr.contains(
+            "`models`: ORT_DYLIB_PATH is `/nonexistent/libonnxruntime.so`, which is not a file"
+        ),
         "{stderr}"
     );
 }

@@ -82,17 +82,30 @@ pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
     }
     bytes_field(&mut graph, 2, b"identity");
     for (name, ty) in inputs {
-        bytes_field(&mut graph, 11, &value_info(name, onnx_type(ty), &[None, Some(width)]));
+        bytes_field(
+            &mut graph,
+            11,
+            &value_info(name, onnx_type(ty), &[None, Some(width)]),
+        );
     }
     for (name, ty) in inputs {
-        bytes_field(&mut graph, 12, &value_info(&format!("out_{name}"), onnx_type(ty), &[None, Some(width)]));
+        bytes_field(
+            &mut graph,
+            12,
+            &value_info(&format!("out_{name}"), onnx_type(ty), &[None, Some(width)]),
+        );
     }
     model_proto(&graph)
 }
 
 /// A one-node graph `op(x) -> y` over FLOAT `[N, 4]`, with optional float
 /// initializers (name, length) appended, e.g. to test what a trainer refuses.
-pub fn one_node_model(op: &str, node_name: &str, int_attributes: &[(&str, i64)], initializers: &[(&str, usize)]) -> Vec<u8> {
+pub fn one_node_model(
+    op: &str,
+    node_name: &str,
+    int_attributes: &[(&str, i64)],
+    initializers: &[(&str, usize)],
+) -> Vec<u8> {
     let mut graph = Vec::new();
     let mut node = Vec::new();
     bytes_field(&mut node, 1, b"x");

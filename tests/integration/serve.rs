@@ -10,7 +10,10 @@ fn routes_use_spins_syntax_exact_and_prefix() {
     ));
     let lepton = project.up();
     let reply = lepton.get("/hello");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "Hello from Lepton\n")
+    );
     assert!(reply.header("x-lepton-request-id").is_some());
     // `/hello` is exact; `/probe/...` is `/probe` and everything below it, whole segments.
     assert_eq!(lepton.get("/hello/deeper/path").status, 404);
@@ -40,10 +43,15 @@ fn concurrent_requests_all_succeed_with_a_small_concurrency_cap() {
         "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\nmax_concurrency = 2\nmax_queue = 64\n",
     ));
     let lepton = project.up();
-    let handles: Vec<_> = (0..32).map(|_| lepton.get_in_background("/hello")).collect();
+    let handles: Vec<_> = (0..32)
+        .map(|_| lepton.get_in_background("/hello"))
+        .collect();
     for handle in handles {
         let reply = handle.join().expect("thread");
-        assert_eq!((reply.status, reply.body.as_str()), (200, "Hello from Lepton\n"));
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "Hello from Lepton\n")
+        );
     }
     assert_eq!(lepton.metric("lepton_requests_total", "hello"), 32);
     assert_eq!(lepton.metric("lepton_requests_failed_total", "hello"), 0);
@@ -51,14 +59,19 @@ fn concurrent_requests_all_succeed_with_a_small_concurrency_cap() {
 
 #[test]
 fn second_start_loads_the_compiled_component_from_the_cache() {
-    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
     {
         let lepton = project.up();
         lepton.wait_for_log("cached=false");
     }
     let lepton = project.up();
     let log = lepton.wait_for_log("loaded in");
-    assert!(log.contains("cached=true"), "second start compiled again:\n{log}");
+    assert!(
+        log.contains("cached=true"),
+        "second start compiled again:\n{log}"
+    );
     assert_eq!(lepton.get("/hello").body, "Hello from Lepton\n");
 }
 
@@ -75,12 +88,18 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     let status = lepton.signal_and_wait("TERM");
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(in_flight.join().expect("thread").status, 504);
-    assert_eq!(lepton.rest_of_stdout(), "", "stdout holds only the ready line");
+    assert_eq!(
+        lepton.rest_of_stdout(),
+        "",
+        "stdout holds only the ready line"
+    );
 }
 
 #[test]
 fn sigint_stops_an_idle_server_with_exit_zero() {
-    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n"));
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
     let mut lepton = project.up();
     assert_eq!(lepton.get("/hello").status, 200);
     assert!(lepton.signal_and_wait("INT").success());
@@ -88,9 +107,14 @@ fn sigint_stops_an_idle_server_with_exit_zero() {
 
 #[test]
 fn a_route_next_to_the_host_prefix_is_served_by_its_function() {
-    let project = Project::new(&manifest("[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/.well-known/leptonx\"\n"));
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/.well-known/leptonx\"\n",
+    ));
     let lepton = project.up();
-    assert_eq!(lepton.get("/.well-known/leptonx").body, "Hello from Lepton\n");
+    assert_eq!(
+        lepton.get("/.well-known/leptonx").body,
+        "Hello from Lepton\n"
+    );
     assert_eq!(lepton.get("/.well-known/lepton/health").body, "ok\n");
 }
 
@@ -103,7 +127,10 @@ fn dot_segments_are_refused_not_routed() {
     ));
     let lepton = project.up();
     for path in ["/hello/../trap", "/hello/%2e%2e/trap", "/hello/./x"] {
-        let reply = crate::util::raw_request(&lepton.address, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"));
+        let reply = crate::util::raw_request(
+            &lepton.address,
+            &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+        );
         assert!(reply.starts_with("HTTP/1.1 400"), "{path}: {reply}");
     }
     assert_eq!(lepton.get("/hello/x").status, 200);

@@ -17,12 +17,19 @@ pub fn root() -> PathBuf {
 
 /// ONNX Runtime as `./setup.sh` installs it, unless `ORT_DYLIB_PATH` says otherwise.
 pub fn ort_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH").map_or_else(|| root().join(".cache/onnxruntime/libonnxruntime.so"), PathBuf::from)
+    std::env::var_os("ORT_DYLIB_PATH").map_or_else(
+        || root().join(".cache/onnxruntime/libonnxruntime.so"),
+        PathBuf::from,
+    )
 }
 
 /// A tensor line of the nnprobe protocol: `name TYPE d1,d2 hexdata`.
 pub fn tensor_line(name: &str, ty: &str, dims: &[u32], data: &[u8]) -> String {
-    let dims = dims.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let dims = dims
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
     format!("{name} {ty} {dims} {hex}\n")
 }
@@ -51,7 +58,9 @@ impl Project {
 
     /// A temporary directory with no manifest in it (for an empty node).
     pub fn empty() -> Self {
-        Self { dir: tempfile::tempdir().expect("temp dir") }
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -85,7 +94,10 @@ impl Project {
     /// Starts `lepton up` with [`ort_library`] as its ONNX Runtime.
     pub fn up_with_ort(&self) -> Lepton {
         let library = ort_library();
-        self.up_with(&[], &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))])
+        self.up_with(
+            &[],
+            &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))],
+        )
     }
 
     pub fn up_with(&self, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
@@ -95,11 +107,20 @@ impl Project {
     /// Starts `lepton up` with no manifest (an empty node) on this project's state dir.
     pub fn up_empty(&self) -> Lepton {
         let library = ort_library();
-        self.start(None, &[], &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))])
+        self.start(
+            None,
+            &[],
+            &[("ORT_DYLIB_PATH", library.to_str().expect("utf-8 path"))],
+        )
     }
 
     /// Starts `lepton up [MANIFEST]` on a free port and waits for its ready line.
-    pub fn start(&self, manifest: Option<&Path>, extra_args: &[&str], env: &[(&str, &str)]) -> Lepton {
+    pub fn start(
+        &self,
+        manifest: Option<&Path>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Lepton {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log_path = self.path(&format!("lepton-{n}.log"));
@@ -108,7 +129,13 @@ impl Project {
             .arg("up")
             .args(manifest)
             .current_dir(self.dir.path())
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(self.path("state"))
             .args(extra_args)
             .envs(env.iter().copied())
@@ -123,15 +150,33 @@ impl Project {
         for line in &mut lines {
             stdout.read_line(line).expect("read ready line");
         }
-        let admin = lines[0].trim_end().strip_prefix("lepton: admin on http://").map(str::to_owned);
-        let (Some(admin), Some(address)) = (admin, lines[1].trim_end().strip_prefix("lepton: listening on http://")) else {
+        let admin = lines[0]
+            .trim_end()
+            .strip_prefix("lepton: admin on http://")
+            .map(str::to_owned);
+        let (Some(admin), Some(address)) = (
+            admin,
+            lines[1]
+                .trim_end()
+                .strip_prefix("lepton: listening on http://"),
+        ) else {
             let _ = child.kill();
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             panic!("no admin and ready lines (read {lines:?}); log:\n{log}");
         };
-        let token = std::fs::read_to_string(self.path("state/admin-token")).expect("admin token").trim().to_owned();
-        Lepton { child, stdout, address: address.to_owned(), admin, token, log_path }
+        let token = std::fs::read_to_string(self.path("state/admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_owned();
+        Lepton {
+            child,
+            stdout,
+            address: address.to_owned(),
+            admin,
+            token,
+            log_path,
+        }
     }
 }
 
@@ -157,7 +202,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -176,7 +224,8 @@ impl Lepton {
 
     /// An admin API request with the node's token.
     pub fn admin_request(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &self.admin_url(path)).set("authorization", &format!("Bearer {}", self.token))
+        ureq::request(method, &self.admin_url(path))
+            .set("authorization", &format!("Bearer {}", self.token))
     }
 
     /// `GET` on the admin API, with the token; the body parsed as JSON.
@@ -186,7 +235,10 @@ impl Lepton {
 
     /// `POST` of a JSON body on the admin API, with the token.
     pub fn admin_post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        json_reply(self.admin_request("POST", path).send_string(&body.to_string()))
+        json_reply(
+            self.admin_request("POST", path)
+                .send_string(&body.to_string()),
+        )
     }
 
     /// Runs a client command (`lepton deploy ...`) against this node's admin API.
@@ -229,7 +281,10 @@ impl Lepton {
             if log.contains(needle) {
                 return log;
             }
-            assert!(started.elapsed() < PATIENCE, "log never contained {needle:?}:\n{log}");
+            assert!(
+                started.elapsed() < PATIENCE,
+                "log never contained {needle:?}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -238,7 +293,11 @@ impl Lepton {
     /// (the function's or the model's name).
     pub fn metric(&self, name: &str, label: &str) -> u64 {
         let metrics = self.get("/.well-known/lepton/metrics").body;
-        let kind = if name.starts_with("lepton_model_") { "model" } else { "function" };
+        let kind = if name.starts_with("lepton_model_") {
+            "model"
+        } else {
+            "function"
+        };
         let prefix = format!("{name}{{{kind}=\"{label}\"}} ");
         metrics
             .lines()
@@ -251,7 +310,10 @@ impl Lepton {
     pub fn wait_for_metric(&self, name: &str, function: &str, value: u64) {
         let started = Instant::now();
         while self.metric(name, function) != value {
-            assert!(started.elapsed() < PATIENCE, "{name} of {function} never reached {value}");
+            assert!(
+                started.elapsed() < PATIENCE,
+                "{name} of {function} never reached {value}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -297,13 +359,20 @@ pub fn reply(result: Result<ureq::Response, ureq::Error>) -> Reply {
         })
         .collect();
     let body = response.into_string().expect("utf-8 body");
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// A reply's status and JSON body (`null` when the body is not JSON).
 pub fn json_reply(result: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
     let reply = reply(result);
-    (reply.status, serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::Null))
+    (
+        reply.status,
+        serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A one-thread HTTP server on loopback that answers every request with `pong`,

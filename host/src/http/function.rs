@@ -122,11 +122,26 @@ impl Function {
         let name = &self.spec.name;
         let counters = [
             ("lepton_requests_in_flight", self.in_flight() as u64),
-            ("lepton_requests_queued", self.queued.load(Ordering::Relaxed) as u64),
-            ("lepton_requests_total", self.requests.load(Ordering::Relaxed)),
-            ("lepton_requests_failed_total", self.failures.load(Ordering::Relaxed)),
-            ("lepton_requests_timed_out_total", self.timeouts.load(Ordering::Relaxed)),
-            ("lepton_requests_rejected_total", self.rejected.load(Ordering::Relaxed)),
+            (
+                "lepton_requests_queued",
+                self.queued.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "lepton_requests_total",
+                self.requests.load(Ordering::Relaxed),
+            ),
+            (
+                "lepton_requests_failed_total",
+                self.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "lepton_requests_timed_out_total",
+                self.timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "lepton_requests_rejected_total",
+                self.rejected.load(Ordering::Relaxed),
+            ),
         ];
         for (metric, value) in counters {
             let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {value}");
@@ -134,7 +149,10 @@ impl Function {
     }
 
     /// Runs one request through the guest, enforcing the function's limits.
-    pub(crate) async fn handle(self: Arc<Self>, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        request: hyper::Request<Incoming>,
+    ) -> hyper::Response<Body> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let request_id = next_request_id();
         let mut response = self.handle_inner(request, &request_id).await;
@@ -147,7 +165,11 @@ impl Function {
         response
     }
 
-    async fn handle_inner(self: &Arc<Self>, request: hyper::Request<Incoming>, request_id: &str) -> hyper::Response<Body> {
+    async fn handle_inner(
+        self: &Arc<Self>,
+        request: hyper::Request<Incoming>,
+        request_id: &str,
+    ) -> hyper::Response<Body> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.spec.timeout;
         let (mut parts, body) = request.into_parts();
@@ -163,21 +185,33 @@ impl Function {
             return too_large(self.spec.max_body_size);
         }
         // A request that would find the queue full is turned away before its body is read.
-        if self.slots.available_permits() == 0 && self.queued.load(Ordering::SeqCst) >= self.spec.max_queue as usize {
+        if self.slots.available_permits() == 0
+            && self.queued.load(Ordering::SeqCst) >= self.spec.max_queue as usize
+        {
             return self.at_capacity();
         }
         let limit = usize::try_from(self.spec.max_body_size).unwrap_or(usize::MAX);
         // The body must arrive within the function's timeout too: a client that
         // trickles it in gets 408, not a connection held open forever.
-        let body = match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+        let body = match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect())
+            .await
+        {
             Err(_elapsed) => {
-                return text(http::StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n");
+                return text(
+                    http::StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time\n",
+                );
             }
             Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => return too_large(self.spec.max_body_size),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                return too_large(self.spec.max_body_size);
+            }
             Ok(Err(error)) => {
                 tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
-                return text(http::StatusCode::BAD_REQUEST, "could not read the request body\n");
+                return text(
+                    http::StatusCode::BAD_REQUEST,
+                    "could not read the request body\n",
+                );
             }
         };
 
@@ -188,11 +222,15 @@ impl Function {
         };
 
         if !parts.headers.contains_key(http::header::HOST) {
-            parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+            parts.headers.insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("localhost"),
+            );
         }
         let request = hyper::Request::from_parts(
             parts,
-            Full::new(body).map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+            Full::new(body)
+                .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
         );
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -200,7 +238,9 @@ impl Function {
         let id = request_id.to_owned();
         let task = tokio::spawn(async move {
             let _permit: OwnedSemaphorePermit = permit;
-            match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline)).await {
+            match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline))
+                .await
+            {
                 Ok(result) => Outcome::Finished(result),
                 Err(_elapsed) => Outcome::TimedOut,
             }
@@ -240,9 +280,14 @@ impl Function {
 
     async fn run_guest(
         &self,
-        request: hyper::Request<impl hyper::body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
+        request: hyper::Request<
+            impl hyper::body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
+        >,
         sender: tokio::sync::oneshot::Sender<
-            Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
+            Result<
+                hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
+                wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
+            >,
         >,
         request_id: &str,
         deadline: tokio::time::Instant,
@@ -262,10 +307,16 @@ impl Function {
             }
         });
         store.set_epoch_deadline(1);
-        let request = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let request = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)?;
         let out = store.data_mut().http().new_response_outparam(sender)?;
         let proxy = self.pre.instantiate_async(&mut store).await?;
-        proxy.wasi_http_incoming_handler().call_handle(&mut store, request, out).await?;
+        proxy
+            .wasi_http_incoming_handler()
+            .call_handle(&mut store, request, out)
+            .await?;
         Ok(())
     }
 
@@ -289,9 +340,15 @@ impl Function {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         let mut response = text(
             http::StatusCode::SERVICE_UNAVAILABLE,
-            &format!("function `{}` is at capacity; retry later\n", self.spec.name),
+            &format!(
+                "function `{}` is at capacity; retry later\n",
+                self.spec.name
+            ),
         );
-        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
         response
     }
 
@@ -310,7 +367,10 @@ impl Function {
     fn internal_error(&self, request_id: &str) -> hyper::Response<Body> {
         text(
             http::StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("function `{}` failed; see the host log for request id {request_id}\n", self.spec.name),
+            &format!(
+                "function `{}` failed; see the host log for request id {request_id}\n",
+                self.spec.name
+            ),
         )
     }
 }
@@ -324,7 +384,9 @@ enum Slot {
 
 /// Whether instantiation failed because the pooling allocator ran out of slots.
 fn is_pool_exhausted(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
+    error
+        .chain()
+        .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
 }
 
 struct QueueSlot<'a>(&'a AtomicUsize);
@@ -336,7 +398,10 @@ impl Drop for QueueSlot<'_> {
 }
 
 fn too_large(limit: u64) -> hyper::Response<Body> {
-    text(http::StatusCode::PAYLOAD_TOO_LARGE, &format!("request body is larger than {limit} bytes\n"))
+    text(
+        http::StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body is larger than {limit} bytes\n"),
+    )
 }
 
 /// A process-unique request id: a per-process prefix and a counter.
@@ -350,6 +415,8 @@ fn next_request_id() -> String {
             .unwrap_or_default();
         nanos ^ std::process::id().rotate_left(16)
     });
-    format!("{prefix:08x}-{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix:08x}-{:08x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
-

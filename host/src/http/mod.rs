@@ -41,10 +41,14 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_
 pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::Response<Body> {
     let path = request.uri().path();
     if has_dot_segment(path) {
-        return text(http::StatusCode::BAD_REQUEST, "paths with `.` or `..` segments are refused\n");
+        return text(
+            http::StatusCode::BAD_REQUEST,
+            "paths with `.` or `..` segments are refused\n",
+        );
     }
-    if let Some(host_path) =
-        path.strip_prefix(RESERVED_ROUTE_PREFIX).filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    if let Some(host_path) = path
+        .strip_prefix(RESERVED_ROUTE_PREFIX)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     {
         return match host_path {
             "/health" => text(http::StatusCode::OK, "ok\n"),
@@ -57,7 +61,10 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
     let table = node.table();
     match table.route(path) {
         Some(function) => Arc::clone(function).handle(request).await,
-        None => text(http::StatusCode::NOT_FOUND, "no function serves this path\n"),
+        None => text(
+            http::StatusCode::NOT_FOUND,
+            "no function serves this path\n",
+        ),
     }
 }
 
@@ -74,19 +81,25 @@ fn has_dot_segment(path: &str) -> bool {
 pub(crate) fn text(status: http::StatusCode, body: &str) -> hyper::Response<Body> {
     let mut response = hyper::Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
 pub(crate) fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never: Infallible| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
 }
 
 /// A request handler for [`serve_connections`]: the request and the peer's address.
 pub type Handler = Arc<
-    dyn Fn(hyper::Request<Incoming>, SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = hyper::Response<Body>> + Send>>
+    dyn Fn(
+            hyper::Request<Incoming>,
+            SocketAddr,
+        ) -> std::pin::Pin<Box<dyn Future<Output = hyper::Response<Body>> + Send>>
         + Send
         + Sync,
 >;
@@ -121,7 +134,9 @@ pub async fn serve_connections(
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Without a timer hyper skips its header read timeout: a client that never
     // finishes its headers would hold a connection forever.
-    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let connection_slot = tokio::select! {

@@ -35,21 +35,43 @@ impl Batcher {
     pub fn spawn(model: Arc<OnnxModel>, spec: BatchSpec) -> Self {
         let (sender, receiver) = mpsc::channel(4096);
         tokio::spawn(collect(Arc::clone(&model), spec, receiver));
-        Self { sender, model, max_size: spec.max_size }
+        Self {
+            sender,
+            model,
+            max_size: spec.max_size,
+        }
     }
 
     /// Runs validated `inputs`, batched with concurrent requests.
-    pub async fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+    pub async fn run(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, NnError> {
         let Some(rows) = rows_of(&inputs).filter(|&rows| rows <= self.max_size) else {
             return self.model.run_validated(inputs).await;
         };
         let (reply, answer) = oneshot::channel();
-        if self.sender.send(Job { inputs, rows, reply }).await.is_err() {
-            return Err(NnError::new(ErrorCode::RuntimeError, "the batcher stopped".into()));
-        }
-        answer
+        if self
+            .sender
+            .send(Job {
+                inputs,
+                rows,
+                reply,
+            })
             .await
-            .unwrap_or_else(|_| Err(NnError::new(ErrorCode::RuntimeError, "the batch was dropped".into())))
+            .is_err()
+        {
+            return Err(NnError::new(
+                ErrorCode::RuntimeError,
+                "the batcher stopped".into(),
+            ));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(NnError::new(
+                ErrorCode::RuntimeError,
+                "the batch was dropped".into(),
+            ))
+        })
     }
 }
 
@@ -132,7 +154,14 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
         }
         let mut dims = tensor.dims.clone();
         dims[0] = total;
-        stacked.push((name.clone(), Tensor { dims, ty: tensor.ty, data }));
+        stacked.push((
+            name.clone(),
+            Tensor {
+                dims,
+                ty: tensor.ty,
+                data,
+            },
+        ));
     }
     match model.run_validated(stacked).await {
         Ok(outputs) if outputs.iter().all(|(_, t)| t.dims.first() == Some(&total)) => {
@@ -147,7 +176,14 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
                         dims[0] = job.rows;
                         debug_assert_eq!(row % element_size(t.ty), 0);
                         let data = t.data[start..start + row * job.rows as usize].to_vec();
-                        (name.clone(), Tensor { dims, ty: t.ty, data })
+                        (
+                            name.clone(),
+                            Tensor {
+                                dims,
+                                ty: t.ty,
+                                data,
+                            },
+                        )
                     })
                     .collect();
                 offset += job.rows;
@@ -155,13 +191,20 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
             }
         }
         Ok(_) => {
-            tracing::warn!(model = model.name(), "outputs do not follow dimension 0; running requests one by one");
+            tracing::warn!(
+                model = model.name(),
+                "outputs do not follow dimension 0; running requests one by one"
+            );
             run_alone(&model, jobs).await;
         }
         Err(error) => {
             // Which request made the batch fail is unknown: each runs alone and gets
             // its own answer.
-            tracing::debug!(model = model.name(), "a batched run failed ({}); running requests one by one", error.message);
+            tracing::debug!(
+                model = model.name(),
+                "a batched run failed ({}); running requests one by one",
+                error.message
+            );
             run_alone(&model, jobs).await;
         }
     }

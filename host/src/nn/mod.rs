@@ -73,8 +73,12 @@ impl Model {
     }
 
     /// Runs one inference (batched with concurrent ones when configured).
-    pub async fn compute(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
-        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub async fn compute(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, NnError> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.batcher {
             Some(batcher) => {
                 self.onnx.validate(&inputs)?;
@@ -97,7 +101,13 @@ struct ModelKey {
 
 impl ModelKey {
     fn of(spec: &ModelSpec) -> Self {
-        Self { file: spec.file.clone(), target: spec.target, batch: spec.batch, sessions: spec.sessions, threads: spec.threads }
+        Self {
+            file: spec.file.clone(),
+            target: spec.target,
+            batch: spec.batch,
+            sessions: spec.sessions,
+            threads: spec.threads,
+        }
     }
 }
 
@@ -113,7 +123,10 @@ pub struct ModelRegistry {
 impl ModelRegistry {
     /// A registry on `runtime`, with nothing loaded yet.
     pub fn new(runtime: OnnxRuntime) -> Self {
-        Self { runtime, loaded: std::sync::Mutex::new(HashMap::new()) }
+        Self {
+            runtime,
+            loaded: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     /// The loaded model for `spec`, loading it from `path` unless one with the same
@@ -131,7 +144,14 @@ impl ModelRegistry {
     /// Loads `spec`'s settings on `source`, not shared with anything.
     pub fn load(&self, spec: &ModelSpec, source: &Source<'_>) -> anyhow::Result<Arc<Model>> {
         let started = Instant::now();
-        let onnx = OnnxModel::load(&self.runtime, spec.name.as_str(), source, spec.target, spec.sessions, spec.threads)?;
+        let onnx = OnnxModel::load(
+            &self.runtime,
+            spec.name.as_str(),
+            source,
+            spec.target,
+            spec.sessions,
+            spec.threads,
+        )?;
         let onnx = Arc::new(onnx);
         tracing::info!(
             model = %spec.name,
@@ -142,12 +162,21 @@ impl ModelRegistry {
             "loaded in {:.1?}",
             started.elapsed()
         );
-        let batcher = spec.batch.map(|b| batch::Batcher::spawn(Arc::clone(&onnx), b));
-        Ok(Arc::new(Model { onnx, batcher, requests: 0.into(), spec: spec.clone() }))
+        let batcher = spec
+            .batch
+            .map(|b| batch::Batcher::spawn(Arc::clone(&onnx), b));
+        Ok(Arc::new(Model {
+            onnx,
+            batcher,
+            requests: 0.into(),
+            spec: spec.clone(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ModelKey, Weak<Model>>> {
-        self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every model resident now (loaded from a file and still used).
@@ -173,7 +202,10 @@ pub struct ModelSlot {
 impl ModelSlot {
     /// A slot serving `model`.
     pub fn new(spec: ModelSpec, model: Arc<Model>) -> Self {
-        Self { spec, current: ArcSwap::new(model) }
+        Self {
+            spec,
+            current: ArcSwap::new(model),
+        }
     }
 
     /// The model served now.
@@ -223,7 +255,10 @@ pub const DEFAULT_TENSOR_BUDGET: u64 = 128 << 20;
 impl NnCtx {
     /// Grants exactly the models in `granted`; `load` from bytes through `upload`'s
     /// registry, up to its size, when given.
-    pub fn new(granted: Arc<HashMap<String, Arc<ModelSlot>>>, upload: Option<(Arc<ModelRegistry>, u64)>) -> Self {
+    pub fn new(
+        granted: Arc<HashMap<String, Arc<ModelSlot>>>,
+        upload: Option<(Arc<ModelRegistry>, u64)>,
+    ) -> Self {
         Self {
             granted,
             upload,
@@ -260,9 +295,10 @@ impl NnCtx {
     fn refund(&self, bytes: usize) {
         let _ = self
             .tensor_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes as u64)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes as u64))
+            });
     }
-
 }
 
 /// A borrowed view of an instance's `wasi:nn` state; the host traits are implemented on it.
@@ -277,7 +313,11 @@ impl<'a> NnView<'a> {
         Self { ctx, table }
     }
 
-    fn fail<T>(&mut self, code: ErrorCode, message: String) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+    fn fail<T>(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
         tracing::debug!(?code, "wasi-nn error: {message}");
         Ok(Err(self.table.push(NnError::new(code, message))?))
     }
@@ -290,7 +330,10 @@ impl HasData for HasNn {
 }
 
 /// Adds `wasi:nn` to `linker`; `view` hands out each store's [`NnView`].
-pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T) -> NnView<'_>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
     graph::add_to_linker::<T, HasNn>(linker, view)?;
     wit_tensor::add_to_linker::<T, HasNn>(linker, view)?;
     inference::add_to_linker::<T, HasNn>(linker, view)?;
@@ -312,26 +355,41 @@ impl graph::Host for NnView<'_> {
             );
         };
         if !matches!(encoding, GraphEncoding::Onnx | GraphEncoding::Autodetect) {
-            return self.fail(ErrorCode::InvalidEncoding, format!("{encoding:?} is not supported; use onnx"));
+            return self.fail(
+                ErrorCode::InvalidEncoding,
+                format!("{encoding:?} is not supported; use onnx"),
+            );
         }
         let count = builders.len();
         let mut builders = builders.into_iter();
         let (Some(bytes), None) = (builders.next(), builders.next()) else {
-            return self.fail(ErrorCode::InvalidArgument, format!("an ONNX graph is one builder, got {count}"));
+            return self.fail(
+                ErrorCode::InvalidArgument,
+                format!("an ONNX graph is one builder, got {count}"),
+            );
         };
         if bytes.len() as u64 > max_upload {
             return self.fail(
                 ErrorCode::TooLarge,
-                format!("model is {} bytes; the limit is {max_upload} (`max_model_upload_size`)", bytes.len()),
+                format!(
+                    "model is {} bytes; the limit is {max_upload} (`max_model_upload_size`)",
+                    bytes.len()
+                ),
             );
         }
         if self.ctx.uploads.fetch_add(1, Ordering::Relaxed) >= MAX_UPLOADS_PER_REQUEST {
             return self.fail(
                 ErrorCode::TooLarge,
-                format!("at most {MAX_UPLOADS_PER_REQUEST} models may be loaded from bytes per request"),
+                format!(
+                    "at most {MAX_UPLOADS_PER_REQUEST} models may be loaded from bytes per request"
+                ),
             );
         }
-        let target = if matches!(target, ExecutionTarget::Gpu) { Target::Gpu } else { Target::Cpu };
+        let target = if matches!(target, ExecutionTarget::Gpu) {
+            Target::Gpu
+        } else {
+            Target::Cpu
+        };
         let spec = ModelSpec {
             name: Name::new("uploaded").map_err(wasmtime::Error::msg)?,
             file: Digest::of(&bytes),
@@ -340,7 +398,8 @@ impl graph::Host for NnView<'_> {
             sessions: 1,
             threads: 1,
         };
-        let loaded = tokio::task::spawn_blocking(move || registry.load(&spec, &Source::Bytes(&bytes))).await;
+        let loaded =
+            tokio::task::spawn_blocking(move || registry.load(&spec, &Source::Bytes(&bytes))).await;
         match loaded {
             Ok(Ok(model)) => Ok(Ok(self.table.push(Graph { model })?)),
             Ok(Err(error)) => self.fail(ErrorCode::InvalidEncoding, format!("{error:#}")),
@@ -348,7 +407,10 @@ impl graph::Host for NnView<'_> {
         }
     }
 
-    fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
+    fn load_by_name(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
         // Ungranted and unknown names answer alike, with no hint that something by
         // that name exists on the node.
         match self.ctx.granted.get(&name).map(|slot| slot.current()) {
@@ -408,7 +470,12 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
 impl wit_tensor::Host for NnView<'_> {}
 
 impl wit_tensor::HostTensor for NnView<'_> {
-    fn new(&mut self, dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<Tensor>> {
+    fn new(
+        &mut self,
+        dims: Vec<u32>,
+        ty: TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<Tensor>> {
         // A length that does not match the dimensions is reported by `compute`.
         // Constructors cannot fail in WIT: past the budget the guest traps (500).
         self.ctx.charge(data.len()).map_err(wasmtime::Error::msg)?;
@@ -456,5 +523,8 @@ pub(crate) fn tensors_from_table(
     table: &ResourceTable,
     inputs: Vec<(String, Resource<Tensor>)>,
 ) -> wasmtime::Result<Vec<(String, Tensor)>> {
-    inputs.into_iter().map(|(name, t)| Ok((name, table.get(&t)?.clone()))).collect()
+    inputs
+        .into_iter()
+        .map(|(name, t)| Ok((name, table.get(&t)?.clone())))
+        .collect()
 }

@@ -33,7 +33,11 @@ impl OnnxRuntime {
     pub fn locate(extra: &[PathBuf]) -> anyhow::Result<PathBuf> {
         if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
             let path = PathBuf::from(path);
-            anyhow::ensure!(path.is_file(), "ORT_DYLIB_PATH is `{}`, which is not a file", path.display());
+            anyhow::ensure!(
+                path.is_file(),
+                "ORT_DYLIB_PATH is `{}`, which is not a file",
+                path.display()
+            );
             return Ok(path);
         }
         let candidates = Self::search_path(extra);
@@ -53,7 +57,10 @@ impl OnnxRuntime {
     /// and in `.cache/onnxruntime/` of the working directory.
     pub fn search_path(extra: &[PathBuf]) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = extra.to_vec();
-        if let Some(bin) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_owned)) {
+        if let Some(bin) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_owned))
+        {
             dirs.push(bin.clone());
             if let Some(checkout) = bin.parent().and_then(Path::parent) {
                 dirs.push(checkout.join(".cache/onnxruntime"));
@@ -77,7 +84,10 @@ impl OnnxRuntime {
             .with_name("lepton")
             .build()
             .map_err(|e| anyhow::anyhow!("creating the ONNX Runtime environment: {e}"))?;
-        Ok(Self { env, library: path.to_owned() })
+        Ok(Self {
+            env,
+            library: path.to_owned(),
+        })
     }
 
     /// The library file in use.
@@ -145,7 +155,8 @@ impl OnnxModel {
         }
         let first = pool.first().context("no session")?;
         let inputs = describe(first.inputs()).with_context(|| format!("model `{name}` inputs"))?;
-        let outputs = describe(first.outputs()).with_context(|| format!("model `{name}` outputs"))?;
+        let outputs =
+            describe(first.outputs()).with_context(|| format!("model `{name}` outputs"))?;
         let (jobs, queue) = mpsc::channel(MAX_QUEUED_RUNS);
         let queue = Arc::new(Mutex::new(queue));
         for (i, session) in pool.into_iter().enumerate() {
@@ -199,7 +210,11 @@ impl OnnxModel {
                 return Err(invalid(format!(
                     "unknown input `{name}`; model `{}` takes {}",
                     self.name,
-                    self.inputs.iter().map(|io| format!("`{}`", io.name)).collect::<Vec<_>>().join(", ")
+                    self.inputs
+                        .iter()
+                        .map(|io| format!("`{}`", io.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -208,17 +223,26 @@ impl OnnxModel {
                 return Err(invalid(format!("missing input `{}`", io.name)));
             };
             if tensor.ty != io.ty {
-                return Err(invalid(format!("input `{}` is {:?}, the model takes {:?}", io.name, tensor.ty, io.ty)));
+                return Err(invalid(format!(
+                    "input `{}` is {:?}, the model takes {:?}",
+                    io.name, tensor.ty, io.ty
+                )));
             }
             let fits = tensor.dims.len() == io.shape.len()
-                && tensor.dims.iter().zip(&io.shape).all(|(&d, &s)| s < 0 || i64::from(d) == s);
+                && tensor
+                    .dims
+                    .iter()
+                    .zip(&io.shape)
+                    .all(|(&d, &s)| s < 0 || i64::from(d) == s);
             if !fits {
                 return Err(invalid(format!(
                     "input `{}` has dimensions {:?}, the model takes {:?} (-1: any)",
                     io.name, tensor.dims, io.shape
                 )));
             }
-            tensor.check_length().map_err(|e| invalid(format!("input `{}`: {e}", io.name)))?;
+            tensor
+                .check_length()
+                .map_err(|e| invalid(format!("input `{}`: {e}", io.name)))?;
         }
         Ok(())
     }
@@ -230,11 +254,22 @@ impl OnnxModel {
     }
 
     /// Runs inputs already validated, on the first free session.
-    pub(crate) async fn run_validated(self: &Arc<Self>, inputs: Vec<(String, Tensor)>) -> RunResult {
+    pub(crate) async fn run_validated(
+        self: &Arc<Self>,
+        inputs: Vec<(String, Tensor)>,
+    ) -> RunResult {
         self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stopped = || NnError::new(ErrorCode::RuntimeError, format!("model `{}` stopped", self.name));
+        let stopped = || {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("model `{}` stopped", self.name),
+            )
+        };
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { inputs, reply }).await.map_err(|_| stopped())?;
+        self.jobs
+            .send(Job { inputs, reply })
+            .await
+            .map_err(|_| stopped())?;
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -243,7 +278,10 @@ impl OnnxModel {
 fn serve_session(model: &str, mut session: Session, queue: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         // The lock is held only while waiting for the next job, never during a run.
-        let job = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
+        let job = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .blocking_recv();
         let Some(job) = job else { break };
         if job.reply.is_closed() {
             continue; // The request went away (its deadline passed) while queued.
@@ -278,7 +316,10 @@ fn new_session(
                 used = Target::Gpu;
             }
             Err(e) => {
-                tracing::warn!(model = name, "target \"gpu\": CUDA is not available ({e}); running on the CPU");
+                tracing::warn!(
+                    model = name,
+                    "target \"gpu\": CUDA is not available ({e}); running on the CPU"
+                );
                 builder = e.recover();
             }
         }
@@ -297,8 +338,12 @@ fn describe(outlets: &[ort::value::Outlet]) -> anyhow::Result<Vec<Io>> {
         .map(|outlet| match outlet.dtype() {
             ValueType::Tensor { ty, shape, .. } => Ok(Io {
                 name: outlet.name().to_owned(),
-                ty: from_element_type(*ty)
-                    .ok_or_else(|| anyhow::anyhow!("`{}` has element type {ty:?}, which wasi-nn cannot carry", outlet.name()))?,
+                ty: from_element_type(*ty).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "`{}` has element type {ty:?}, which wasi-nn cannot carry",
+                        outlet.name()
+                    )
+                })?,
                 shape: shape.iter().copied().collect(),
             }),
             other => anyhow::bail!("`{}` is a {other:?}, not a tensor", outlet.name()),
@@ -332,49 +377,100 @@ fn to_value(tensor: Tensor) -> ort::Result<DynValue> {
     let shape: Vec<i64> = tensor.dims.iter().map(|&d| i64::from(d)).collect();
     let data = &tensor.data;
     Ok(match tensor.ty {
-        TensorType::Fp32 => ort::value::Tensor::from_array((shape, decode!(data, f32, 4)))?.into_dyn(),
-        TensorType::Fp64 => ort::value::Tensor::from_array((shape, decode!(data, f64, 8)))?.into_dyn(),
-        TensorType::I32 => ort::value::Tensor::from_array((shape, decode!(data, i32, 4)))?.into_dyn(),
-        TensorType::I64 => ort::value::Tensor::from_array((shape, decode!(data, i64, 8)))?.into_dyn(),
+        TensorType::Fp32 => {
+            ort::value::Tensor::from_array((shape, decode!(data, f32, 4)))?.into_dyn()
+        }
+        TensorType::Fp64 => {
+            ort::value::Tensor::from_array((shape, decode!(data, f64, 8)))?.into_dyn()
+        }
+        TensorType::I32 => {
+            ort::value::Tensor::from_array((shape, decode!(data, i32, 4)))?.into_dyn()
+        }
+        TensorType::I64 => {
+            ort::value::Tensor::from_array((shape, decode!(data, i64, 8)))?.into_dyn()
+        }
         TensorType::U8 => ort::value::Tensor::from_array((shape, tensor.data))?.into_dyn(),
-        TensorType::Fp16 => ort::value::Tensor::from_array((shape, decode!(data, half::f16, 2)))?.into_dyn(),
-        TensorType::Bf16 => ort::value::Tensor::from_array((shape, decode!(data, half::bf16, 2)))?.into_dyn(),
+        TensorType::Fp16 => {
+            ort::value::Tensor::from_array((shape, decode!(data, half::f16, 2)))?.into_dyn()
+        }
+        TensorType::Bf16 => {
+            ort::value::Tensor::from_array((shape, decode!(data, half::bf16, 2)))?.into_dyn()
+        }
     })
 }
 
 macro_rules! encode {
     ($value:expr, $t:ty) => {{
         let (shape, values) = $value.try_extract_tensor::<$t>()?;
-        let dims = shape.iter().map(|&d| u32::try_from(d).unwrap_or(0)).collect::<Vec<u32>>();
-        (dims, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        let dims = shape
+            .iter()
+            .map(|&d| u32::try_from(d).unwrap_or(0))
+            .collect::<Vec<u32>>();
+        (
+            dims,
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
     }};
 }
 
 fn from_value(value: &DynValue) -> Result<Tensor, NnError> {
     let ValueType::Tensor { ty, .. } = value.dtype() else {
-        return Err(NnError::new(ErrorCode::UnsupportedOperation, "output is not a tensor".into()));
+        return Err(NnError::new(
+            ErrorCode::UnsupportedOperation,
+            "output is not a tensor".into(),
+        ));
     };
     let ty = *ty;
     let runtime = |e: ort::Error| NnError::new(ErrorCode::RuntimeError, e.to_string());
     let extract = || -> ort::Result<Option<Tensor>> {
         let (dims, data, ty) = match ty {
-            TensorElementType::Float32 => { let (d, b) = encode!(value, f32); (d, b, TensorType::Fp32) }
-            TensorElementType::Float64 => { let (d, b) = encode!(value, f64); (d, b, TensorType::Fp64) }
-            TensorElementType::Int32 => { let (d, b) = encode!(value, i32); (d, b, TensorType::I32) }
-            TensorElementType::Int64 => { let (d, b) = encode!(value, i64); (d, b, TensorType::I64) }
-            TensorElementType::Uint8 => { let (d, b) = encode!(value, u8); (d, b, TensorType::U8) }
-            TensorElementType::Float16 => { let (d, b) = encode!(value, half::f16); (d, b, TensorType::Fp16) }
-            TensorElementType::Bfloat16 => { let (d, b) = encode!(value, half::bf16); (d, b, TensorType::Bf16) }
+            TensorElementType::Float32 => {
+                let (d, b) = encode!(value, f32);
+                (d, b, TensorType::Fp32)
+            }
+            TensorElementType::Float64 => {
+                let (d, b) = encode!(value, f64);
+                (d, b, TensorType::Fp64)
+            }
+            TensorElementType::Int32 => {
+                let (d, b) = encode!(value, i32);
+                (d, b, TensorType::I32)
+            }
+            TensorElementType::Int64 => {
+                let (d, b) = encode!(value, i64);
+                (d, b, TensorType::I64)
+            }
+            TensorElementType::Uint8 => {
+                let (d, b) = encode!(value, u8);
+                (d, b, TensorType::U8)
+            }
+            TensorElementType::Float16 => {
+                let (d, b) = encode!(value, half::f16);
+                (d, b, TensorType::Fp16)
+            }
+            TensorElementType::Bfloat16 => {
+                let (d, b) = encode!(value, half::bf16);
+                (d, b, TensorType::Bf16)
+            }
             _ => return Ok(None),
         };
         Ok(Some(Tensor { dims, ty, data }))
     };
-    extract()
-        .map_err(runtime)?
-        .ok_or_else(|| NnError::new(ErrorCode::UnsupportedOperation, format!("output element type {ty:?} is not a wasi-nn type")))
+    extract().map_err(runtime)?.ok_or_else(|| {
+        NnError::new(
+            ErrorCode::UnsupportedOperation,
+            format!("output element type {ty:?} is not a wasi-nn type"),
+        )
+    })
 }
 
-fn run_session(session: &mut Session, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, NnError> {
+fn run_session(
+    session: &mut Session,
+    inputs: Vec<(String, Tensor)>,
+) -> Result<Vec<(String, Tensor)>, NnError> {
     let invalid = |e: ort::Error| NnError::new(ErrorCode::InvalidArgument, e.to_string());
     let values = inputs
         .into_iter()
@@ -384,5 +480,8 @@ fn run_session(session: &mut Session, inputs: Vec<(String, Tensor)>) -> Result<V
     let outputs = session
         .run(values)
         .map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?;
-    outputs.iter().map(|(name, value)| Ok((name.to_owned(), from_value(&value)?))).collect()
+    outputs
+        .iter()
+        .map(|(name, value)| Ok((name.to_owned(), from_value(&value)?)))
+        .collect()
 }

@@ -26,7 +26,9 @@ pub fn element_size(ty: TensorType) -> usize {
 impl Tensor {
     /// Elements, or `None` when the product overflows.
     pub fn element_count(&self) -> Option<usize> {
-        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+        self.dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
     }
 
     /// Checks that the data holds exactly `product(dims)` elements of `ty`.

@@ -48,21 +48,30 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening `{}`", path.display()))?;
-        Ok(Self { path, file: Mutex::new(file) })
+        Ok(Self {
+            path,
+            file: Mutex::new(file),
+        })
     }
 
     /// Appends `record` and syncs it to disk.
     pub fn append(&self, record: &AuditRecord) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(record).context("encoding an audit record")?;
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        file.write_all(&line).and_then(|()| file.sync_data()).with_context(|| format!("writing `{}`", self.path.display()))
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(&line)
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("writing `{}`", self.path.display()))
     }
 
     /// The newest `limit` records (at most [`MAX_READ`]), oldest first; lines that do
     /// not parse (a torn last line after a crash) are skipped.
     pub fn read(&self, limit: usize) -> anyhow::Result<Vec<AuditRecord>> {
-        let file = std::fs::File::open(&self.path).with_context(|| format!("opening `{}`", self.path.display()))?;
+        let file = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening `{}`", self.path.display()))?;
         let limit = limit.min(MAX_READ);
         let mut records = std::collections::VecDeque::with_capacity(limit.min(1024));
         for line in std::io::BufReader::new(file).split(b'\n') {

@@ -56,7 +56,10 @@ impl AppStore {
         let dir = state_dir.join("apps");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
         let mut apps = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading `{}`", dir.display()))?.flatten() {
+        for entry in std::fs::read_dir(&dir)
+            .with_context(|| format!("reading `{}`", dir.display()))?
+            .flatten()
+        {
             let path = entry.path();
             let Some(name) = entry.file_name().to_str().and_then(|n| Name::new(n).ok()) else {
                 if !fsutil::is_temp(&path) {
@@ -69,7 +72,11 @@ impl AppStore {
                 apps.insert(name, record);
             }
         }
-        Ok(Self { dir, apps, keep: keep.max(1) })
+        Ok(Self {
+            dir,
+            apps,
+            keep: keep.max(1),
+        })
     }
 
     /// Every app, by name.
@@ -91,11 +98,25 @@ impl AppStore {
     /// Writes `app` as the next version of its app (durably) and returns it; not yet active.
     pub fn add_version(&mut self, app: LockedApp) -> anyhow::Result<StoredVersion> {
         let record = self.apps.get(&app.name);
-        let version = record.and_then(|r| r.versions.keys().next_back()).map_or(1, |last| last + 1);
-        let stored = StoredVersion { version, created_ms: now_ms(), digest: app.digest(), app };
+        let version = record
+            .and_then(|r| r.versions.keys().next_back())
+            .map_or(1, |last| last + 1);
+        let stored = StoredVersion {
+            version,
+            created_ms: now_ms(),
+            digest: app.digest(),
+            app,
+        };
         let path = self.version_path(&stored.app.name, version);
-        fsutil::write_atomically(&path, &serde_json::to_vec_pretty(&stored).context("encoding the version")?)?;
-        self.apps.entry(stored.app.name.clone()).or_default().versions.insert(version, stored.clone());
+        fsutil::write_atomically(
+            &path,
+            &serde_json::to_vec_pretty(&stored).context("encoding the version")?,
+        )?;
+        self.apps
+            .entry(stored.app.name.clone())
+            .or_default()
+            .versions
+            .insert(version, stored.clone());
         Ok(stored)
     }
 
@@ -107,7 +128,14 @@ impl AppStore {
         let keep = self.keep;
         let record = self.apps.entry(name.clone()).or_default();
         record.active = Some(version);
-        let old: Vec<u64> = record.versions.keys().rev().skip(keep).copied().filter(|&v| v != version).collect();
+        let old: Vec<u64> = record
+            .versions
+            .keys()
+            .rev()
+            .skip(keep)
+            .copied()
+            .filter(|&v| v != version)
+            .collect();
         for v in old {
             record.versions.remove(&v);
             let path = app_dir.join("versions").join(format!("{v}.json"));
@@ -124,21 +152,30 @@ impl AppStore {
         let app_dir = self.dir.join(name.as_str());
         let active = app_dir.join("active");
         if active.exists() {
-            std::fs::remove_file(&active).with_context(|| format!("removing `{}`", active.display()))?;
+            std::fs::remove_file(&active)
+                .with_context(|| format!("removing `{}`", active.display()))?;
             fsutil::sync_dir(&app_dir)?;
         }
         self.apps.remove(name);
-        std::fs::remove_dir_all(&app_dir).with_context(|| format!("removing `{}`", app_dir.display()))?;
+        std::fs::remove_dir_all(&app_dir)
+            .with_context(|| format!("removing `{}`", app_dir.display()))?;
         fsutil::sync_dir(&self.dir)
     }
 
     /// Every blob a kept version of any app references.
     pub fn referenced_blobs(&self) -> BTreeSet<Digest> {
-        self.apps.values().flat_map(|r| r.versions.values()).flat_map(|v| v.app.blobs()).collect()
+        self.apps
+            .values()
+            .flat_map(|r| r.versions.values())
+            .flat_map(|v| v.app.blobs())
+            .collect()
     }
 
     fn version_path(&self, name: &Name, version: u64) -> PathBuf {
-        self.dir.join(name.as_str()).join("versions").join(format!("{version}.json"))
+        self.dir
+            .join(name.as_str())
+            .join("versions")
+            .join(format!("{version}.json"))
     }
 }
 
@@ -151,20 +188,29 @@ fn read_app(dir: &Path, name: &Name) -> AppRecord {
             let _ = std::fs::remove_file(&path); // A write a crash interrupted.
             continue;
         }
-        let number = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
-        let parsed = number.ok_or_else(|| "not a version file".to_owned()).and_then(|number| {
-            let size = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
-            if size > MAX_VERSION_FILE {
-                return Err(format!("larger than {MAX_VERSION_FILE} bytes"));
-            }
-            let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-            let stored: StoredVersion = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-            stored.app.validate().map_err(|e| e.to_string())?;
-            if stored.version != number || &stored.app.name != name || stored.digest != stored.app.digest() {
-                return Err("its contents do not match its name".to_owned());
-            }
-            Ok(stored)
-        });
+        let number = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        let parsed = number
+            .ok_or_else(|| "not a version file".to_owned())
+            .and_then(|number| {
+                let size = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+                if size > MAX_VERSION_FILE {
+                    return Err(format!("larger than {MAX_VERSION_FILE} bytes"));
+                }
+                let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+                let stored: StoredVersion =
+                    serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                stored.app.validate().map_err(|e| e.to_string())?;
+                if stored.version != number
+                    || &stored.app.name != name
+                    || stored.digest != stored.app.digest()
+                {
+                    return Err("its contents do not match its name".to_owned());
+                }
+                Ok(stored)
+            });
         match parsed {
             Ok(stored) => {
                 record.versions.insert(stored.version, stored);
@@ -176,7 +222,9 @@ fn read_app(dir: &Path, name: &Name) -> AppRecord {
     match std::fs::read_to_string(&pointer) {
         Ok(text) => match text.trim().parse::<u64>() {
             Ok(v) if record.versions.contains_key(&v) => record.active = Some(v),
-            _ => tracing::warn!(app = %name, "ignoring active pointer {:?}: no such version", text.trim()),
+            _ => {
+                tracing::warn!(app = %name, "ignoring active pointer {:?}: no such version", text.trim())
+            }
         },
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => tracing::warn!(app = %name, "ignoring unreadable active pointer: {error}"),
@@ -186,7 +234,9 @@ fn read_app(dir: &Path, name: &Name) -> AppRecord {
 
 /// Unix time now, in milliseconds.
 pub fn now_ms() -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -211,13 +261,20 @@ mod tests {
         let name = Name::new("shop").expect("name");
         let mut store = AppStore::open(dir.path(), 2).expect("open");
         for i in 0..3 {
-            let stored = store.add_version(app("shop", &format!("/v{i}"))).expect("add");
+            let stored = store
+                .add_version(app("shop", &format!("/v{i}")))
+                .expect("add");
             store.set_active(&name, stored.version).expect("activate");
         }
         let store = AppStore::open(dir.path(), 2).expect("reopen");
         let record = store.app(&name).expect("app kept");
         assert_eq!(record.versions.keys().copied().collect::<Vec<_>>(), [2, 3]);
-        assert_eq!(store.active(&name).expect("active").app.functions[0].route.to_string(), "/v2");
+        assert_eq!(
+            store.active(&name).expect("active").app.functions[0]
+                .route
+                .to_string(),
+            "/v2"
+        );
     }
 
     #[test]
@@ -229,11 +286,15 @@ mod tests {
         store.set_active(&name, first.version).expect("activate");
         let versions = dir.path().join("apps/shop/versions");
         std::fs::write(versions.join("2.json"), b"{\"version\": 2, \"crea").expect("torn");
-        std::fs::write(dir.path().join("apps/shop/active"), b"2\n").expect("pointer to the torn one");
+        std::fs::write(dir.path().join("apps/shop/active"), b"2\n")
+            .expect("pointer to the torn one");
         std::fs::write(dir.path().join("apps/NOT A NAME"), b"x").expect("junk");
         let store = AppStore::open(dir.path(), 10).expect("reopen never fails");
         let record = store.app(&name).expect("app kept");
         assert_eq!(record.versions.keys().copied().collect::<Vec<_>>(), [1]);
-        assert_eq!(record.active, None, "a pointer to a torn version serves nothing");
+        assert_eq!(
+            record.active, None,
+            "a pointer to a torn version serves nothing"
+        );
     }
 }

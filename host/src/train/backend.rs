@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor as CTensor, Var};
 use candle_nn::optim::{AdamW, Optimizer as _, ParamsAdamW};
-use candle_onnx::onnx::{ModelProto, StringStringEntryProto, TensorProto, tensor_proto::DataType, type_proto};
+use candle_onnx::onnx::{
+    ModelProto, StringStringEntryProto, TensorProto, tensor_proto::DataType, type_proto,
+};
 use prost::Message as _;
 
 use crate::bindings::wasi::nn::errors::ErrorCode;
@@ -21,8 +22,8 @@ fn unsupported(op: &str) -> Option<&'static str> {
     Some(match op {
         "LSTM" | "GRU" | "RNN" => "recurrent ops stop gradients in candle-onnx",
         "BatchNormalization" => "training-mode batch normalization is not supported",
-        "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" | "LpPool" | "GlobalLpPool" | "MaxRoiPool"
-        | "MaxUnpool" => "pooling is not supported for training",
+        "MaxPool" | "AveragePool" | "GlobalMaxPool" | "GlobalAveragePool" | "LpPool"
+        | "GlobalLpPool" | "MaxRoiPool" | "MaxUnpool" => "pooling is not supported for training",
         "Dropout" => "dropout has no training mode here",
         _ => return None,
     })
@@ -40,7 +41,11 @@ struct Input {
 
 enum OptimizerState {
     AdamW(AdamW),
-    Sgd { lr: f64, momentum: f64, velocity: Vec<Option<CTensor>> },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        velocity: Vec<Option<CTensor>>,
+    },
 }
 
 /// A trainer: the graph, its weights, the optimizer, the step count.
@@ -61,7 +66,9 @@ pub struct Trainer {
 
 /// Little-endian f32 elements (the length was checked against the dimensions).
 fn f32s(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn invalid(message: String) -> NnError {
@@ -79,15 +86,21 @@ impl Trainer {
     pub fn load(spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
         let checkpoint = dir.join("checkpoint.onnx");
         let fingerprint = spec.fingerprint().to_string();
-        let mut model =
-            candle_onnx::read_file(init).map_err(|e| anyhow::anyhow!("reading `{}`: {e}", init.display()))?;
+        let mut model = candle_onnx::read_file(init)
+            .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", init.display()))?;
         let mut steps = 0;
         let saved = checkpoint.exists().then(|| candle_onnx::read_file(&checkpoint)).and_then(|read| {
             read.map_err(|e| tracing::error!(trainer = %spec.name, "ignoring unreadable checkpoint `{}`: {e}", checkpoint.display()))
                 .ok()
         });
         if let Some(saved) = saved {
-            let meta = |key: &str| saved.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone());
+            let meta = |key: &str| {
+                saved
+                    .metadata_props
+                    .iter()
+                    .find(|p| p.key == key)
+                    .map(|p| p.value.clone())
+            };
             if meta(INIT_KEY).as_deref() == Some(fingerprint.as_str()) {
                 steps = meta(STEPS_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
                 model = saved;
@@ -96,15 +109,23 @@ impl Trainer {
                 tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph or settings");
             }
         }
-        model.metadata_props.retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
+        model
+            .metadata_props
+            .retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
 
         let device = device(spec.target, spec.name.as_str());
         let graph_proto = model.graph.as_mut().context("the ONNX file has no graph")?;
         for node in &graph_proto.node {
             if let Some(reason) = unsupported(&node.op_type) {
-                anyhow::bail!("node `{}` (op `{}`) cannot be trained: {reason}", node.name, node.op_type);
+                anyhow::bail!(
+                    "node `{}` (op `{}`) cannot be trained: {reason}",
+                    node.name,
+                    node.op_type
+                );
             }
-            if matches!(node.op_type.as_str(), "Softmax" | "LogSoftmax") && !node.attribute.iter().any(|a| a.name == "axis") {
+            if matches!(node.op_type.as_str(), "Softmax" | "LogSoftmax")
+                && !node.attribute.iter().any(|a| a.name == "axis")
+            {
                 anyhow::bail!(
                     "node `{}` (op `{}`) has no `axis`: gradients stop there in candle-onnx; set the axis",
                     node.name,
@@ -119,14 +140,18 @@ impl Trainer {
                 let tensor = candle_onnx::eval::get_tensor(&init, &init.name)
                     .and_then(|t| t.to_device(&device))
                     .map_err(|e| anyhow::anyhow!("initializer `{}`: {e}", init.name))?;
-                let var = Var::from_tensor(&tensor).map_err(|e| anyhow::anyhow!("initializer `{}`: {e}", init.name))?;
+                let var = Var::from_tensor(&tensor)
+                    .map_err(|e| anyhow::anyhow!("initializer `{}`: {e}", init.name))?;
                 weights.push((init, var));
             } else {
                 kept.push(init);
             }
         }
         graph_proto.initializer = kept;
-        anyhow::ensure!(!weights.is_empty(), "the graph has no float initializers to train");
+        anyhow::ensure!(
+            !weights.is_empty(),
+            "the graph has no float initializers to train"
+        );
         // Older exporters list the initializers among the inputs too: those are weights.
         let initializer_names: std::collections::HashSet<String> = weights
             .iter()
@@ -164,16 +189,29 @@ impl Trainer {
                 Ok(Input { name: input.name.clone(), dims })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let output = graph_proto.output.first().context("the graph has no output")?.name.clone();
+        let output = graph_proto
+            .output
+            .first()
+            .context("the graph has no output")?
+            .name
+            .clone();
         let optimizer = match spec.optimizer {
             Optimizer::AdamW { lr, weight_decay } => OptimizerState::AdamW(
                 AdamW::new(
                     weights.iter().map(|(_, v)| v.clone()).collect(),
-                    ParamsAdamW { lr, weight_decay, ..ParamsAdamW::default() },
+                    ParamsAdamW {
+                        lr,
+                        weight_decay,
+                        ..ParamsAdamW::default()
+                    },
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             ),
-            Optimizer::Sgd { lr, momentum } => OptimizerState::Sgd { lr, momentum, velocity: vec![None; weights.len()] },
+            Optimizer::Sgd { lr, momentum } => OptimizerState::Sgd {
+                lr,
+                momentum,
+                velocity: vec![None; weights.len()],
+            },
         };
         let trainer = Self {
             name: spec.name.to_string(),
@@ -197,9 +235,14 @@ impl Trainer {
         let mut values = HashMap::new();
         for input in &self.inputs {
             let dims: Vec<usize> = input.dims.iter().map(|d| d.unwrap_or(2)).collect();
-            values.insert(input.name.clone(), CTensor::zeros(dims, DType::F32, &self.device)?);
+            values.insert(
+                input.name.clone(),
+                CTensor::zeros(dims, DType::F32, &self.device)?,
+            );
         }
-        let output = self.forward(values).map_err(|e| anyhow::anyhow!("a trial forward pass failed: {}", e.message))?;
+        let output = self
+            .forward(values)
+            .map_err(|e| anyhow::anyhow!("a trial forward pass failed: {}", e.message))?;
         let grads = output.sum_all()?.backward()?;
         for (init, var) in &self.weights {
             anyhow::ensure!(
@@ -232,7 +275,10 @@ impl Trainer {
     }
 
     /// Validates the inputs against the graph and makes them candle tensors.
-    fn inputs(&self, inputs: &[(String, Tensor)]) -> Result<(HashMap<String, CTensor>, usize), NnError> {
+    fn inputs(
+        &self,
+        inputs: &[(String, Tensor)],
+    ) -> Result<(HashMap<String, CTensor>, usize), NnError> {
         let mut values = HashMap::new();
         let mut rows = None;
         for (name, _) in inputs {
@@ -246,47 +292,82 @@ impl Trainer {
                 .find(|(name, _)| name == &input.name)
                 .ok_or_else(|| invalid(format!("missing input `{}`", input.name)))?;
             if tensor.ty != TensorType::Fp32 {
-                return Err(invalid(format!("input `{}` is {:?}, the graph takes Fp32", input.name, tensor.ty)));
+                return Err(invalid(format!(
+                    "input `{}` is {:?}, the graph takes Fp32",
+                    input.name, tensor.ty
+                )));
             }
             let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-            let fits = dims.len() == input.dims.len() && dims.iter().zip(&input.dims).all(|(d, want)| want.is_none_or(|w| w == *d));
+            let fits = dims.len() == input.dims.len()
+                && dims
+                    .iter()
+                    .zip(&input.dims)
+                    .all(|(d, want)| want.is_none_or(|w| w == *d));
             if !fits || dims.first().is_none_or(|&n| n == 0) {
                 return Err(invalid(format!(
                     "input `{}` has dimensions {:?}, the graph takes {:?} (None: any)",
                     input.name, tensor.dims, input.dims
                 )));
             }
-            tensor.check_length().map_err(|e| invalid(format!("input `{}`: {e}", input.name)))?;
+            tensor
+                .check_length()
+                .map_err(|e| invalid(format!("input `{}`: {e}", input.name)))?;
             if rows.is_some_and(|r| r != dims[0]) {
                 return Err(invalid("inputs disagree on dimension 0 (the batch)".into()));
             }
             rows = Some(dims[0]);
             let data = f32s(&tensor.data);
-            values.insert(input.name.clone(), CTensor::from_vec(data, dims, &self.device).map_err(runtime)?);
+            values.insert(
+                input.name.clone(),
+                CTensor::from_vec(data, dims, &self.device).map_err(runtime)?,
+            );
         }
         Ok((values, rows.unwrap_or(0)))
     }
 
     fn loss(&self, inputs: &[(String, Tensor)], targets: &Tensor) -> Result<CTensor, NnError> {
         let (values, rows) = self.inputs(inputs)?;
-        targets.check_length().map_err(|e| invalid(format!("targets: {e}")))?;
+        targets
+            .check_length()
+            .map_err(|e| invalid(format!("targets: {e}")))?;
         let output = self.forward(values)?;
         match self.loss {
             Loss::CrossEntropy => {
                 let classes = match output.dims() {
                     [n, c] if *n == rows => *c,
-                    dims => return Err(runtime(format!("cross-entropy needs an output [N, classes], got {dims:?}"))),
+                    dims => {
+                        return Err(runtime(format!(
+                            "cross-entropy needs an output [N, classes], got {dims:?}"
+                        )));
+                    }
                 };
                 if targets.dims != [rows as u32] {
-                    return Err(invalid(format!("targets have dimensions {:?}, expected [{rows}]", targets.dims)));
+                    return Err(invalid(format!(
+                        "targets have dimensions {:?}, expected [{rows}]",
+                        targets.dims
+                    )));
                 }
                 let labels: Vec<i64> = match targets.ty {
-                    TensorType::I64 => targets.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-                    TensorType::I32 => targets.data.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4])))).collect(),
-                    other => return Err(invalid(format!("cross-entropy targets are class indices (I64 or I32), got {other:?}"))),
+                    TensorType::I64 => targets
+                        .data
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                    TensorType::I32 => targets
+                        .data
+                        .chunks_exact(4)
+                        .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4]))))
+                        .collect(),
+                    other => {
+                        return Err(invalid(format!(
+                            "cross-entropy targets are class indices (I64 or I32), got {other:?}"
+                        )));
+                    }
                 };
                 if let Some(bad) = labels.iter().find(|&&l| l < 0 || l >= classes as i64) {
-                    return Err(invalid(format!("label {bad} is out of range [0, {classes})")));
+                    return Err(invalid(format!(
+                        "label {bad} is out of range [0, {classes})"
+                    )));
                 }
                 let labels: Vec<u32> = labels.into_iter().map(|l| l as u32).collect();
                 let labels = CTensor::from_vec(labels, rows, &self.device).map_err(runtime)?;
@@ -294,11 +375,18 @@ impl Trainer {
             }
             Loss::Mse => {
                 if targets.ty != TensorType::Fp32 {
-                    return Err(invalid(format!("mse targets are Fp32, got {:?}", targets.ty)));
+                    return Err(invalid(format!(
+                        "mse targets are Fp32, got {:?}",
+                        targets.ty
+                    )));
                 }
                 let dims: Vec<usize> = targets.dims.iter().map(|&d| d as usize).collect();
                 if dims != output.dims() {
-                    return Err(invalid(format!("targets have dimensions {:?}, the output has {:?}", targets.dims, output.dims())));
+                    return Err(invalid(format!(
+                        "targets have dimensions {:?}, the output has {:?}",
+                        targets.dims,
+                        output.dims()
+                    )));
                 }
                 let data = f32s(&targets.data);
                 let targets = CTensor::from_vec(data, dims, &self.device).map_err(runtime)?;
@@ -312,19 +400,30 @@ impl Trainer {
         let loss = self.loss(inputs, targets)?;
         let value = loss.to_scalar::<f32>().map_err(runtime)?;
         if !value.is_finite() {
-            return Err(runtime(format!("the loss is {value}; the step was not applied")));
+            return Err(runtime(format!(
+                "the loss is {value}; the step was not applied"
+            )));
         }
         match &mut self.optimizer {
             OptimizerState::AdamW(adamw) => adamw.backward_step(&loss).map_err(runtime)?,
-            OptimizerState::Sgd { lr, momentum, velocity } => {
+            OptimizerState::Sgd {
+                lr,
+                momentum,
+                velocity,
+            } => {
                 let grads = loss.backward().map_err(runtime)?;
                 for ((_, var), v) in self.weights.iter().zip(velocity.iter_mut()) {
-                    let Some(grad) = grads.get(var.as_tensor()) else { continue };
+                    let Some(grad) = grads.get(var.as_tensor()) else {
+                        continue;
+                    };
                     let next = match v.take() {
-                        Some(previous) => ((previous * *momentum).map_err(runtime)? + grad).map_err(runtime)?,
+                        Some(previous) => {
+                            ((previous * *momentum).map_err(runtime)? + grad).map_err(runtime)?
+                        }
                         None => grad.clone(),
                     };
-                    let updated = (var.as_tensor() - (&next * *lr).map_err(runtime)?).map_err(runtime)?;
+                    let updated =
+                        (var.as_tensor() - (&next * *lr).map_err(runtime)?).map_err(runtime)?;
                     var.set(&updated).map_err(runtime)?;
                     *v = Some(next);
                 }
@@ -336,7 +435,9 @@ impl Trainer {
 
     /// The loss without an update.
     pub fn evaluate(&self, inputs: &[(String, Tensor)], targets: &Tensor) -> Result<f32, NnError> {
-        self.loss(inputs, targets)?.to_scalar::<f32>().map_err(runtime)
+        self.loss(inputs, targets)?
+            .to_scalar::<f32>()
+            .map_err(runtime)
     }
 
     /// The graph with the current weights written back into its initializers.
@@ -348,7 +449,11 @@ impl Trainer {
         let mut model = self.graph.clone();
         let graph = model.graph.as_mut().ok_or_else(|| runtime("no graph"))?;
         for (init, var) in &self.weights {
-            let values = var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(runtime)?;
+            let values = var
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(runtime)?;
             let mut init = init.clone();
             init.float_data.clear();
             init.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -360,9 +465,16 @@ impl Trainer {
     /// Writes the checkpoint atomically (a temporary file renamed into place).
     pub fn checkpoint(&self) -> Result<(), NnError> {
         let mut model = self.with_weights()?;
-        model.metadata_props.push(StringStringEntryProto { key: STEPS_KEY.into(), value: self.steps.to_string() });
-        model.metadata_props.push(StringStringEntryProto { key: INIT_KEY.into(), value: self.init_digest.clone() });
-        crate::fsutil::write_atomically(&self.checkpoint, &model.encode_to_vec()).map_err(|e| runtime(format!("{e:#}")))?;
+        model.metadata_props.push(StringStringEntryProto {
+            key: STEPS_KEY.into(),
+            value: self.steps.to_string(),
+        });
+        model.metadata_props.push(StringStringEntryProto {
+            key: INIT_KEY.into(),
+            value: self.init_digest.clone(),
+        });
+        crate::fsutil::write_atomically(&self.checkpoint, &model.encode_to_vec())
+            .map_err(|e| runtime(format!("{e:#}")))?;
         tracing::info!(trainer = %self.name, steps = self.steps, "checkpoint written");
         Ok(())
     }
@@ -373,10 +485,16 @@ fn device(target: Target, name: &str) -> Device {
         #[cfg(feature = "cuda")]
         match Device::new_cuda(0) {
             Ok(device) => return device,
-            Err(e) => tracing::warn!(trainer = name, "target \"gpu\": no CUDA device ({e}); training on the CPU"),
+            Err(e) => tracing::warn!(
+                trainer = name,
+                "target \"gpu\": no CUDA device ({e}); training on the CPU"
+            ),
         }
         #[cfg(not(feature = "cuda"))]
-        tracing::warn!(trainer = name, "target \"gpu\": this host was built without the `cuda` feature; training on the CPU");
+        tracing::warn!(
+            trainer = name,
+            "target \"gpu\": this host was built without the `cuda` feature; training on the CPU"
+        );
     }
     Device::Cpu
 }

@@ -19,8 +19,14 @@ pub struct TrainCtx {
 
 impl TrainCtx {
     /// Grants exactly `trainers`; `publish` goes to `publisher`.
-    pub fn new(trainers: Arc<HashMap<String, Arc<TrainerHandle>>>, publisher: Option<Arc<dyn Publisher>>) -> Self {
-        Self { trainers, publisher }
+    pub fn new(
+        trainers: Arc<HashMap<String, Arc<TrainerHandle>>>,
+        publisher: Option<Arc<dyn Publisher>>,
+    ) -> Self {
+        Self {
+            trainers,
+            publisher,
+        }
     }
 }
 
@@ -36,7 +42,10 @@ impl<'a> TrainView<'a> {
         Self { ctx, table }
     }
 
-    fn answer<T>(&mut self, result: Result<T, NnError>) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+    fn answer<T>(
+        &mut self,
+        result: Result<T, NnError>,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
         match result {
             Ok(value) => Ok(Ok(value)),
             Err(error) => {
@@ -61,7 +70,11 @@ impl<'a> TrainView<'a> {
         let handle = self.handle(&trainer)?;
         let inputs = tensors_from_table(self.table, inputs)?;
         let targets = self.table.get(&targets)?.clone();
-        let result = if update { handle.step(inputs, targets).await } else { handle.evaluate(inputs, targets).await };
+        let result = if update {
+            handle.step(inputs, targets).await
+        } else {
+            handle.evaluate(inputs, targets).await
+        };
         self.answer(result)
     }
 }
@@ -73,16 +86,25 @@ impl HasData for HasTraining {
 }
 
 /// Adds `lepton:nn/training` to `linker`; `view` hands out each store's [`TrainView`].
-pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, view: fn(&mut T) -> TrainView<'_>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> TrainView<'_>,
+) -> wasmtime::Result<()> {
     training::add_to_linker::<T, HasTraining>(linker, view)
 }
 
 impl training::Host for TrainView<'_> {
-    fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<TrainerResource>, Resource<NnError>>> {
+    fn open(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<TrainerResource>, Resource<NnError>>> {
         // Ungranted and unknown names answer alike.
         match self.ctx.trainers.get(&name) {
             Some(trainer) => Ok(Ok(self.table.push(TrainerResource(Arc::clone(trainer)))?)),
-            None => self.answer(Err(NnError::new(ErrorCode::NotFound, format!("no trainer named {name:?}")))),
+            None => self.answer(Err(NnError::new(
+                ErrorCode::NotFound,
+                format!("no trainer named {name:?}"),
+            ))),
         }
     }
 }
@@ -110,7 +132,10 @@ impl training::HostTrainer for TrainView<'_> {
         Ok(self.handle(&trainer)?.steps())
     }
 
-    async fn export(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<Vec<u8>, Resource<NnError>>> {
+    async fn export(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+    ) -> wasmtime::Result<Result<Vec<u8>, Resource<NnError>>> {
         let result = self.handle(&trainer)?.export().await;
         self.answer(result)
     }
@@ -126,7 +151,10 @@ impl training::HostTrainer for TrainView<'_> {
         self.answer(result)
     }
 
-    async fn checkpoint(&mut self, trainer: Resource<TrainerResource>) -> wasmtime::Result<Result<(), Resource<NnError>>> {
+    async fn checkpoint(
+        &mut self,
+        trainer: Resource<TrainerResource>,
+    ) -> wasmtime::Result<Result<(), Resource<NnError>>> {
         let result = self.handle(&trainer)?.checkpoint().await;
         self.answer(result)
     }

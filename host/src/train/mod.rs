@@ -20,8 +20,8 @@ mod host;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -45,11 +45,24 @@ pub const MAX_QUEUED_COMMANDS: usize = 1024;
 type Reply<T> = oneshot::Sender<Result<T, NnError>>;
 
 enum Command {
-    Step { inputs: Vec<(String, Tensor)>, targets: Tensor, reply: Reply<f32> },
-    Evaluate { inputs: Vec<(String, Tensor)>, targets: Tensor, reply: Reply<f32> },
-    Export { reply: Reply<Vec<u8>> },
+    Step {
+        inputs: Vec<(String, Tensor)>,
+        targets: Tensor,
+        reply: Reply<f32>,
+    },
+    Evaluate {
+        inputs: Vec<(String, Tensor)>,
+        targets: Tensor,
+        reply: Reply<f32>,
+    },
+    Export {
+        reply: Reply<Vec<u8>>,
+    },
     /// `only_if_changed`: skip the write when nothing changed since the last one.
-    Checkpoint { reply: Reply<()>, only_if_changed: bool },
+    Checkpoint {
+        reply: Reply<()>,
+        only_if_changed: bool,
+    },
 }
 
 /// How long shutdown waits for each trainer's last checkpoint (behind its queued steps).
@@ -81,7 +94,10 @@ impl TrainerHandle {
         let started = Instant::now();
         let trainer = Trainer::load(spec, init, dir)?;
         tracing::info!(trainer = %spec.name, steps = trainer.steps(), "loaded in {:.1?}", started.elapsed());
-        let stats = Arc::new(Stats { steps: AtomicU64::new(trainer.steps()), last_checkpoint_ms: AtomicU64::new(0) });
+        let stats = Arc::new(Stats {
+            steps: AtomicU64::new(trainer.steps()),
+            last_checkpoint_ms: AtomicU64::new(0),
+        });
         let (sender, receiver) = sync_channel(MAX_QUEUED_COMMANDS);
         let every = spec.checkpoint_every;
         let counters = Arc::clone(&stats);
@@ -118,25 +134,52 @@ impl TrainerHandle {
         match self.sender.try_send(command(reply)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(NnError::new(ErrorCode::Timeout, format!("trainer `{}` has too many queued commands", self.name)));
+                return Err(NnError::new(
+                    ErrorCode::Timeout,
+                    format!("trainer `{}` has too many queued commands", self.name),
+                ));
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(NnError::new(ErrorCode::RuntimeError, format!("trainer `{}` stopped", self.name)));
+                return Err(NnError::new(
+                    ErrorCode::RuntimeError,
+                    format!("trainer `{}` stopped", self.name),
+                ));
             }
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(NnError::new(ErrorCode::RuntimeError, format!("trainer `{}` stopped", self.name))))
+        answer.await.unwrap_or_else(|_| {
+            Err(NnError::new(
+                ErrorCode::RuntimeError,
+                format!("trainer `{}` stopped", self.name),
+            ))
+        })
     }
 
     /// One step on `inputs` and `targets`.
-    pub async fn step(&self, inputs: Vec<(String, Tensor)>, targets: Tensor) -> Result<f32, NnError> {
-        self.ask(|reply| Command::Step { inputs, targets, reply }).await
+    pub async fn step(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+        targets: Tensor,
+    ) -> Result<f32, NnError> {
+        self.ask(|reply| Command::Step {
+            inputs,
+            targets,
+            reply,
+        })
+        .await
     }
 
     /// The loss, without an update.
-    pub async fn evaluate(&self, inputs: Vec<(String, Tensor)>, targets: Tensor) -> Result<f32, NnError> {
-        self.ask(|reply| Command::Evaluate { inputs, targets, reply }).await
+    pub async fn evaluate(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+        targets: Tensor,
+    ) -> Result<f32, NnError> {
+        self.ask(|reply| Command::Evaluate {
+            inputs,
+            targets,
+            reply,
+        })
+        .await
     }
 
     /// The trained model as ONNX bytes.
@@ -146,7 +189,11 @@ impl TrainerHandle {
 
     /// Writes a checkpoint now.
     pub async fn checkpoint(&self) -> Result<(), NnError> {
-        self.ask(|reply| Command::Checkpoint { reply, only_if_changed: false }).await
+        self.ask(|reply| Command::Checkpoint {
+            reply,
+            only_if_changed: false,
+        })
+        .await
     }
 
     /// At shutdown: checkpoints if anything changed, waiting for a place in the queue
@@ -155,10 +202,23 @@ impl TrainerHandle {
     async fn flush(&self) -> Result<(), NnError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.clone();
-        let command = Command::Checkpoint { reply, only_if_changed: true };
+        let command = Command::Checkpoint {
+            reply,
+            only_if_changed: true,
+        };
         let sent = tokio::task::spawn_blocking(move || sender.send(command).is_ok());
-        let stopped = || NnError::new(ErrorCode::RuntimeError, format!("trainer `{}` stopped", self.name));
-        let timed_out = || NnError::new(ErrorCode::Timeout, format!("trainer `{}` did not checkpoint in time", self.name));
+        let stopped = || {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("trainer `{}` stopped", self.name),
+            )
+        };
+        let timed_out = || {
+            NnError::new(
+                ErrorCode::Timeout,
+                format!("trainer `{}` did not checkpoint in time", self.name),
+            )
+        };
         tokio::time::timeout(SHUTDOWN_CHECKPOINT_TIMEOUT, async {
             if !sent.await.unwrap_or(false) {
                 return Err(stopped());
@@ -170,7 +230,11 @@ impl TrainerHandle {
     }
 
     /// Replaces inference model `model` with the current weights, through `publisher`.
-    pub async fn publish(&self, model: &str, publisher: Option<&Arc<dyn Publisher>>) -> Result<(), NnError> {
+    pub async fn publish(
+        &self,
+        model: &str,
+        publisher: Option<&Arc<dyn Publisher>>,
+    ) -> Result<(), NnError> {
         if self.publishes.as_ref().is_none_or(|p| p.as_str() != model) {
             return Err(NnError::new(
                 ErrorCode::Security,
@@ -181,9 +245,12 @@ impl TrainerHandle {
                 ),
             ));
         }
-        let publisher = publisher
-            .cloned()
-            .ok_or_else(|| NnError::new(ErrorCode::RuntimeError, "this node has no inference backend".into()))?;
+        let publisher = publisher.cloned().ok_or_else(|| {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                "this node has no inference backend".into(),
+            )
+        })?;
         let bytes = self.export().await?;
         let name = model.to_owned();
         let steps = self.steps();
@@ -205,34 +272,55 @@ fn guarded<T>(trainer: &str, work: impl FnOnce() -> Result<T, NnError>) -> Resul
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
         tracing::error!(trainer, "the training backend panicked: {message}");
-        Err(NnError::new(ErrorCode::RuntimeError, format!("the training backend failed: {message}")))
+        Err(NnError::new(
+            ErrorCode::RuntimeError,
+            format!("the training backend failed: {message}"),
+        ))
     })
 }
 
-fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::Duration, stats: &Stats) {
+fn serve(
+    mut trainer: Trainer,
+    receiver: &Receiver<Command>,
+    every: std::time::Duration,
+    stats: &Stats,
+) {
     let name = trainer.name().to_owned();
     let mut saved_steps = trainer.steps();
     let mut next_checkpoint = Instant::now() + every;
     loop {
-        let command = receiver.recv_timeout(next_checkpoint.saturating_duration_since(Instant::now()));
+        let command =
+            receiver.recv_timeout(next_checkpoint.saturating_duration_since(Instant::now()));
         let stop = matches!(command, Err(RecvTimeoutError::Disconnected));
         match command {
             // Work for a request that went away (its deadline passed) is not done:
             // a step must not change the weights after its caller was told it failed.
-            Ok(Command::Step { reply, .. } | Command::Evaluate { reply, .. }) if reply.is_closed() => {}
+            Ok(Command::Step { reply, .. } | Command::Evaluate { reply, .. })
+                if reply.is_closed() => {}
             Ok(Command::Export { reply }) if reply.is_closed() => {}
-            Ok(Command::Step { inputs, targets, reply }) => {
+            Ok(Command::Step {
+                inputs,
+                targets,
+                reply,
+            }) => {
                 let result = guarded(&name, || trainer.step(&inputs, &targets));
                 stats.steps.store(trainer.steps(), Ordering::SeqCst);
                 let _ = reply.send(result);
             }
-            Ok(Command::Evaluate { inputs, targets, reply }) => {
+            Ok(Command::Evaluate {
+                inputs,
+                targets,
+                reply,
+            }) => {
                 let _ = reply.send(guarded(&name, || trainer.evaluate(&inputs, &targets)));
             }
             Ok(Command::Export { reply }) => {
                 let _ = reply.send(guarded(&name, || trainer.export()));
             }
-            Ok(Command::Checkpoint { reply, only_if_changed }) => {
+            Ok(Command::Checkpoint {
+                reply,
+                only_if_changed,
+            }) => {
                 let result = if only_if_changed && trainer.steps() == saved_steps {
                     Ok(())
                 } else {
@@ -252,7 +340,9 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
                     saved_steps = trainer.steps();
                     stats.checkpointed();
                 }
-                Err(error) => tracing::error!(trainer = %name, "checkpoint failed: {}", error.message),
+                Err(error) => {
+                    tracing::error!(trainer = %name, "checkpoint failed: {}", error.message)
+                }
             }
         }
         if Instant::now() >= next_checkpoint {
@@ -275,7 +365,10 @@ fn serve(mut trainer: Trainer, receiver: &Receiver<Command>, every: std::time::D
 ///
 /// It sets an environment variable: call it before any other thread exists (first
 /// thing in `main`).
-#[expect(unsafe_code, reason = "setting the environment is unsafe once other threads run")]
+#[expect(
+    unsafe_code,
+    reason = "setting the environment is unsafe once other threads run"
+)]
 pub unsafe fn pin_candle_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -286,8 +379,13 @@ pub unsafe fn pin_candle_threads() {
 
 impl Stats {
     fn checkpointed(&self) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        self.last_checkpoint_ms.store(u64::try_from(now.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_checkpoint_ms.store(
+            u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 }
 
@@ -302,32 +400,53 @@ pub struct TrainerRegistry {
 impl TrainerRegistry {
     /// A registry keeping checkpoints under `<state_dir>/trainers/`.
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("trainers"), live: Mutex::new(HashMap::new()) }
+        Self {
+            dir: state_dir.join("trainers"),
+            live: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Trainer `spec` of `app`: the running one when its fingerprint is the same, else
     /// a new one started from `init` (resuming from its own checkpoint if it has one).
-    pub fn get_or_start(&self, app: &Name, spec: &TrainerSpec, init: &Path) -> anyhow::Result<Arc<TrainerHandle>> {
+    pub fn get_or_start(
+        &self,
+        app: &Name,
+        spec: &TrainerSpec,
+        init: &Path,
+    ) -> anyhow::Result<Arc<TrainerHandle>> {
         let key = (app.clone(), spec.name.clone());
         let fingerprint = spec.fingerprint();
-        if let Some(running) = self.lock().get(&key).and_then(Weak::upgrade).filter(|t| t.fingerprint == fingerprint) {
+        if let Some(running) = self
+            .lock()
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|t| t.fingerprint == fingerprint)
+        {
             return Ok(running);
         }
-        let dir = self.dir.join(app.as_str()).join(format!("{}-{}", spec.name, fingerprint.short()));
+        let dir =
+            self.dir
+                .join(app.as_str())
+                .join(format!("{}-{}", spec.name, fingerprint.short()));
         let handle = Arc::new(TrainerHandle::start(spec, init, &dir)?);
         self.lock().insert(key, Arc::downgrade(&handle));
         Ok(handle)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name), Weak<TrainerHandle>>> {
-        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every running trainer, with its app.
     pub fn running(&self) -> Vec<(Name, Arc<TrainerHandle>)> {
         let mut live = self.lock();
         live.retain(|_, weak| weak.strong_count() > 0);
-        let mut running: Vec<_> = live.iter().filter_map(|((app, _), weak)| Some((app.clone(), weak.upgrade()?))).collect();
+        let mut running: Vec<_> = live
+            .iter()
+            .filter_map(|((app, _), weak)| Some((app.clone(), weak.upgrade()?)))
+            .collect();
         running.sort_by(|a, b| (&a.0, a.1.name()).cmp(&(&b.0, b.1.name())));
         running
     }
