@@ -7,7 +7,10 @@
 //! BENCH_SECONDS=10 BENCH_CONNECTIONS=8,64 cargo bench -p lepton-host --bench http
 //! ```
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
-#![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a benchmark may stop at the first failure"
+)]
 
 mod support;
 
@@ -24,7 +27,10 @@ use support::{Load, Server, print_header, report, run_load};
 const BODY: &[u8] = b"Hello from Lepton\n";
 
 fn main() {
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let connections: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
         .unwrap_or_else(|_| "8,64".into())
         .split(',')
@@ -46,8 +52,15 @@ fn main() {
     let native = native_server();
     let wasmtime = wasmtime_serve();
 
-    let hello = |path| Load { path, body: None, expect: |b| b == BODY };
-    let load = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let hello = |path| Load {
+        path,
+        body: None,
+        expect: |b| b == BODY,
+    };
+    let load = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!("hello function, {seconds} s per run, loopback, keep-alive connections");
     print_header();
     for &c in &connections {
@@ -79,16 +92,35 @@ fn main() {
 /// `wasmtime serve -S cli` on the hello component, when a `wasmtime` binary is there.
 fn wasmtime_serve() -> Option<Server> {
     let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
-    Command::new(&binary).arg("--version").output().ok().filter(|o| o.status.success())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    Command::new(&binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new(&binary)
-        .args(["serve", "-S", "cli", "--addr", &address.to_string(), lepton_test_artifacts::HELLO])
+        .args([
+            "serve",
+            "-S",
+            "cli",
+            "--addr",
+            &address.to_string(),
+            lepton_test_artifacts::HELLO,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let server = Server { child, address };
+    let server = Server {
+        child,
+        address,
+        admin: None,
+    };
     let started = Instant::now();
     while std::net::TcpStream::connect(address).is_err() {
         if started.elapsed() > Duration::from_secs(30) {
@@ -105,7 +137,11 @@ fn native_server() -> SocketAddr {
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
@@ -113,7 +149,9 @@ fn native_server() -> SocketAddr {
                 stream.set_nodelay(true).unwrap();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(BODY))))
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            BODY,
+                        ))))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)

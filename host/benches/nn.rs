@@ -13,7 +13,10 @@
 //! cargo bench -p lepton-host --bench nn
 //! ```
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
-#![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a benchmark may stop at the first failure"
+)]
 
 mod support;
 
@@ -29,23 +32,39 @@ const SESSIONS: usize = 2;
 const THREADS: usize = 1;
 
 fn main() {
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let duration = Duration::from_secs(seconds);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let library = std::env::var("ORT_DYLIB_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join(".cache/onnxruntime/libonnxruntime.so"));
     let magika = root.join(".cache/models/magika");
-    assert!(library.is_file() && magika.join("model.onnx").is_file(), "run ./setup.sh first");
+    assert!(
+        library.is_file() && magika.join("model.onnx").is_file(),
+        "run ./setup.sh first"
+    );
 
     // The request: 8 KiB of a real binary (a component); the model sees its first and
     // last 1024 bytes, as Magika's features take them.
-    let file: Vec<u8> = std::fs::read(lepton_test_artifacts::HELLO).unwrap().into_iter().take(8192).collect();
+    let file: Vec<u8> = std::fs::read(lepton_test_artifacts::HELLO)
+        .unwrap()
+        .into_iter()
+        .take(8192)
+        .collect();
     let features = magika_features(&file);
 
     // Native baseline.
-    let env = ort::init_from(&library).unwrap().with_name("bench").build().unwrap();
-    let mut sessions: Vec<Session> = (0..SESSIONS).map(|_| session(&env, &magika.join("model.onnx"))).collect();
+    let env = ort::init_from(&library)
+        .unwrap()
+        .with_name("bench")
+        .build()
+        .unwrap();
+    let mut sessions: Vec<Session> = (0..SESSIONS)
+        .map(|_| session(&env, &magika.join("model.onnx")))
+        .collect();
     let native_latencies = {
         let session = &mut sessions[0];
         let mut latencies = Vec::new();
@@ -105,11 +124,27 @@ fn main() {
     let ort_env = [("ORT_DYLIB_PATH", library.to_str().unwrap())];
     let unbatched = Server::lepton(&write_manifest("plain.toml", ""), &ort_env);
 
-    let load = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let detect = Load { path: "/detect", body: Some(Bytes::from(file.clone())), expect: |b| b.starts_with(b"{\"label\"") };
-    let hello = Load { path: "/hello", body: None, expect: |b| b == b"Hello from Lepton\n" };
+    let load = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let detect = Load {
+        path: "/detect",
+        body: Some(Bytes::from(file.clone())),
+        expect: |b| b.starts_with(b"{\"label\""),
+    };
+    let hello = Load {
+        path: "/hello",
+        body: None,
+        expect: |b| b == b"Hello from Lepton\n",
+    };
 
-    println!("Magika ({} sessions x {} thread), input {} bytes, {seconds} s per run", SESSIONS, THREADS, file.len());
+    println!(
+        "Magika ({} sessions x {} thread), input {} bytes, {seconds} s per run",
+        SESSIONS,
+        THREADS,
+        file.len()
+    );
     println!(
         "native ONNX Runtime Session::run, concurrency 1: p50 {:.0}µs p99 {:.0}µs",
         quantile(&native_latencies, 0.5).as_secs_f64() * 1e6,
@@ -135,7 +170,10 @@ fn main() {
     );
     drop(unbatched);
     let batched = Server::lepton(
-        &write_manifest("batched.toml", "batch = { max_size = 32, max_wait = \"2ms\" }"),
+        &write_manifest(
+            "batched.toml",
+            "batch = { max_size = 32, max_wait = \"2ms\" }",
+        ),
         &ort_env,
     );
     let batched32 = load.block_on(run_load(batched.address, detect, 32, duration));

@@ -9,7 +9,10 @@
 //! cargo bench -p lepton-host --bench train
 //! ```
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
-#![expect(clippy::unwrap_used, reason = "a benchmark may stop at the first failure")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a benchmark may stop at the first failure"
+)]
 
 use std::path::Path;
 use std::time::Instant;
@@ -33,7 +36,10 @@ fn main() {
     let model = root.join(".cache/models/digits/digits-mlp.onnx");
     let data = root.join(".cache/data/digits/train.json");
     let python = root.join(".cache/venv/bin/python");
-    assert!(model.is_file() && data.is_file() && python.is_file(), "run ./setup.sh first");
+    assert!(
+        model.is_file() && data.is_file() && python.is_file(),
+        "run ./setup.sh first"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("lepton.toml");
@@ -53,17 +59,44 @@ fn main() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32 / 16.0).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32 / 16.0)
+                .collect()
+        })
         .collect();
-    let labels: Vec<i64> = data["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let labels: Vec<i64> = data["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     // Step i takes rows (i*B .. i*B+B) mod len, as the numpy script does.
     let batch = |step: usize| {
-        let rows: Vec<usize> = (0..BATCH).map(|i| (step * BATCH + i) % images.len()).collect();
-        let pixels: Vec<u8> = rows.iter().flat_map(|&r| images[r].iter().flat_map(|v| v.to_le_bytes())).collect();
+        let rows: Vec<usize> = (0..BATCH)
+            .map(|i| (step * BATCH + i) % images.len())
+            .collect();
+        let pixels: Vec<u8> = rows
+            .iter()
+            .flat_map(|&r| images[r].iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
         let targets: Vec<u8> = rows.iter().flat_map(|&r| labels[r].to_le_bytes()).collect();
         (
-            vec![("images".to_owned(), Tensor { dims: vec![BATCH as u32, 64], ty: TensorType::Fp32, data: pixels })],
-            Tensor { dims: vec![BATCH as u32], ty: TensorType::I64, data: targets },
+            vec![(
+                "images".to_owned(),
+                Tensor {
+                    dims: vec![BATCH as u32, 64],
+                    ty: TensorType::Fp32,
+                    data: pixels,
+                },
+            )],
+            Tensor {
+                dims: vec![BATCH as u32],
+                ty: TensorType::I64,
+                data: targets,
+            },
         )
     };
 
@@ -95,10 +128,20 @@ fn main() {
         .strip_prefix("numpy: ")
         .and_then(|rest| rest.split(' ').next())
         .and_then(|us| us.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected numpy output {numpy:?} {}", String::from_utf8_lossy(&output.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected numpy output {numpy:?} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
 
-    println!("digits MLP 64-32-10, batch {BATCH}, AdamW lr 1e-2, {STEPS} steps after {WARMUP} warm-up steps");
+    println!(
+        "digits MLP 64-32-10, batch {BATCH}, AdamW lr 1e-2, {STEPS} steps after {WARMUP} warm-up steps"
+    );
     println!("lepton trainer (candle, CPU): {lepton_us:.1} us/step, final loss {loss:.4}");
     println!("{}", numpy.trim());
-    println!("ratio lepton / numpy: {:.2}x time per step (goal <= 1.5x PyTorch; numpy stands in)", lepton_us / numpy_us);
+    println!(
+        "ratio lepton / numpy: {:.2}x time per step (goal <= 1.5x PyTorch; numpy stands in)",
+        lepton_us / numpy_us
+    );
 }

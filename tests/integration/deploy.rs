@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-
 use crate::onnx::identity_model;
 use crate::util::{Lepton, PATIENCE, Project, json_reply, manifest, write_file};
 
@@ -39,13 +38,22 @@ fn deploy_update_noop_rollback_and_remove_on_an_empty_node() {
     assert_eq!(lepton.get("/hello").status, 404);
 
     let app = hello_app(&project, "shop", "shop", "/hello", "one");
-    assert_eq!(deploy_ok(&lepton, &project, &app), "deployed shop version 1\n  /hello -> hello\n");
+    assert_eq!(
+        deploy_ok(&lepton, &project, &app),
+        "deployed shop version 1\n  /hello -> hello\n"
+    );
     assert_eq!(lepton.get("/hello").body, "one\n");
 
-    assert_eq!(deploy_ok(&lepton, &project, &app), "deployed shop version 1 (unchanged)\n  /hello -> hello\n");
+    assert_eq!(
+        deploy_ok(&lepton, &project, &app),
+        "deployed shop version 1 (unchanged)\n  /hello -> hello\n"
+    );
 
     hello_app(&project, "shop", "shop", "/hello", "two");
-    assert_eq!(deploy_ok(&lepton, &project, &app), "deployed shop version 2\n  /hello -> hello\n");
+    assert_eq!(
+        deploy_ok(&lepton, &project, &app),
+        "deployed shop version 2\n  /hello -> hello\n"
+    );
     assert_eq!(lepton.get("/hello").body, "two\n");
 
     let (status, stdout, stderr) = lepton.client(&project, &["rollback", "shop"]);
@@ -54,12 +62,20 @@ fn deploy_update_noop_rollback_and_remove_on_an_empty_node() {
     assert_eq!(lepton.get("/hello").body, "one\n");
 
     let (_, apps, _) = lepton.client(&project, &["apps"]);
-    assert_eq!(apps, "APP   ACTIVE  VERSIONS  ROUTES\nshop  1       1,2       /hello\n");
+    assert_eq!(
+        apps,
+        "APP   ACTIVE  VERSIONS  ROUTES\nshop  1       1,2       /hello\n"
+    );
     let (code, info) = lepton.admin_get("/v1/apps/shop");
     assert_eq!(code, 200);
     assert_eq!(info["active"], 1);
     assert_eq!(info["versions"].as_array().expect("versions").len(), 2);
-    assert!(info["versions"][0]["digest"].as_str().expect("digest").starts_with("sha256:"));
+    assert!(
+        info["versions"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .starts_with("sha256:")
+    );
 
     let (status, stdout, _) = lepton.client(&project, &["rm", "shop"]);
     assert!(status.success());
@@ -72,11 +88,27 @@ fn deploy_update_noop_rollback_and_remove_on_an_empty_node() {
         .as_array()
         .expect("records")
         .iter()
-        .map(|r| (r["action"].as_str().unwrap_or("").to_owned(), r["outcome"].as_str().unwrap_or("").to_owned()))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or("").to_owned(),
+                r["outcome"].as_str().unwrap_or("").to_owned(),
+            )
+        })
         .collect();
-    let expected = [("deploy", "ok"), ("deploy", "unchanged"), ("deploy", "ok"), ("rollback", "ok"), ("remove", "ok")];
+    let expected = [
+        ("deploy", "ok"),
+        ("deploy", "unchanged"),
+        ("deploy", "ok"),
+        ("rollback", "ok"),
+        ("remove", "ok"),
+    ];
     assert_eq!(actions, expected.map(|(a, o)| (a.to_owned(), o.to_owned())));
-    assert!(audit["records"][0]["peer"].as_str().expect("peer").starts_with("127.0.0.1:"));
+    assert!(
+        audit["records"][0]["peer"]
+            .as_str()
+            .expect("peer")
+            .starts_with("127.0.0.1:")
+    );
 }
 
 #[test]
@@ -89,7 +121,11 @@ fn up_with_a_manifest_redeploys_it_only_when_it_changed() {
         assert_eq!(lepton.get("/hello").body, "one\n");
     }
     let lepton = start(&project);
-    assert_eq!(lepton.admin_get("/v1/apps/site").1["active"], 1, "the same content is not a new version");
+    assert_eq!(
+        lepton.admin_get("/v1/apps/site").1["active"],
+        1,
+        "the same content is not a new version"
+    );
     drop(lepton);
     hello_app(&project, "site", "site", "/hello", "two");
     let lepton = start(&project);
@@ -101,8 +137,16 @@ fn up_with_a_manifest_redeploys_it_only_when_it_changed() {
 fn two_apps_claiming_one_route_is_a_conflict_naming_both() {
     let project = Project::empty();
     let lepton = project.up_empty();
-    deploy_ok(&lepton, &project, &hello_app(&project, "a", "alpha", "/hello", "a"));
-    let (ok, _, stderr) = deploy(&lepton, &project, &hello_app(&project, "b", "beta", "/hello", "b"));
+    deploy_ok(
+        &lepton,
+        &project,
+        &hello_app(&project, "a", "alpha", "/hello", "a"),
+    );
+    let (ok, _, stderr) = deploy(
+        &lepton,
+        &project,
+        &hello_app(&project, "b", "beta", "/hello", "b"),
+    );
     assert!(!ok);
     assert!(
         stderr.contains(
@@ -132,16 +176,29 @@ fn a_version_that_fails_to_load_is_rejected_and_the_old_one_keeps_serving() {
     );
     let (ok, _, stderr) = deploy(&lepton, &project, &app);
     assert!(!ok);
-    assert!(stderr.contains("error: function `hello`: `component`: not a valid WebAssembly component"), "{stderr}");
+    assert!(
+        stderr.contains("error: function `hello`: `component`: not a valid WebAssembly component"),
+        "{stderr}"
+    );
     assert_eq!(lepton.get("/hello").body, "one\n");
-    assert_eq!(lepton.admin_get("/v1/apps/shop").1["versions"].as_array().expect("versions").len(), 1);
+    assert_eq!(
+        lepton.admin_get("/v1/apps/shop").1["versions"]
+            .as_array()
+            .expect("versions")
+            .len(),
+        1
+    );
 }
 
 #[test]
 fn the_admin_api_wants_the_token() {
     let project = Project::empty();
     let lepton = project.up_empty();
-    for auth in [None, Some("Bearer wrong"), Some(&*format!("Basic {}", lepton.token))] {
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some(&*format!("Basic {}", lepton.token)),
+    ] {
         let mut request = ureq::get(&lepton.admin_url("/v1/apps"));
         if let Some(auth) = auth {
             request = request.set("authorization", auth);
@@ -153,10 +210,17 @@ fn the_admin_api_wants_the_token() {
     let (code, apps) = lepton.admin_get("/v1/apps");
     assert_eq!((code, apps), (200, serde_json::json!({ "apps": [] })));
     let (_, audit) = lepton.admin_get("/v1/audit");
-    let failures = audit["records"].as_array().expect("records").iter().filter(|r| r["action"] == "auth-failure").count();
+    let failures = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["action"] == "auth-failure")
+        .count();
     assert_eq!(failures, 3);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(project.path("state/admin-token")).expect("token file").permissions(),
+        &std::fs::metadata(project.path("state/admin-token"))
+            .expect("token file")
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
 }
@@ -170,13 +234,41 @@ fn blobs_are_checked_against_their_digest_and_missing_ones_are_listed() {
         format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
     };
     let a = digest(b"a");
-    let put = |digest: &str, body: &[u8]| json_reply(lepton.admin_request("PUT", &format!("/v1/blobs/{digest}")).send_bytes(body));
+    let put = |digest: &str, body: &[u8]| {
+        json_reply(
+            lepton
+                .admin_request("PUT", &format!("/v1/blobs/{digest}"))
+                .send_bytes(body),
+        )
+    };
     let (code, answer) = put(&a, b"b");
     assert_eq!(code, 400, "{answer}");
-    assert!(answer["error"]["reason"].as_str().expect("reason").contains(&format!("not {a}")), "{answer}");
-    assert_eq!(crate::util::reply(lepton.admin_request("HEAD", &format!("/v1/blobs/{a}")).call()).status, 404);
+    assert!(
+        answer["error"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains(&format!("not {a}")),
+        "{answer}"
+    );
+    assert_eq!(
+        crate::util::reply(
+            lepton
+                .admin_request("HEAD", &format!("/v1/blobs/{a}"))
+                .call()
+        )
+        .status,
+        404
+    );
     assert_eq!(put(&a, b"a").0, 201);
-    assert_eq!(crate::util::reply(lepton.admin_request("HEAD", &format!("/v1/blobs/{a}")).call()).status, 200);
+    assert_eq!(
+        crate::util::reply(
+            lepton
+                .admin_request("HEAD", &format!("/v1/blobs/{a}"))
+                .call()
+        )
+        .status,
+        200
+    );
     assert_eq!(put("sha256:nothex", b"a").0, 400);
 
     let missing = digest(b"never uploaded");
@@ -193,11 +285,18 @@ fn blobs_are_checked_against_their_digest_and_missing_ones_are_listed() {
     let mut extra = locked.clone();
     extra["surprise"] = serde_json::json!(1);
     assert_eq!(lepton.admin_post("/v1/apps/shop/versions", &extra).0, 400);
-    let (code, answer) = json_reply(lepton.admin_request("POST", "/v1/apps/shop/versions").send_string("{{{"));
+    let (code, answer) = json_reply(
+        lepton
+            .admin_request("POST", "/v1/apps/shop/versions")
+            .send_string("{{{"),
+    );
     assert_eq!(code, 400, "{answer}");
     assert_eq!(lepton.admin_get("/v1/apps/Not%20A%20Name").0, 400);
     assert_eq!(lepton.admin_get("/v1/nothing").0, 404);
-    assert_eq!(crate::util::reply(lepton.admin_request("PATCH", "/v1/apps").call()).status, 405);
+    assert_eq!(
+        crate::util::reply(lepton.admin_request("PATCH", "/v1/apps").call()).status,
+        405
+    );
 }
 
 #[test]
@@ -246,11 +345,20 @@ fn twenty_deploys_and_rollbacks_under_load_fail_no_request() {
     let mut greetings = std::collections::BTreeSet::new();
     for client in clients {
         let (failures, seen) = client.join().expect("client thread");
-        assert!(failures.is_empty(), "failed requests during the updates: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "failed requests during the updates: {failures:?}"
+        );
         greetings.extend(seen);
     }
-    assert!(served.load(Ordering::Relaxed) > 100, "too little load to tell");
-    assert!(greetings.len() >= 2, "the updates were never seen: {greetings:?}");
+    assert!(
+        served.load(Ordering::Relaxed) > 100,
+        "too little load to tell"
+    );
+    assert!(
+        greetings.len() >= 2,
+        "the updates were never seen: {greetings:?}"
+    );
 }
 
 #[test]
@@ -267,13 +375,29 @@ fn kill_9_during_deploys_then_restart_serves_what_was_acknowledged() {
         if let Some((version, greeting)) = acknowledged {
             let (_, info) = lepton.admin_get("/v1/apps/shop");
             let active = info["active"].as_u64().expect("an active version");
-            assert!((version..=version + 1).contains(&active), "round {round}: active {active}, acknowledged {version}");
+            assert!(
+                (version..=version + 1).contains(&active),
+                "round {round}: active {active}, acknowledged {version}"
+            );
             let body = lepton.get("/hello").body;
-            let served: u64 = body.trim().trim_start_matches('g').parse().expect("a greeting");
-            assert!((greeting..=attempted).contains(&served), "round {round}: serves {body:?}, acknowledged g{greeting}");
+            let served: u64 = body
+                .trim()
+                .trim_start_matches('g')
+                .parse()
+                .expect("a greeting");
+            assert!(
+                (greeting..=attempted).contains(&served),
+                "round {round}: serves {body:?}, acknowledged g{greeting}"
+            );
         }
-        let (admin, token, dir, path) = (lepton.admin_url(""), lepton.token.clone(), project.dir.path().to_owned(), app.clone());
+        let (admin, token, dir, path) = (
+            lepton.admin_url(""),
+            lepton.token.clone(),
+            project.dir.path().to_owned(),
+            app.clone(),
+        );
         let first = attempted + 1;
+        let (acks, acked) = std::sync::mpsc::channel();
         let deployer = std::thread::spawn(move || {
             let mut done = Vec::new();
             for greeting in first..first + 20 {
@@ -290,13 +414,17 @@ fn kill_9_during_deploys_then_restart_serves_what_was_acknowledged() {
                 if !output.status.success() {
                     return (done, greeting);
                 }
-                let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+                let answer: serde_json::Value =
+                    serde_json::from_slice(&output.stdout).expect("json");
                 done.push((answer["version"].as_u64().expect("version"), greeting));
+                let _ = acks.send(());
             }
             (done, first + 19)
         });
-        // Kill at a different moment each round, deploys in flight.
-        std::thread::sleep(Duration::from_millis(100 + 170 * round));
+        // Once a deploy of this round was answered, kill at a different moment each
+        // round, with the next deploys in flight.
+        acked.recv_timeout(PATIENCE).expect("a deploy answered");
+        std::thread::sleep(Duration::from_millis(13 + 61 * round));
         lepton.child.kill().expect("kill -9");
         lepton.child.wait().expect("wait");
         let (done, last_tried) = deployer.join().expect("deployer");
@@ -305,7 +433,10 @@ fn kill_9_during_deploys_then_restart_serves_what_was_acknowledged() {
             acknowledged = Some(last);
         }
     }
-    assert!(acknowledged.is_some(), "no deploy was acknowledged in any round");
+    assert!(
+        acknowledged.is_some(),
+        "no deploy was acknowledged in any round"
+    );
     let lepton = project.up_empty();
     assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
 }
@@ -333,13 +464,20 @@ fn two_apps_naming_the_same_model_file_share_one_loaded_model() {
     let models = status["models"].as_array().expect("models");
     assert_eq!(models.len(), 2);
     assert_eq!(models[0]["digest"], models[1]["digest"]);
-    assert_eq!((models[0]["target"].as_str(), models[0]["device"].as_str()), (Some("cpu"), Some("cpu")));
+    assert_eq!(
+        (models[0]["target"].as_str(), models[0]["device"].as_str()),
+        (Some("cpu"), Some("cpu"))
+    );
     let (status, _, _) = lepton.client(&project, &["rm", "alpha"]);
     assert!(status.success());
     assert_eq!(lepton.admin_get("/v1/status").1["resident_models"], 1);
     let (status, _, _) = lepton.client(&project, &["rm", "beta"]);
     assert!(status.success());
-    assert_eq!(lepton.admin_get("/v1/status").1["resident_models"], 0, "a model no version uses is unloaded");
+    assert_eq!(
+        lepton.admin_get("/v1/status").1["resident_models"],
+        0,
+        "a model no version uses is unloaded"
+    );
 }
 
 #[test]
@@ -362,14 +500,24 @@ fn a_trainer_keeps_its_steps_across_versions_until_it_changes() {
         let batch = crate::train::images(2, 64) + &crate::train::labels(&[3, 7]);
         let reply = lepton.post("/nn/step/digits", batch.as_bytes());
         assert!(reply.body.starts_with("loss "), "{reply:?}");
-        reply.body.trim_end().rsplit(' ').next().and_then(|s| s.parse::<u64>().ok()).expect("steps")
+        reply
+            .body
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .expect("steps")
     };
     write("1e-2", "one");
     deploy_ok(&lepton, &project, "learn/lepton.toml");
     assert_eq!((step(), step()), (1, 2));
     write("1e-2", "two");
     deploy_ok(&lepton, &project, "learn/lepton.toml");
-    assert_eq!(step(), 3, "the same trainer in a new version keeps its state");
+    assert_eq!(
+        step(),
+        3,
+        "the same trainer in a new version keeps its state"
+    );
     write("5e-3", "two");
     deploy_ok(&lepton, &project, "learn/lepton.toml");
     assert_eq!(step(), 1, "a changed trainer starts from its init");

@@ -6,7 +6,10 @@ use crate::util::{Lepton, Project, manifest, root, tensor_line as line};
 
 /// The untrained digits MLP that `./setup.sh` generates (64 -> 32 -> 10).
 pub fn digits_model() -> String {
-    root().join(".cache/models/digits/digits-mlp.onnx").display().to_string()
+    root()
+        .join(".cache/models/digits/digits-mlp.onnx")
+        .display()
+        .to_string()
 }
 
 fn check_error(model: Vec<u8>) -> String {
@@ -16,7 +19,9 @@ fn check_error(model: Vec<u8>) -> String {
     std::fs::write(project.path("bad.onnx"), model).expect("write model");
     let (status, _, stderr) = project.run(&["check"]);
     assert!(!status.success(), "check accepted the graph");
-    let start = stderr.find("error: ").unwrap_or_else(|| panic!("no error in {stderr}"));
+    let start = stderr
+        .find("error: ")
+        .unwrap_or_else(|| panic!("no error in {stderr}"));
     stderr[start..].trim_end().to_owned()
 }
 
@@ -49,7 +54,9 @@ fn graphs_that_cannot_be_trained_are_rejected_at_start_naming_the_node() {
 }
 
 pub fn images(rows: u32, width: u32) -> String {
-    let data: Vec<u8> = (0..rows * width).flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes()).collect();
+    let data: Vec<u8> = (0..rows * width)
+        .flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes())
+        .collect();
     line("images", "FP32", &[rows, width], &data)
 }
 
@@ -81,7 +88,10 @@ fn bad_training_inputs_are_invalid_argument_errors_and_grants_hold() {
     let step = |body: String| lepton.post("/nn/step/digits", body.as_bytes()).body;
 
     let ok = step(images(2, 64) + &labels(&[3, 7]));
-    assert!(ok.starts_with("loss ") && ok.ends_with(" steps 1\n"), "{ok}");
+    assert!(
+        ok.starts_with("loss ") && ok.ends_with(" steps 1\n"),
+        "{ok}"
+    );
     assert_eq!(
         step(images(2, 64) + &labels(&[3, 12])),
         "error: ErrorCode::InvalidArgument: label 12 is out of range [0, 10)"
@@ -110,7 +120,12 @@ fn bad_training_inputs_are_invalid_argument_errors_and_grants_hold() {
     assert!(step(images(2, 64) + &labels(&[1, 2])).ends_with(" steps 2\n"));
     // Grants: another trainer looks absent; publishing is limited to `publishes`.
     assert_eq!(
-        lepton.post("/nn/step/secret", (images(1, 64) + &labels(&[1])).as_bytes()).body,
+        lepton
+            .post(
+                "/nn/step/secret",
+                (images(1, 64) + &labels(&[1])).as_bytes()
+            )
+            .body,
         "error: ErrorCode::NotFound: no trainer named \"secret\""
     );
     assert_eq!(
@@ -126,10 +141,19 @@ fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
     let lepton = start(&project);
     let batch = images(4, 64) + &labels(&[0, 1, 2, 3]);
     for _ in 0..20 {
-        assert!(lepton.post("/nn/step/digits", batch.as_bytes()).body.starts_with("loss "));
+        assert!(
+            lepton
+                .post("/nn/step/digits", batch.as_bytes())
+                .body
+                .starts_with("loss ")
+        );
     }
     let evaluated = lepton.post("/nn/evaluate/digits", batch.as_bytes()).body;
-    let trainer_loss: f32 = evaluated.split(' ').nth(1).and_then(|l| l.parse().ok()).expect("loss");
+    let trainer_loss: f32 = evaluated
+        .split(' ')
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .expect("loss");
     assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
     // Inference through wasi:nn on the published weights: the same logits, so the same loss.
     let reply = lepton.post("/nn/compute/digits", images(4, 64).as_bytes());
@@ -138,7 +162,11 @@ fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
         let hex = reply.body.split(' ').nth(3).expect("data").trim();
         (0..hex.len() / 8)
             .map(|i| {
-                let bytes: Vec<u8> = (0..4).map(|j| u8::from_str_radix(&hex[8 * i + 2 * j..8 * i + 2 * j + 2], 16).expect("hex")).collect();
+                let bytes: Vec<u8> = (0..4)
+                    .map(|j| {
+                        u8::from_str_radix(&hex[8 * i + 2 * j..8 * i + 2 * j + 2], 16).expect("hex")
+                    })
+                    .collect();
                 f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
             })
             .collect()
@@ -153,20 +181,30 @@ fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
         })
         .sum::<f32>()
         / 4.0;
-    assert!((inference_loss - trainer_loss).abs() < 1e-4, "inference {inference_loss}, evaluate {trainer_loss}");
+    assert!(
+        (inference_loss - trainer_loss).abs() < 1e-4,
+        "inference {inference_loss}, evaluate {trainer_loss}"
+    );
 
     // Published weights outlive a restart (here a kill -9).
     let mut lepton = lepton;
     lepton.child.kill().expect("kill -9");
     lepton.child.wait().expect("wait");
     let restarted = start(&project);
-    assert_eq!(restarted.post("/nn/compute/digits", images(4, 64).as_bytes()).body, reply.body);
+    assert_eq!(
+        restarted
+            .post("/nn/compute/digits", images(4, 64).as_bytes())
+            .body,
+        reply.body
+    );
 }
 
 fn steps_and_loss(reply: &str) -> (u64, f32) {
     let parts: Vec<&str> = reply.split_whitespace().collect();
     match parts.as_slice() {
-        ["loss", loss, "steps", steps] => (steps.parse().expect("steps"), loss.parse().expect("loss")),
+        ["loss", loss, "steps", steps] => {
+            (steps.parse().expect("steps"), loss.parse().expect("loss"))
+        }
         _ => panic!("unexpected reply {reply:?}"),
     }
 }
@@ -181,7 +219,8 @@ fn kill_9_and_restart_resume_from_the_last_checkpoint() {
             lepton.post("/nn/step/digits", batch.as_bytes());
         }
         assert_eq!(lepton.post("/nn/checkpoint/digits", b"").body, "ok\n");
-        let at_checkpoint = steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body);
+        let at_checkpoint =
+            steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body);
         for _ in 0..3 {
             lepton.post("/nn/step/digits", batch.as_bytes());
         }
@@ -193,8 +232,14 @@ fn kill_9_and_restart_resume_from_the_last_checkpoint() {
     let lepton = start(&project);
     let resumed = steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body);
     assert_eq!(resumed.0, 10, "step count after restart");
-    assert!((resumed.1 - at_checkpoint.1).abs() < 1e-6, "weights after restart: {resumed:?} vs {at_checkpoint:?}");
-    assert_eq!(steps_and_loss(&lepton.post("/nn/step/digits", batch.as_bytes()).body).0, 11);
+    assert!(
+        (resumed.1 - at_checkpoint.1).abs() < 1e-6,
+        "weights after restart: {resumed:?} vs {at_checkpoint:?}"
+    );
+    assert_eq!(
+        steps_and_loss(&lepton.post("/nn/step/digits", batch.as_bytes()).body).0,
+        11
+    );
 }
 
 #[test]
@@ -211,24 +256,42 @@ fn trainers_checkpoint_periodically() {
         lepton.child.wait().expect("wait");
     }
     let lepton = start(&project);
-    assert_eq!(steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0, 5);
+    assert_eq!(
+        steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0,
+        5
+    );
 }
 
 /// The `learn` example: the digits data that `./setup.sh` generates.
 fn digits(split: &str) -> (Vec<serde_json::Value>, Vec<i64>) {
     let path = root().join(format!(".cache/data/digits/{split}.json"));
-    let data: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("run ./setup.sh")).expect("json");
+    let data: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("run ./setup.sh")).expect("json");
     let images = data["images"].as_array().expect("images").clone();
-    let labels = data["labels"].as_array().expect("labels").iter().map(|l| l.as_i64().expect("label")).collect();
+    let labels = data["labels"]
+        .as_array()
+        .expect("labels")
+        .iter()
+        .map(|l| l.as_i64().expect("label"))
+        .collect();
     (images, labels)
 }
 
 fn accuracy(lepton: &Lepton, images: &[serde_json::Value], labels: &[i64]) -> f64 {
-    let reply = lepton.post("/classify", serde_json::json!({ "images": images }).to_string().as_bytes());
+    let reply = lepton.post(
+        "/classify",
+        serde_json::json!({ "images": images })
+            .to_string()
+            .as_bytes(),
+    );
     assert_eq!(reply.status, 200, "{reply:?}");
     let answer: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
     let predicted = answer["labels"].as_array().expect("labels");
-    let right = predicted.iter().zip(labels).filter(|(p, l)| p.as_i64() == Some(**l)).count();
+    let right = predicted
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| p.as_i64() == Some(**l))
+        .count();
     right as f64 / labels.len() as f64
 }
 
@@ -254,7 +317,9 @@ fn learning_digits_over_http_reaches_90_percent_held_out_accuracy() {
     let batch = 32;
     let mut last = serde_json::Value::Null;
     for step in 0..300 {
-        let rows: Vec<usize> = (0..batch).map(|i| (step * batch + i) % train_images.len()).collect();
+        let rows: Vec<usize> = (0..batch)
+            .map(|i| (step * batch + i) % train_images.len())
+            .collect();
         let body = serde_json::json!({
             "images": rows.iter().map(|&r| train_images[r].clone()).collect::<Vec<_>>(),
             "labels": rows.iter().map(|&r| train_labels[r]).collect::<Vec<_>>(),
@@ -271,14 +336,21 @@ fn learning_digits_over_http_reaches_90_percent_held_out_accuracy() {
     let published = lepton.post("/learn/publish", b"");
     assert_eq!(published.status, 200, "{published:?}");
     let after = accuracy(&lepton, &test_images, &test_labels);
-    assert!(after >= 0.9, "held-out accuracy after 300 steps: {after} (before: {before})");
+    assert!(
+        after >= 0.9,
+        "held-out accuracy after 300 steps: {after} (before: {before})"
+    );
 
     // Inference on the published weights gives the loss the trainer evaluates.
     let body = serde_json::json!({ "images": test_images, "labels": test_labels }).to_string();
     let evaluated: serde_json::Value =
         serde_json::from_str(&lepton.post("/learn/evaluate", body.as_bytes()).body).expect("json");
-    let classified: serde_json::Value = serde_json::from_str(&lepton.post("/classify", body.as_bytes()).body).expect("json");
-    let (e, c) = (evaluated["loss"].as_f64().expect("loss"), classified["loss"].as_f64().expect("loss"));
+    let classified: serde_json::Value =
+        serde_json::from_str(&lepton.post("/classify", body.as_bytes()).body).expect("json");
+    let (e, c) = (
+        evaluated["loss"].as_f64().expect("loss"),
+        classified["loss"].as_f64().expect("loss"),
+    );
     assert!((e - c).abs() < 1e-4, "evaluate {e}, inference {c}");
 }
 
@@ -287,13 +359,24 @@ fn learn_reports_bad_batches_as_client_errors() {
     let project = learn_project();
     let lepton = start(&project);
     let row = vec![0; 64];
-    let out_of_range = lepton.post("/learn", serde_json::json!({ "images": [row], "labels": [10] }).to_string().as_bytes());
+    let out_of_range = lepton.post(
+        "/learn",
+        serde_json::json!({ "images": [row], "labels": [10] })
+            .to_string()
+            .as_bytes(),
+    );
     assert_eq!(out_of_range.status, 400);
-    assert_eq!(out_of_range.body.trim_end(), "invalid-argument: label 10 is out of range [0, 10)");
+    assert_eq!(
+        out_of_range.body.trim_end(),
+        "invalid-argument: label 10 is out of range [0, 10)"
+    );
     let short_row = lepton.post("/learn", br#"{"images": [[1, 2, 3]], "labels": [1]}"#);
     assert_eq!(short_row.status, 400, "{short_row:?}");
     let checkpoint = lepton.post("/learn/checkpoint", b"");
-    assert_eq!((checkpoint.status, checkpoint.body.as_str()), (200, "{\"steps\":0}"));
+    assert_eq!(
+        (checkpoint.status, checkpoint.body.as_str()),
+        (200, "{\"steps\":0}")
+    );
 }
 
 #[test]
@@ -301,7 +384,12 @@ fn trainer_target_gpu_without_cuda_trains_on_the_cpu_and_says_so() {
     let project = probe_project("target = \"gpu\"");
     let lepton = start(&project);
     lepton.wait_for_log("training on the CPU");
-    let reply = lepton.post("/nn/step/digits", (images(1, 64) + &labels(&[4])).as_bytes()).body;
+    let reply = lepton
+        .post(
+            "/nn/step/digits",
+            (images(1, 64) + &labels(&[4])).as_bytes(),
+        )
+        .body;
     assert!(reply.ends_with(" steps 1\n"), "{reply}");
 }
 
@@ -317,5 +405,8 @@ fn sigterm_checkpoints_the_trainers_that_changed() {
         assert!(lepton.signal_and_wait("TERM").success());
     }
     let lepton = start(&project);
-    assert_eq!(steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0, 3);
+    assert_eq!(
+        steps_and_loss(&lepton.post("/nn/evaluate/digits", batch.as_bytes()).body).0,
+        3
+    );
 }

@@ -26,7 +26,10 @@ pub struct Load {
 }
 
 pub fn print_header() {
-    println!("{:<40} {:>5} {:>10} {:>9} {:>9} {:>7}", "target", "conns", "req/s", "p50", "p99", "errors");
+    println!(
+        "{:<40} {:>5} {:>10} {:>9} {:>9} {:>7}",
+        "target", "conns", "req/s", "p50", "p99", "errors"
+    );
 }
 
 pub fn report(name: &str, connections: usize, f: &Figures) {
@@ -43,14 +46,21 @@ pub fn report(name: &str, connections: usize, f: &Figures) {
 pub struct Server {
     pub child: Child,
     pub address: SocketAddr,
+    /// The admin API, for `lepton up`.
+    pub admin: Option<String>,
 }
 
 impl Server {
     /// `lepton up MANIFEST` on a free port, waited for through its ready line.
     pub fn lepton(manifest: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        Self::lepton_with(&[manifest.as_os_str()], env)
+    }
+
+    /// `lepton up ARGS...` on free ports, waited for through its ready line.
+    pub fn lepton_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lepton"))
             .arg("up")
-            .arg(manifest)
+            .args(args)
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .env("LEPTON_LOG", "warn")
             .envs(env.iter().copied())
@@ -60,10 +70,14 @@ impl Server {
         // The admin line comes first, then the ready line.
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
+        let mut admin = None;
         while !line.starts_with("lepton: listening on ") {
             line.clear();
             if stdout.read_line(&mut line).expect("ready line") == 0 {
                 break;
+            }
+            if let Some(url) = line.trim().strip_prefix("lepton: admin on ") {
+                admin = Some(url.to_owned());
             }
         }
         let address = line
@@ -71,7 +85,11 @@ impl Server {
             .strip_prefix("lepton: listening on http://")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no ready line: {line:?}"));
-        Self { child, address }
+        Self {
+            child,
+            address,
+            admin,
+        }
     }
 
     pub fn stop(&mut self) {
@@ -87,7 +105,12 @@ impl Drop for Server {
 }
 
 /// `connections` keep-alive connections, each sending requests back to back for `duration`.
-pub async fn run_load(address: SocketAddr, load: Load, connections: usize, duration: Duration) -> Figures {
+pub async fn run_load(
+    address: SocketAddr,
+    load: Load,
+    connections: usize,
+    duration: Duration,
+) -> Figures {
     // Warm up, not measured.
     let _ = one_connection(address, load.clone(), Duration::from_millis(300)).await;
     let started = Instant::now();
@@ -119,16 +142,26 @@ pub fn quantile(values: &[Duration], q: f64) -> Duration {
     values[((values.len() as f64 * q) as usize).min(values.len() - 1)]
 }
 
-async fn one_connection(address: SocketAddr, load: Load, duration: Duration) -> (Vec<Duration>, u64) {
-    let stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+async fn one_connection(
+    address: SocketAddr,
+    load: Load,
+    duration: Duration,
+) -> (Vec<Duration>, u64) {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
     stream.set_nodelay(true).expect("nodelay");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(connection);
     let mut latencies = Vec::with_capacity(16 * 1024);
     let mut errors = 0;
     let deadline = Instant::now() + duration;
     while Instant::now() < deadline {
-        let builder = hyper::Request::builder().uri(load.path).header(hyper::header::HOST, "localhost");
+        let builder = hyper::Request::builder()
+            .uri(load.path)
+            .header(hyper::header::HOST, "localhost");
         let request = match &load.body {
             Some(body) => builder.method("POST").body(Full::new(body.clone())),
             None => builder.method("GET").body(Full::new(Bytes::new())),

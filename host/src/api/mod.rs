@@ -53,7 +53,10 @@ pub struct AdminToken(Arc<str>);
 impl AdminToken {
     /// Reads the token from `file` when given, else from `<state_dir>/admin-token`,
     /// making that file (32 random bytes, hex, mode 0600) on first start.
-    pub fn load_or_create(file: Option<&Path>, state_dir: &Path) -> anyhow::Result<(Self, PathBuf)> {
+    pub fn load_or_create(
+        file: Option<&Path>,
+        state_dir: &Path,
+    ) -> anyhow::Result<(Self, PathBuf)> {
         let path = file.map_or_else(|| state_dir.join("admin-token"), Path::to_owned);
         if file.is_none() && !path.exists() {
             let mut bytes = [0u8; 32];
@@ -62,16 +65,27 @@ impl AdminToken {
                 .context("reading /dev/urandom for the admin token")?;
             write_private(&path, hex::encode(bytes).as_bytes())?;
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading the admin token `{}`", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the admin token `{}`", path.display()))?;
         let token = text.trim();
-        anyhow::ensure!(token.len() >= 16, "the admin token in `{}` is shorter than 16 characters", path.display());
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the admin token in `{}` is shorter than 16 characters",
+            path.display()
+        );
         Ok((Self(Arc::from(token)), path))
     }
 
     /// Whether `given` is the token, compared in constant time (of the digests).
     fn accepts(&self, given: &str) -> bool {
-        let (a, b) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(given.as_bytes()));
-        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        let (a, b) = (
+            Sha256::digest(self.0.as_bytes()),
+            Sha256::digest(given.as_bytes()),
+        );
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
     }
 }
 
@@ -86,7 +100,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&temp)
         .with_context(|| format!("creating `{}`", temp.display()))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing `{}`", temp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing `{}`", temp.display()))?;
     std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))
 }
 
@@ -102,7 +118,13 @@ pub struct Admin {
 impl Admin {
     /// The API over `node`, accepting `token`, with blobs up to `max_blob_size`.
     pub fn new(node: Arc<Node>, token: AdminToken, max_blob_size: u64) -> Arc<Self> {
-        Arc::new(Self { node, token, max_blob_size, auth_failures: AtomicU64::new(0), auth_window: AtomicU64::new(0) })
+        Arc::new(Self {
+            node,
+            token,
+            max_blob_size,
+            auth_failures: AtomicU64::new(0),
+            auth_window: AtomicU64::new(0),
+        })
     }
 
     /// A handler for [`crate::http::serve_connections`].
@@ -114,16 +136,29 @@ impl Admin {
         })
     }
 
-    async fn answer(&self, request: hyper::Request<Incoming>, peer: SocketAddr) -> hyper::Response<Body> {
+    async fn answer(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> hyper::Response<Body> {
         if !self.authorized(&request) {
             self.audit_auth_failure(&request, peer);
-            let mut response = error(StatusCode::UNAUTHORIZED, SpecError::new("", None, "missing or wrong bearer token"));
-            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                SpecError::new("", None, "missing or wrong bearer token"),
+            );
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
             return response;
         }
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let segments: Vec<&str> = path.strip_prefix("/v1/").map(|p| p.split('/').collect()).unwrap_or_default();
+        let segments: Vec<&str> = path
+            .strip_prefix("/v1/")
+            .map(|p| p.split('/').collect())
+            .unwrap_or_default();
         let peer = peer.to_string();
         match (&method, segments.as_slice()) {
             (&Method::HEAD, ["blobs", digest]) => match Digest::parse(digest) {
@@ -133,10 +168,16 @@ impl Admin {
             },
             (&Method::PUT, ["blobs", digest]) => match Digest::parse(digest) {
                 Ok(digest) => self.put_blob(request, digest).await,
-                Err(reason) => error(StatusCode::BAD_REQUEST, SpecError::new("blob", None, reason)),
+                Err(reason) => error(
+                    StatusCode::BAD_REQUEST,
+                    SpecError::new("blob", None, reason),
+                ),
             },
             (&Method::POST, ["apps", app, "versions"]) => self.deploy(request, app, &peer).await,
-            (&Method::GET, ["apps"]) => json(StatusCode::OK, &serde_json::json!({ "apps": self.node.apps().await })),
+            (&Method::GET, ["apps"]) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "apps": self.node.apps().await }),
+            ),
             (&Method::GET, ["apps", app]) => match parse_app(app) {
                 Ok(name) => match self.node.apps().await.into_iter().find(|a| a.name == name) {
                     Some(info) => json(StatusCode::OK, &info),
@@ -154,16 +195,33 @@ impl Admin {
             },
             (&Method::GET, ["status"]) => json(StatusCode::OK, &self.node.status()),
             (&Method::GET, ["audit"]) => {
-                let limit = query(&request, "limit").and_then(|v| v.parse().ok()).unwrap_or(crate::node::audit::MAX_READ);
+                let limit = query(&request, "limit")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(crate::node::audit::MAX_READ);
                 match self.node.audit().read(limit) {
                     Ok(records) => json(StatusCode::OK, &serde_json::json!({ "records": records })),
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, SpecError::new("audit", None, format!("{e:#}"))),
+                    Err(e) => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        SpecError::new("audit", None, format!("{e:#}")),
+                    ),
                 }
             }
-            (_, ["blobs", _] | ["apps"] | ["apps", _] | ["apps", _, "versions" | "rollback"] | ["status"] | ["audit"]) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, SpecError::new("", None, format!("{method} is not allowed on {path}")))
-            }
-            _ => error(StatusCode::NOT_FOUND, SpecError::new("", None, format!("no such endpoint: {method} {path}"))),
+            (
+                _,
+                ["blobs", _]
+                | ["apps"]
+                | ["apps", _]
+                | ["apps", _, "versions" | "rollback"]
+                | ["status"]
+                | ["audit"],
+            ) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                SpecError::new("", None, format!("{method} is not allowed on {path}")),
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                SpecError::new("", None, format!("no such endpoint: {method} {path}")),
+            ),
         }
     }
 
@@ -193,26 +251,47 @@ impl Admin {
             version: None,
             digests: Vec::new(),
             peer: peer.to_string(),
-            outcome: format!("{} {}", request.method(), request.uri().path().chars().take(200).collect::<String>()),
+            outcome: format!(
+                "{} {}",
+                request.method(),
+                request.uri().path().chars().take(200).collect::<String>()
+            ),
         };
         if let Err(e) = self.node.audit().append(&record) {
             tracing::error!("cannot write the audit log: {e:#}");
         }
     }
 
-    async fn put_blob(&self, request: hyper::Request<Incoming>, digest: Digest) -> hyper::Response<Body> {
+    async fn put_blob(
+        &self,
+        request: hyper::Request<Incoming>,
+        digest: Digest,
+    ) -> hyper::Response<Body> {
         let too_large = || {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                SpecError::new("blob", None, format!("the blob is larger than {} bytes (`--max-blob-size`)", self.max_blob_size)),
+                SpecError::new(
+                    "blob",
+                    None,
+                    format!(
+                        "the blob is larger than {} bytes (`--max-blob-size`)",
+                        self.max_blob_size
+                    ),
+                ),
             )
         };
-        let declared = request.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_blob_size) {
             return too_large();
         }
         if self.node.blobs().contains(&digest) {
-            return json(StatusCode::OK, &serde_json::json!({ "digest": digest, "stored": false }));
+            return json(
+                StatusCode::OK,
+                &serde_json::json!({ "digest": digest, "stored": false }),
+            );
         }
         let mut writer = match self.node.blobs().writer(digest.clone(), self.max_blob_size) {
             Ok(writer) => writer,
@@ -221,10 +300,18 @@ impl Admin {
         let mut body = request.into_body();
         loop {
             let frame = match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, body.frame()).await {
-                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, SpecError::new("blob", None, "the upload stalled")),
+                Err(_) => {
+                    return error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        SpecError::new("blob", None, "the upload stalled"),
+                    );
+                }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    return error(StatusCode::BAD_REQUEST, SpecError::new("blob", None, format!("reading the body: {e}")));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        SpecError::new("blob", None, format!("reading the body: {e}")),
+                    );
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -238,13 +325,24 @@ impl Admin {
             }
         }
         match tokio::task::spawn_blocking(move || writer.finish()).await {
-            Ok(Ok(())) => json(StatusCode::CREATED, &serde_json::json!({ "digest": digest, "stored": true })),
+            Ok(Ok(())) => json(
+                StatusCode::CREATED,
+                &serde_json::json!({ "digest": digest, "stored": true }),
+            ),
             Ok(Err(e)) => blob_error(&e, &digest),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, SpecError::new("blob", None, e.to_string())),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                SpecError::new("blob", None, e.to_string()),
+            ),
         }
     }
 
-    async fn deploy(&self, request: hyper::Request<Incoming>, app: &str, peer: &str) -> hyper::Response<Body> {
+    async fn deploy(
+        &self,
+        request: hyper::Request<Incoming>,
+        app: &str,
+        peer: &str,
+    ) -> hyper::Response<Body> {
         let name = match parse_app(app) {
             Ok(name) => name,
             Err(response) => return response,
@@ -255,24 +353,46 @@ impl Admin {
         };
         let locked: LockedApp = match serde_json::from_slice(&body) {
             Ok(locked) => locked,
-            Err(e) => return error(StatusCode::BAD_REQUEST, SpecError::new("locked app", None, e.to_string())),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    SpecError::new("locked app", None, e.to_string()),
+                );
+            }
         };
         if locked.name != name {
             return error(
                 StatusCode::BAD_REQUEST,
-                SpecError::new("locked app", Some("name"), format!("is {:?}, but the URL names app {:?}", locked.name.as_str(), app)),
+                SpecError::new(
+                    "locked app",
+                    Some("name"),
+                    format!(
+                        "is {:?}, but the URL names app {:?}",
+                        locked.name.as_str(),
+                        app
+                    ),
+                ),
             );
         }
         match self.node.deploy(locked, peer).await {
             Ok(deployed) => {
-                let status = if deployed.unchanged { StatusCode::OK } else { StatusCode::CREATED };
+                let status = if deployed.unchanged {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                };
                 json(status, &deployed)
             }
             Err(e) => deploy_error(&e),
         }
     }
 
-    async fn rollback(&self, request: hyper::Request<Incoming>, app: &str, peer: &str) -> hyper::Response<Body> {
+    async fn rollback(
+        &self,
+        request: hyper::Request<Incoming>,
+        app: &str,
+        peer: &str,
+    ) -> hyper::Response<Body> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Rollback {
@@ -291,7 +411,12 @@ impl Admin {
         } else {
             match serde_json::from_slice::<Rollback>(&body) {
                 Ok(r) => r.version,
-                Err(e) => return error(StatusCode::BAD_REQUEST, SpecError::new("rollback", None, e.to_string())),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        SpecError::new("rollback", None, e.to_string()),
+                    );
+                }
             }
         };
         match self.node.rollback(&name, wanted, peer).await {
@@ -302,27 +427,54 @@ impl Admin {
 }
 
 fn parse_app(app: &str) -> Result<Name, hyper::Response<Body>> {
-    Name::new(app).map_err(|reason| error(StatusCode::BAD_REQUEST, SpecError::new(format!("app {app:?}"), None, reason)))
+    Name::new(app).map_err(|reason| {
+        error(
+            StatusCode::BAD_REQUEST,
+            SpecError::new(format!("app {app:?}"), None, reason),
+        )
+    })
 }
 
 fn not_found(app: &str) -> hyper::Response<Body> {
-    error(StatusCode::NOT_FOUND, SpecError::new("", None, format!("no app named {app:?}")))
+    error(
+        StatusCode::NOT_FOUND,
+        SpecError::new("", None, format!("no app named {app:?}")),
+    )
 }
 
 async fn read_json_body(request: hyper::Request<Incoming>) -> Result<Bytes, hyper::Response<Body>> {
-    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_JSON_BODY).collect()).await {
-        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, SpecError::new("", None, "the body did not arrive in time"))),
+    match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), MAX_JSON_BODY).collect(),
+    )
+    .await
+    {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            SpecError::new("", None, "the body did not arrive in time"),
+        )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            SpecError::new("", None, format!("JSON bodies are at most {MAX_JSON_BODY} bytes")),
+            SpecError::new(
+                "",
+                None,
+                format!("JSON bodies are at most {MAX_JSON_BODY} bytes"),
+            ),
         )),
-        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, SpecError::new("", None, format!("reading the body: {e}")))),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            SpecError::new("", None, format!("reading the body: {e}")),
+        )),
     }
 }
 
 fn query<'a>(request: &'a hyper::Request<Incoming>, key: &str) -> Option<&'a str> {
-    request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn blob_error(e: &BlobError, digest: &Digest) -> hyper::Response<Body> {
@@ -331,7 +483,10 @@ fn blob_error(e: &BlobError, digest: &Digest) -> hyper::Response<Body> {
         BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    error(status, SpecError::new(format!("blob {digest}"), None, format!("{e:#}")))
+    error(
+        status,
+        SpecError::new(format!("blob {digest}"), None, format!("{e:#}")),
+    )
 }
 
 fn deploy_error(e: &DeployError) -> hyper::Response<Body> {
@@ -357,7 +512,10 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> hyper::Response<Bo
     bytes.push(b'\n');
     let mut response = hyper::Response::new(full(Bytes::from(bytes)));
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

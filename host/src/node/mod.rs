@@ -111,7 +111,9 @@ pub enum DeployError {
     #[error("missing blobs: {}", .0.iter().map(Digest::as_str).collect::<Vec<_>>().join(", "))]
     MissingBlobs(Vec<Digest>),
     /// A route is already served by another app; 409.
-    #[error("route \"{route}\" of function `{function}` in app `{app}` is already served by function `{other_function}` of app `{other_app}`")]
+    #[error(
+        "route \"{route}\" of function `{function}` in app `{app}` is already served by function `{other_function}` of app `{other_app}`"
+    )]
     RouteConflict {
         /// The route.
         route: String,
@@ -137,7 +139,9 @@ impl DeployError {
     pub fn spec_error(&self) -> SpecError {
         match self {
             Self::Invalid(error) => error.clone(),
-            Self::RouteConflict { app, .. } => SpecError::new(format!("app `{app}`"), Some("route"), self.to_string()),
+            Self::RouteConflict { app, .. } => {
+                SpecError::new(format!("app `{app}`"), Some("route"), self.to_string())
+            }
             other => SpecError::new("", None, other.to_string()),
         }
     }
@@ -186,7 +190,10 @@ impl FunctionTable {
         if let Some(app) = app {
             apps.insert(app.name.clone(), app);
         }
-        let mut routes: Vec<Arc<Function>> = apps.values().flat_map(|a| a.functions.iter().cloned()).collect();
+        let mut routes: Vec<Arc<Function>> = apps
+            .values()
+            .flat_map(|a| a.functions.iter().cloned())
+            .collect();
         routes.sort_by_key(|f| std::cmp::Reverse(f.spec().route.specificity()));
         Self { apps, routes }
     }
@@ -222,14 +229,19 @@ impl Node {
     /// starts anyway). Call it inside a multi-threaded tokio runtime.
     pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
         let state_dir = &config.state_dir;
-        std::fs::create_dir_all(state_dir).with_context(|| format!("creating `{}`", state_dir.display()))?;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating `{}`", state_dir.display()))?;
         let runtime = Runtime::with_instances(config.max_instances)?;
         let mut linker = Linker::<InstanceState>::new(runtime.engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("linking wasi:http")?;
-        crate::nn::add_to_linker(&mut linker, InstanceState::nn).map_err(anyhow::Error::from).context("linking wasi:nn")?;
+        crate::nn::add_to_linker(&mut linker, InstanceState::nn)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:nn")?;
         crate::train::add_to_linker(&mut linker, InstanceState::train)
             .map_err(anyhow::Error::from)
             .context("linking lepton:nn/training")?;
@@ -247,13 +259,17 @@ impl Node {
         });
         let store = node.store.lock().await;
         for name in store.apps().keys().filter(|_| node.config.restore) {
-            let Some(active) = store.active(name) else { continue };
+            let Some(active) = store.active(name) else {
+                continue;
+            };
             match node.build(active, None).await {
                 Ok(app) => {
                     let table = node.table.load().with(Some(Arc::new(app)), name);
                     node.table.store(Arc::new(table));
                 }
-                Err(error) => tracing::error!(app = %name, version = active.version, "not serving: {error}"),
+                Err(error) => {
+                    tracing::error!(app = %name, version = active.version, "not serving: {error}")
+                }
             }
         }
         drop(store);
@@ -282,7 +298,10 @@ impl Node {
 
     /// The model registry, loading ONNX Runtime on first use.
     pub fn models(&self) -> anyhow::Result<Arc<ModelRegistry>> {
-        let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut models = self
+            .models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(registry) = models.as_ref() {
             return Ok(Arc::clone(registry));
         }
@@ -296,7 +315,11 @@ impl Node {
 
     /// Stores the manifest's blobs and deploys it as its app (a no-op when that content
     /// is already active): what `lepton up MANIFEST` does at start.
-    pub async fn deploy_manifest(&self, manifest: &Manifest, peer: &str) -> Result<Deployed, DeployError> {
+    pub async fn deploy_manifest(
+        &self,
+        manifest: &Manifest,
+        peer: &str,
+    ) -> Result<Deployed, DeployError> {
         self.store_blobs(manifest).await?;
         self.deploy(manifest.app.clone(), peer).await
     }
@@ -307,10 +330,18 @@ impl Node {
         self.store_blobs(manifest).await?;
         let app = manifest.app.clone();
         app.validate().map_err(DeployError::Invalid)?;
-        let stored = StoredVersion { version: 0, created_ms: 0, digest: app.digest(), app };
+        let stored = StoredVersion {
+            version: 0,
+            created_ms: 0,
+            digest: app.digest(),
+            app,
+        };
         let built = self.build(&stored, None).await?;
         let describe = |ios: &[crate::nn::Io]| {
-            ios.iter().map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape)).collect::<Vec<_>>().join(", ")
+            ios.iter()
+                .map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let mut lines = Vec::new();
         for spec in &stored.app.models {
@@ -328,11 +359,18 @@ impl Node {
         }
         for (app, trainer) in self.trainers.running() {
             if app == stored.app.name {
-                lines.push(format!("trainer `{}` at step {}", trainer.name(), trainer.steps()));
+                lines.push(format!(
+                    "trainer `{}` at step {}",
+                    trainer.name(),
+                    trainer.steps()
+                ));
             }
         }
         for function in &stored.app.functions {
-            lines.push(format!("function `{}` serves {}", function.name, function.route));
+            lines.push(format!(
+                "function `{}` serves {}",
+                function.name, function.route
+            ));
         }
         Ok(lines)
     }
@@ -357,7 +395,10 @@ impl Node {
 
     /// Deploys `app` as the next version of its app, once it is fully loaded.
     pub async fn deploy(&self, app: LockedApp, peer: &str) -> Result<Deployed, DeployError> {
-        let digests = std::iter::once(app.digest()).chain(app.blobs()).map(String::from).collect();
+        let digests = std::iter::once(app.digest())
+            .chain(app.blobs())
+            .map(String::from)
+            .collect();
         let name = app.name.clone();
         let result = self.deploy_inner(app).await;
         self.record("deploy", &name, &result, digests, peer);
@@ -379,49 +420,82 @@ impl Node {
         }
         self.check_routes(&app)?;
         // Built as version "next" in memory; its number is fixed once it is written.
-        let next = store.app(&app.name).and_then(|r| r.versions.keys().next_back()).map_or(1, |v| v + 1);
-        let preview = StoredVersion { version: next, created_ms: store::now_ms(), digest, app };
+        let next = store
+            .app(&app.name)
+            .and_then(|r| r.versions.keys().next_back())
+            .map_or(1, |v| v + 1);
+        let preview = StoredVersion {
+            version: next,
+            created_ms: store::now_ms(),
+            digest,
+            app,
+        };
         let previous = self.table.load().apps.get(&preview.app.name).cloned();
         let built = self.build(&preview, previous.as_deref()).await?;
-        let stored = store.add_version(preview.app).map_err(DeployError::Internal)?;
+        let stored = store
+            .add_version(preview.app)
+            .map_err(DeployError::Internal)?;
         debug_assert_eq!(stored.version, next);
-        store.set_active(&stored.app.name, stored.version).map_err(DeployError::Internal)?;
+        store
+            .set_active(&stored.app.name, stored.version)
+            .map_err(DeployError::Internal)?;
         self.swap(Some(built), &stored.app.name);
         self.collect_garbage(&store);
         Ok(self.deployed(&stored.app, stored.version, false))
     }
 
     /// Makes `version` (default: the newest one before the active one) of `app` active again.
-    pub async fn rollback(&self, app: &Name, version: Option<u64>, peer: &str) -> Result<Deployed, DeployError> {
+    pub async fn rollback(
+        &self,
+        app: &Name,
+        version: Option<u64>,
+        peer: &str,
+    ) -> Result<Deployed, DeployError> {
         let result = self.rollback_inner(app, version).await;
         self.record("rollback", app, &result, Vec::new(), peer);
         result
     }
 
-    async fn rollback_inner(&self, name: &Name, version: Option<u64>) -> Result<Deployed, DeployError> {
+    async fn rollback_inner(
+        &self,
+        name: &Name,
+        version: Option<u64>,
+    ) -> Result<Deployed, DeployError> {
         let mut store = self.store.lock().await;
-        let record = store.app(name).ok_or_else(|| DeployError::NotFound(format!("no app named {:?}", name.as_str())))?;
+        let record = store
+            .app(name)
+            .ok_or_else(|| DeployError::NotFound(format!("no app named {:?}", name.as_str())))?;
         let target = match version {
             Some(v) => v,
             None => {
                 let active = record.active.unwrap_or(u64::MAX);
-                *record.versions.range(..active).next_back().map(|(v, _)| v).ok_or_else(|| {
-                    DeployError::NotFound(format!("app `{name}` has no version before {active} to roll back to"))
-                })?
+                *record
+                    .versions
+                    .range(..active)
+                    .next_back()
+                    .map(|(v, _)| v)
+                    .ok_or_else(|| {
+                        DeployError::NotFound(format!(
+                            "app `{name}` has no version before {active} to roll back to"
+                        ))
+                    })?
             }
         };
-        let stored = record
-            .versions
-            .get(&target)
-            .cloned()
-            .ok_or_else(|| DeployError::NotFound(format!("app `{name}` has no version {target} (kept: {:?})", record.versions.keys().collect::<Vec<_>>())))?;
+        let stored = record.versions.get(&target).cloned().ok_or_else(|| {
+            DeployError::NotFound(format!(
+                "app `{name}` has no version {target} (kept: {:?})",
+                record.versions.keys().collect::<Vec<_>>()
+            ))
+        })?;
         if record.active == Some(target) {
             return Ok(self.deployed(&stored.app, target, true));
         }
         self.check_routes(&stored.app)?;
         let previous = self.table.load().apps.get(name).cloned();
         let built = self.build(&stored, previous.as_deref()).await?;
-        store.set_active(name, target).map_err(DeployError::Internal)?;
+        store
+            .set_active(name, target)
+            .map_err(DeployError::Internal)?;
         self.swap(Some(built), name);
         Ok(self.deployed(&stored.app, target, false))
     }
@@ -431,7 +505,10 @@ impl Node {
         let result = async {
             let mut store = self.store.lock().await;
             if store.app(app).is_none() {
-                return Err(DeployError::NotFound(format!("no app named {:?}", app.as_str())));
+                return Err(DeployError::NotFound(format!(
+                    "no app named {:?}",
+                    app.as_str()
+                )));
             }
             store.remove(app).map_err(DeployError::Internal)?;
             self.swap(None, app);
@@ -459,12 +536,22 @@ impl Node {
                 versions: record
                     .versions
                     .values()
-                    .map(|v| VersionInfo { version: v.version, created_ms: v.created_ms, digest: v.digest.clone() })
+                    .map(|v| VersionInfo {
+                        version: v.version,
+                        created_ms: v.created_ms,
+                        digest: v.digest.clone(),
+                    })
                     .collect(),
                 routes: record
                     .active
                     .and_then(|v| record.versions.get(&v))
-                    .map(|v| v.app.functions.iter().map(|f| (f.name.to_string(), f.route.to_string())).collect())
+                    .map(|v| {
+                        v.app
+                            .functions
+                            .iter()
+                            .map(|f| (f.name.to_string(), f.route.to_string()))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             })
             .collect()
@@ -486,11 +573,20 @@ impl Node {
                 served: f.served(),
             })
             .collect();
-        let registry = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let registry = self
+            .models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut models: Vec<ModelStatus> = table
             .apps
             .values()
-            .flat_map(|app| app.models.slots.iter().map(move |(name, slot)| (app, name, slot)))
+            .flat_map(|app| {
+                app.models
+                    .slots
+                    .iter()
+                    .map(move |(name, slot)| (app, name, slot))
+            })
             .map(|(app, name, slot)| {
                 let model = slot.current();
                 ModelStatus {
@@ -517,7 +613,12 @@ impl Node {
             })
             .collect();
         let resident_models = registry.map_or(0, |r| r.resident().len());
-        NodeStatus { functions, models, resident_models, trainers }
+        NodeStatus {
+            functions,
+            models,
+            resident_models,
+            trainers,
+        }
     }
 
     /// Counters in the Prometheus text format, for `/.well-known/lepton/metrics`.
@@ -530,15 +631,27 @@ impl Node {
         }
         let status = self.status();
         for model in &status.models {
-            let _ = writeln!(out, "lepton_model_requests_total{{model=\"{}\"}} {}", model.model, model.requests);
+            let _ = writeln!(
+                out,
+                "lepton_model_requests_total{{model=\"{}\"}} {}",
+                model.model, model.requests
+            );
         }
         for app in table.apps.values() {
             for (name, slot) in &app.models.slots {
-                let _ = writeln!(out, "lepton_model_runs_total{{model=\"{name}\"}} {}", slot.current().onnx().runs());
+                let _ = writeln!(
+                    out,
+                    "lepton_model_runs_total{{model=\"{name}\"}} {}",
+                    slot.current().onnx().runs()
+                );
             }
         }
         for trainer in &status.trainers {
-            let _ = writeln!(out, "lepton_trainer_steps_total{{trainer=\"{}\"}} {}", trainer.trainer, trainer.steps);
+            let _ = writeln!(
+                out,
+                "lepton_trainer_steps_total{{trainer=\"{}\"}} {}",
+                trainer.trainer, trainer.steps
+            );
         }
         out
     }
@@ -549,17 +662,25 @@ impl Node {
     }
 
     fn deployed(&self, app: &LockedApp, version: u64, unchanged: bool) -> Deployed {
-        let routes = app.functions.iter().map(|f| (f.name.to_string(), f.route.to_string())).collect();
-        Deployed { app: app.name.clone(), version, unchanged, routes }
+        let routes = app
+            .functions
+            .iter()
+            .map(|f| (f.name.to_string(), f.route.to_string()))
+            .collect();
+        Deployed {
+            app: app.name.clone(),
+            version,
+            unchanged,
+            routes,
+        }
     }
 
     fn check_routes(&self, app: &LockedApp) -> Result<(), DeployError> {
         let table = self.table.load();
         for function in &app.functions {
-            let taken = table
-                .routes
-                .iter()
-                .find(|other| other.app() != &app.name && other.spec().route.same_as(&function.route));
+            let taken = table.routes.iter().find(|other| {
+                other.app() != &app.name && other.spec().route.same_as(&function.route)
+            });
             if let Some(other) = taken {
                 return Err(DeployError::RouteConflict {
                     route: function.route.to_string(),
@@ -585,7 +706,14 @@ impl Node {
         }
     }
 
-    fn record(&self, action: &str, app: &Name, result: &Result<Deployed, DeployError>, digests: Vec<String>, peer: &str) {
+    fn record(
+        &self,
+        action: &str,
+        app: &Name,
+        result: &Result<Deployed, DeployError>,
+        digests: Vec<String>,
+        peer: &str,
+    ) {
         let (version, outcome) = match result {
             Ok(d) if d.unchanged => (Some(d.version), "unchanged".to_owned()),
             Ok(d) => (Some(d.version), "ok".to_owned()),
@@ -594,7 +722,15 @@ impl Node {
         self.audit_record(action, app, version, outcome, digests, peer);
     }
 
-    fn audit_record(&self, action: &str, app: &Name, version: Option<u64>, outcome: String, digests: Vec<String>, peer: &str) {
+    fn audit_record(
+        &self,
+        action: &str,
+        app: &Name,
+        version: Option<u64>,
+        outcome: String,
+        digests: Vec<String>,
+        peer: &str,
+    ) {
         let record = AuditRecord {
             time_ms: store::now_ms(),
             action: action.to_owned(),
@@ -611,27 +747,41 @@ impl Node {
 
     /// Builds `stored` into a servable app, reusing `previous`'s models and the
     /// running trainers where nothing changed.
-    async fn build(&self, stored: &StoredVersion, previous: Option<&ActiveApp>) -> Result<ActiveApp, DeployError> {
+    async fn build(
+        &self,
+        stored: &StoredVersion,
+        previous: Option<&ActiveApp>,
+    ) -> Result<ActiveApp, DeployError> {
         // Compiling and loading models are CPU-bound and synchronous: off the async
         // workers' hands, but inside the runtime (a batching model spawns a task).
         tokio::task::block_in_place(|| self.build_blocking(stored, previous))
     }
 
-    fn build_blocking(&self, stored: &StoredVersion, previous: Option<&ActiveApp>) -> Result<ActiveApp, DeployError> {
+    fn build_blocking(
+        &self,
+        stored: &StoredVersion,
+        previous: Option<&ActiveApp>,
+    ) -> Result<ActiveApp, DeployError> {
         let app = &stored.app;
         let rejected = |scope: String, key: Option<&str>, error: &anyhow::Error| {
             DeployError::Invalid(SpecError::new(scope, key, format!("{error:#}")))
         };
-        let needs_onnx = !app.models.is_empty() || app.functions.iter().any(|f| f.allow_model_upload);
+        let needs_onnx =
+            !app.models.is_empty() || app.functions.iter().any(|f| f.allow_model_upload);
         let registry = if needs_onnx {
-            Some(self.models().map_err(|e| rejected(format!("app `{}`", app.name), Some("models"), &e))?)
+            Some(
+                self.models()
+                    .map_err(|e| rejected(format!("app `{}`", app.name), Some("models"), &e))?,
+            )
         } else {
             None
         };
         let published_dir = self.config.state_dir.join("models").join(app.name.as_str());
         let mut slots = HashMap::new();
         for spec in &app.models {
-            let reuse = previous.and_then(|p| p.models.slots.get(&spec.name)).filter(|slot| slot.spec() == spec);
+            let reuse = previous
+                .and_then(|p| p.models.slots.get(&spec.name))
+                .filter(|slot| slot.spec() == spec);
             let slot = match (reuse, &registry) {
                 (Some(slot), _) => Arc::clone(slot),
                 (None, Some(registry)) => {
@@ -640,12 +790,20 @@ impl Node {
                     Arc::new(ModelSlot::new(spec.clone(), model))
                 }
                 (None, None) => {
-                    return Err(DeployError::Internal(anyhow::anyhow!("no model registry for model `{}`", spec.name)));
+                    return Err(DeployError::Internal(anyhow::anyhow!(
+                        "no model registry for model `{}`",
+                        spec.name
+                    )));
                 }
             };
             slots.insert(spec.name.clone(), slot);
         }
-        let models = Arc::new(AppModels { slots, registry: registry.clone(), published_dir, publishing: Mutex::new(()) });
+        let models = Arc::new(AppModels {
+            slots,
+            registry: registry.clone(),
+            published_dir,
+            publishing: Mutex::new(()),
+        });
         let mut trainers = HashMap::new();
         for spec in &app.trainers {
             let handle = self
@@ -665,9 +823,16 @@ impl Node {
                 .map(|m| self.blobs.unpacked(&m.source))
                 .collect::<anyhow::Result<Vec<_>>>()
                 .map_err(|e| rejected(scope(), Some("files"), &e))?;
-            let granted_models = spec.models.iter().filter_map(|m| Some((m.to_string(), Arc::clone(models.slots.get(m)?)))).collect();
-            let granted_trainers: HashMap<String, _> =
-                spec.trainers.iter().filter_map(|t| Some((t.to_string(), Arc::clone(trainers.get(t)?)))).collect();
+            let granted_models = spec
+                .models
+                .iter()
+                .filter_map(|m| Some((m.to_string(), Arc::clone(models.slots.get(m)?))))
+                .collect();
+            let granted_trainers: HashMap<String, _> = spec
+                .trainers
+                .iter()
+                .filter_map(|t| Some((t.to_string(), Arc::clone(trainers.get(t)?))))
+                .collect();
             let train = TrainCtx::new(Arc::new(granted_trainers), Some(Arc::clone(&publisher)));
             let grants = Grants::new(spec, mounts, granted_models, registry.clone(), train);
             let function = Function::load(
@@ -682,7 +847,11 @@ impl Node {
             .map_err(|e| rejected(scope(), Some("component"), &e))?;
             functions.push(Arc::new(function));
         }
-        let slots: u64 = app.functions.iter().map(|f| u64::from(f.max_concurrency)).sum();
+        let slots: u64 = app
+            .functions
+            .iter()
+            .map(|f| u64::from(f.max_concurrency))
+            .sum();
         if slots > u64::from(self.runtime.instances()) {
             tracing::warn!(
                 app = %app.name,
@@ -691,7 +860,13 @@ impl Node {
                 self.runtime.instances()
             );
         }
-        Ok(ActiveApp { name: app.name.clone(), version: stored.version, digest: stored.digest.clone(), functions, models })
+        Ok(ActiveApp {
+            name: app.name.clone(),
+            version: stored.version,
+            digest: stored.digest.clone(),
+            functions,
+            models,
+        })
     }
 }
 
@@ -717,7 +892,9 @@ fn load_model(
                 tracing::info!(model = %spec.name, "serving the weights last published for it");
                 return Ok(model);
             }
-            Err(error) => tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}"),
+            Err(error) => {
+                tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}")
+            }
         }
     }
     registry.get_or_load(spec, &blobs.path(&spec.file))
@@ -725,7 +902,11 @@ fn load_model(
 
 /// Published weights of `spec`, named after the file they replace: a new file starts afresh.
 fn published_path(dir: &Path, spec: &ModelSpec) -> PathBuf {
-    dir.join(format!("{}-{}.published.onnx", spec.name, &spec.file.hex()[..16]))
+    dir.join(format!(
+        "{}-{}.published.onnx",
+        spec.name,
+        &spec.file.hex()[..16]
+    ))
 }
 
 /// The models of one app version, by name; where its trainers publish.
@@ -739,9 +920,18 @@ pub struct AppModels {
 
 impl Publisher for AppModels {
     fn publish(&self, model: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let slot = Name::new(model).ok().and_then(|n| self.slots.get(&n)).with_context(|| format!("no model named {model:?}"))?;
-        let registry = self.registry.as_ref().context("this node has no inference backend")?;
-        let _one_at_a_time = self.publishing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = Name::new(model)
+            .ok()
+            .and_then(|n| self.slots.get(&n))
+            .with_context(|| format!("no model named {model:?}"))?;
+        let registry = self
+            .registry
+            .as_ref()
+            .context("this node has no inference backend")?;
+        let _one_at_a_time = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let loaded = registry.load(slot.spec(), &Source::Bytes(bytes))?;
         slot.replace(loaded);
         crate::fsutil::write_atomically(&published_path(&self.published_dir, slot.spec()), bytes)
@@ -832,4 +1022,120 @@ pub struct TrainerStatus {
     pub steps: u64,
     /// Unix ms of its last checkpoint.
     pub last_checkpoint_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(dir: &Path, greeting: &str, route: &str) -> Manifest {
+        let path = dir.join("lepton.toml");
+        let text = format!(
+            "manifest_version = 1\nname = \"shop\"\n[function.hello]\ncomponent = {:?}\nroute = {route:?}\n\
+             environment = {{ GREETING = {greeting:?} }}\n",
+            lepton_test_artifacts::HELLO
+        );
+        std::fs::write(&path, &text).expect("write manifest");
+        Manifest::load(&path).expect("valid manifest")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn deploy_replace_remove_and_reopen_in_process() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = Node::open(NodeConfig::new(dir.path().join("state")))
+            .await
+            .expect("node");
+        assert!(
+            node.table().route("/hello").is_none(),
+            "an empty node serves nothing"
+        );
+
+        let first = node
+            .deploy_manifest(&hello(dir.path(), "one", "/hello"), "test")
+            .await
+            .expect("deploy");
+        assert_eq!((first.version, first.unchanged), (1, false));
+        // A request routed now keeps this function, whatever happens to the table.
+        let in_flight = Arc::clone(node.table().route("/hello").expect("routed"));
+
+        let again = node
+            .deploy_manifest(&hello(dir.path(), "one", "/hello"), "test")
+            .await
+            .expect("no-op");
+        assert_eq!((again.version, again.unchanged), (1, true));
+        let second = node
+            .deploy_manifest(&hello(dir.path(), "two", "/hello/..."), "test")
+            .await
+            .expect("replace");
+        assert_eq!(second.version, 2);
+        let table = node.table();
+        let current = table.route("/hello/x").expect("the new route");
+        assert_eq!((current.version(), in_flight.version()), (2, 1));
+        assert_eq!(
+            in_flight.spec().environment,
+            [("GREETING".to_owned(), "one".to_owned())]
+        );
+
+        let back = node
+            .rollback(&Name::new("shop").expect("name"), None, "test")
+            .await
+            .expect("rollback");
+        assert_eq!(back.version, 1);
+        assert!(node.table().route("/hello/x").is_none() && node.table().route("/hello").is_some());
+        drop(node);
+
+        // Reopened on the same state dir: the active version serves again.
+        let node = Node::open(NodeConfig::new(dir.path().join("state")))
+            .await
+            .expect("reopen");
+        assert_eq!(node.table().route("/hello").expect("restored").version(), 1);
+        node.remove(&Name::new("shop").expect("name"), "test")
+            .await
+            .expect("remove");
+        assert!(node.table().route("/hello").is_none());
+        assert!(matches!(
+            node.rollback(&Name::new("shop").expect("name"), None, "test")
+                .await,
+            Err(DeployError::NotFound(_))
+        ));
+        node.shutdown().await;
+        let audit = node.audit().read(100).expect("audit");
+        let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            [
+                "deploy", "deploy", "deploy", "rollback", "remove", "rollback"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_route_of_another_app_is_a_conflict_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = Node::open(NodeConfig::new(dir.path().join("state")))
+            .await
+            .expect("node");
+        node.deploy_manifest(&hello(dir.path(), "one", "/hello"), "test")
+            .await
+            .expect("deploy");
+        let mut other = hello(dir.path(), "two", "/hello");
+        other.app.name = Name::new("other").expect("name");
+        let error = node
+            .deploy_manifest(&other, "test")
+            .await
+            .expect_err("conflict");
+        assert!(
+            matches!(error, DeployError::RouteConflict { .. }),
+            "{error}"
+        );
+        assert_eq!(
+            node.table()
+                .route("/hello")
+                .expect("still served")
+                .app()
+                .as_str(),
+            "shop"
+        );
+        assert!(node.apps().await.iter().all(|a| a.name.as_str() == "shop"));
+    }
 }
