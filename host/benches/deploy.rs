@@ -86,23 +86,16 @@ fn main() {
     let warm = timed("warm", "/warm");
 
     // Baseline: restarting `lepton up` on a manifest, until its first 200.
-    let restart = |state: &Path, manifest: &Path| {
+    // Its state dir is `.lepton/` beside the manifest: a fresh one, then the same.
+    let restart = |manifest: &Path| {
         let started = Instant::now();
-        let server = Server::lepton_with(
-            &[
-                manifest.as_os_str(),
-                "--state-dir".as_ref(),
-                state.as_os_str(),
-            ],
-            &[],
-        );
+        let server = Server::lepton(manifest, &[]);
         wait_for_200(&server, "/restart");
         started.elapsed()
     };
     let restart_manifest = write_app(&root.path().join("restart"), "/restart", "r");
-    let restart_state = root.path().join("restart-state");
-    let restart_cold = restart(&restart_state, &restart_manifest);
-    let restart_warm = restart(&restart_state, &restart_manifest);
+    let restart_cold = restart(&restart_manifest);
+    let restart_warm = restart(&restart_manifest);
 
     println!("deploy -> first 200 (ms)          ours   restart baseline   ratio");
     println!(

@@ -186,7 +186,7 @@ impl BlobStore {
                     Ok(()) if dir == &self.dir && !fsutil::is_temp(&path) => removed += 1,
                     Ok(()) => {}
                     Err(error) => {
-                        tracing::warn!(path = %path.display(), "cannot remove unused blob: {error}")
+                        tracing::warn!(path = %path.display(), "cannot remove unused blob: {error}");
                     }
                 }
             }

@@ -66,7 +66,7 @@ mod tests {
             .expect("list")
             .map(|e| e.expect("entry").path())
             .collect();
-        assert_eq!(names, [path.clone()]);
+        assert_eq!(names, std::slice::from_ref(&path));
         assert!(is_temp(&temp_path(&path)) && !is_temp(&path));
     }
 }

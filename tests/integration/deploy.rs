@@ -282,7 +282,7 @@ fn blobs_are_checked_against_their_digest_and_missing_ones_are_listed() {
     assert_eq!(answer["missing"], serde_json::json!([missing]));
     // Hostile bodies are clear 400s: a wrong name, an unknown key, not JSON at all.
     assert_eq!(lepton.admin_post("/v1/apps/other/versions", &locked).0, 400);
-    let mut extra = locked.clone();
+    let mut extra = locked;
     extra["surprise"] = serde_json::json!(1);
     assert_eq!(lepton.admin_post("/v1/apps/shop/versions", &extra).0, 400);
     let (code, answer) = json_reply(

@@ -47,6 +47,10 @@ pub struct Server {
     pub child: Child,
     pub address: SocketAddr,
     /// The admin API, for `lepton up`.
+    #[allow(
+        dead_code,
+        reason = "each bench compiles this module; only the deploy bench reads it"
+    )]
     pub admin: Option<String>,
 }
 

@@ -183,7 +183,7 @@ impl Admin {
                     Some(info) => json(StatusCode::OK, &info),
                     None => not_found(app),
                 },
-                Err(response) => response,
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
             (&Method::POST, ["apps", app, "rollback"]) => self.rollback(request, app, &peer).await,
             (&Method::DELETE, ["apps", app]) => match parse_app(app) {
@@ -191,7 +191,7 @@ impl Admin {
                     Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": name })),
                     Err(e) => deploy_error(&e),
                 },
-                Err(response) => response,
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
             (&Method::GET, ["status"]) => json(StatusCode::OK, &self.node.status()),
             (&Method::GET, ["audit"]) => {
@@ -345,7 +345,7 @@ impl Admin {
     ) -> hyper::Response<Body> {
         let name = match parse_app(app) {
             Ok(name) => name,
-            Err(response) => return response,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         };
         let body = match read_json_body(request).await {
             Ok(body) => body,
@@ -400,7 +400,7 @@ impl Admin {
         }
         let name = match parse_app(app) {
             Ok(name) => name,
-            Err(response) => return response,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         };
         let body = match read_json_body(request).await {
             Ok(body) => body,
@@ -426,13 +426,8 @@ impl Admin {
     }
 }
 
-fn parse_app(app: &str) -> Result<Name, hyper::Response<Body>> {
-    Name::new(app).map_err(|reason| {
-        error(
-            StatusCode::BAD_REQUEST,
-            SpecError::new(format!("app {app:?}"), None, reason),
-        )
-    })
+fn parse_app(app: &str) -> Result<Name, SpecError> {
+    Name::new(app).map_err(|reason| SpecError::new(format!("app {app:?}"), None, reason))
 }
 
 fn not_found(app: &str) -> hyper::Response<Body> {
@@ -504,7 +499,10 @@ fn deploy_error(e: &DeployError) -> hyper::Response<Body> {
 }
 
 fn error(status: StatusCode, error: SpecError) -> hyper::Response<Body> {
-    json(status, &serde_json::json!({ "error": error }))
+    json(
+        status,
+        &serde_json::json!({ "error": serde_json::to_value(error).unwrap_or_default() }),
+    )
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> hyper::Response<Body> {

@@ -268,7 +268,7 @@ impl Node {
                     node.table.store(Arc::new(table));
                 }
                 Err(error) => {
-                    tracing::error!(app = %name, version = active.version, "not serving: {error}")
+                    tracing::error!(app = %name, version = active.version, "not serving: {error}");
                 }
             }
         }
@@ -893,7 +893,7 @@ fn load_model(
                 return Ok(model);
             }
             Err(error) => {
-                tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}")
+                tracing::warn!(model = %spec.name, path = %published.display(), "ignoring published weights: {error:#}");
             }
         }
     }

@@ -223,7 +223,7 @@ fn read_app(dir: &Path, name: &Name) -> AppRecord {
         Ok(text) => match text.trim().parse::<u64>() {
             Ok(v) if record.versions.contains_key(&v) => record.active = Some(v),
             _ => {
-                tracing::warn!(app = %name, "ignoring active pointer {:?}: no such version", text.trim())
+                tracing::warn!(app = %name, "ignoring active pointer {:?}: no such version", text.trim());
             }
         },
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

@@ -341,7 +341,7 @@ fn serve(
                     stats.checkpointed();
                 }
                 Err(error) => {
-                    tracing::error!(trainer = %name, "checkpoint failed: {}", error.message)
+                    tracing::error!(trainer = %name, "checkpoint failed: {}", error.message);
                 }
             }
         }
