@@ -252,3 +252,14 @@ fn a_guest_cannot_make_the_host_hold_more_tensor_data_than_its_memory_limit() {
     // Dropped tensors are refunded: the next request has its whole budget.
     assert_eq!(lepton.get("/nn/hoard/4").body, "ok: holding 4\n");
 }
+
+#[test]
+fn onnx_runtime_is_found_beside_the_binary_without_the_variable() {
+    // The project is a temp dir far from the checkout, `ORT_DYLIB_PATH` is unset: the
+    // library `./setup.sh` put in the checkout the binary was built in is found.
+    let project = project("", "");
+    let lepton = project.up();
+    let log = lepton.wait_for_log("ONNX Runtime loaded");
+    assert!(log.contains(".cache/onnxruntime/libonnxruntime.so"), "{log}");
+    assert_eq!(lepton.post("/nn/compute/ident", all_inputs(1, 3).as_bytes()).status, 200);
+}

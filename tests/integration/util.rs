@@ -138,6 +138,8 @@ impl Project {
             ])
             .arg(self.path("state"))
             .args(extra_args)
+            // Only what a test passes: the variable is not inherited from the caller.
+            .env_remove("ORT_DYLIB_PATH")
             .envs(env.iter().copied())
             .env("LEPTON_LOG", "info")
             .stdin(Stdio::null())
