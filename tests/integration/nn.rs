@@ -260,6 +260,14 @@ fn onnx_runtime_is_found_beside_the_binary_without_the_variable() {
     let project = project("", "");
     let lepton = project.up();
     let log = lepton.wait_for_log("ONNX Runtime loaded");
-    assert!(log.contains(".cache/onnxruntime/libonnxruntime.so"), "{log}");
-    assert_eq!(lepton.post("/nn/compute/ident", all_inputs(1, 3).as_bytes()).status, 200);
+    assert!(
+        log.contains(".cache/onnxruntime/libonnxruntime.so"),
+        "{log}"
+    );
+    assert_eq!(
+        lepton
+            .post("/nn/compute/ident", all_inputs(1, 3).as_bytes())
+            .status,
+        200
+    );
 }
