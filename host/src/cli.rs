@@ -25,37 +25,7 @@ pub struct Cli {
 enum Command {
     /// Run a node (control plane, node and gateway in one process), deploying MANIFEST
     /// at start; with no manifest (and none at ./lepton.toml) the node starts empty.
-    Up {
-        /// The manifest to deploy at start (default: ./lepton.toml when it exists).
-        manifest: Option<PathBuf>,
-        /// Gateway address; port 0 picks a free port.
-        #[arg(long, default_value = "127.0.0.1:3000")]
-        listen: SocketAddr,
-        /// Admin API address; port 0 picks a free port.
-        #[arg(long, default_value = "127.0.0.1:3001")]
-        admin: SocketAddr,
-        /// File holding the admin API's bearer token (default: `<state-dir>/admin-token`,
-        /// made at first start).
-        #[arg(long)]
-        admin_token_file: Option<PathBuf>,
-        /// Where blobs, app versions, compiled components, checkpoints and the audit
-        /// log are kept; default `.lepton/` beside the manifest (or here).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Versions kept per app; older ones (and blobs only they use) are deleted.
-        #[arg(long, default_value_t = DEFAULT_KEEP_VERSIONS)]
-        keep_versions: usize,
-        /// Largest blob the admin API accepts, in bytes.
-        #[arg(long, default_value_t = DEFAULT_MAX_BLOB_SIZE)]
-        max_blob_size: u64,
-        /// Component instances that may run at once on this node (all functions
-        /// together); requests past that answer 503.
-        #[arg(long, default_value_t = crate::engine::DEFAULT_POOL_INSTANCES)]
-        max_instances: u32,
-        /// Client connections open at once; past that new ones wait in the backlog.
-        #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
-        max_connections: usize,
-    },
+    Up(UpArgs),
     /// Validate a manifest and load every component, model and trainer it names, without serving.
     Check {
         /// The manifest.
@@ -110,6 +80,40 @@ enum Command {
     },
 }
 
+/// `lepton up`'s options.
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// The manifest to deploy at start (default: ./lepton.toml when it exists).
+    manifest: Option<PathBuf>,
+    /// Gateway address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Admin API address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    admin: SocketAddr,
+    /// File holding the admin API's bearer token (default: `<state-dir>/admin-token`,
+    /// made at first start).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Where blobs, app versions, compiled components, checkpoints and the audit
+    /// log are kept; default `.lepton/` beside the manifest (or here).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Versions kept per app; older ones (and blobs only they use) are deleted.
+    #[arg(long, default_value_t = DEFAULT_KEEP_VERSIONS)]
+    keep_versions: usize,
+    /// Largest blob the admin API accepts, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_BLOB_SIZE)]
+    max_blob_size: u64,
+    /// Component instances that may run at once on this node (all functions
+    /// together); requests past that answer 503.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_POOL_INSTANCES)]
+    max_instances: u32,
+    /// Client connections open at once; past that new ones wait in the backlog.
+    #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+}
+
 /// How client commands find the admin API.
 #[derive(Debug, Args)]
 struct AdminArgs {
@@ -139,31 +143,10 @@ impl AdminArgs {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up {
-            manifest,
-            listen,
-            admin,
-            admin_token_file,
-            state_dir,
-            keep_versions,
-            max_blob_size,
-            max_instances,
-            max_connections,
-        } => {
-            let manifest =
-                manifest.or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
-            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(manifest.as_deref()));
-            let up = Up {
-                manifest,
-                listen,
-                admin,
-                admin_token_file,
-                state_dir,
-                keep_versions,
-                max_blob_size,
-                max_instances,
-                max_connections,
-            };
+        Command::Up(mut up) => {
+            up.manifest = up
+                .manifest
+                .or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
             tokio_runtime()?.block_on(up.run())
         }
         Command::Check {
@@ -249,23 +232,15 @@ fn default_state_dir(manifest: Option<&Path>) -> PathBuf {
     }
 }
 
-struct Up {
-    manifest: Option<PathBuf>,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    admin_token_file: Option<PathBuf>,
-    state_dir: PathBuf,
-    keep_versions: usize,
-    max_blob_size: u64,
-    max_instances: u32,
-    max_connections: usize,
-}
-
-impl Up {
+impl UpArgs {
     async fn run(self) -> anyhow::Result<()> {
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| default_state_dir(self.manifest.as_deref()));
         // The manifest is checked first: a bad one fails before anything listens.
         let manifest = self.manifest.as_deref().map(Manifest::load).transpose()?;
-        let config = NodeConfig::new(self.state_dir.clone())
+        let config = NodeConfig::new(state_dir.clone())
             .max_instances(self.max_instances)
             .keep_versions(self.keep_versions);
         let config = match self.manifest.as_deref().and_then(Path::parent) {
@@ -281,7 +256,7 @@ impl Up {
             tracing::info!(app = %deployed.app, version = deployed.version, unchanged = deployed.unchanged, "deployed");
         }
         let (token, token_path) =
-            AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
+            AdminToken::load_or_create(self.admin_token_file.as_deref(), &state_dir)?;
         let admin_listener = tokio::net::TcpListener::bind(self.admin)
             .await
             .with_context(|| format!("cannot listen on {}", self.admin))?;
@@ -294,7 +269,7 @@ impl Up {
         let address = listener.local_addr().context("reading the bound address")?;
         let admin_url = format!("http://{admin_address}");
         crate::fsutil::write_atomically(
-            &self.state_dir.join("admin.url"),
+            &state_dir.join("admin.url"),
             format!("{admin_url}\n").as_bytes(),
         )?;
         tracing::info!(token = %token_path.display(), "admin API on {admin_url}");

@@ -250,25 +250,17 @@ fn blobs_are_checked_against_their_digest_and_missing_ones_are_listed() {
             .contains(&format!("not {a}")),
         "{answer}"
     );
-    assert_eq!(
+    let head = |digest: &str| {
         crate::util::reply(
             lepton
-                .admin_request("HEAD", &format!("/v1/blobs/{a}"))
-                .call()
+                .admin_request("HEAD", &format!("/v1/blobs/{digest}"))
+                .call(),
         )
-        .status,
-        404
-    );
+        .status
+    };
+    assert_eq!(head(&a), 404);
     assert_eq!(put(&a, b"a").0, 201);
-    assert_eq!(
-        crate::util::reply(
-            lepton
-                .admin_request("HEAD", &format!("/v1/blobs/{a}"))
-                .call()
-        )
-        .status,
-        200
-    );
+    assert_eq!(head(&a), 200);
     assert_eq!(put("sha256:nothex", b"a").0, 400);
 
     let missing = digest(b"never uploaded");

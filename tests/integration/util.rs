@@ -73,17 +73,7 @@ impl Project {
 
     /// Runs `lepton ARGS...` to completion in this directory.
     pub fn run(&self, args: &[&str]) -> (ExitStatus, String, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_lepton"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("LEPTON_LOG", "info")
-            .output()
-            .expect("run lepton");
-        (
-            output.status,
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        run_lepton(self.dir.path(), args, &[])
     }
 
     /// Starts `lepton up` on a free port and waits for its ready line.
@@ -245,18 +235,16 @@ impl Lepton {
 
     /// Runs a client command (`lepton deploy ...`) against this node's admin API.
     pub fn client(&self, project: &Project, args: &[&str]) -> (ExitStatus, String, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_lepton"))
-            .args(args)
-            .args(["--admin", &self.admin_url("")])
-            .current_dir(project.dir.path())
-            .env("LEPTON_ADMIN_TOKEN", &self.token)
-            .env("LEPTON_LOG", "info")
-            .output()
-            .expect("run lepton");
-        (
-            output.status,
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
+        let admin = self.admin_url("");
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--admin", admin.as_str()])
+            .collect();
+        run_lepton(
+            project.dir.path(),
+            &args,
+            &[("LEPTON_ADMIN_TOKEN", &self.token)],
         )
     }
 
@@ -413,4 +401,20 @@ pub fn raw_request(address: &str, request: &str) -> String {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer
+}
+
+/// Runs `lepton ARGS...` to completion in `dir`, with `env` added.
+pub fn run_lepton(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_lepton"))
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .env("LEPTON_LOG", "info")
+        .output()
+        .expect("run lepton");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
