@@ -70,6 +70,16 @@ impl BlobStore {
         self.path(digest).is_file()
     }
 
+    /// Whether blob `digest` is stored, marking it as just used: a client that was told
+    /// "stored" has [`GC_GRACE`] to deploy the app that references it.
+    pub fn touch(&self, digest: &Digest) -> bool {
+        std::fs::File::options()
+            .write(true)
+            .open(self.path(digest))
+            .and_then(|file| file.set_modified(SystemTime::now()))
+            .is_ok()
+    }
+
     /// The digests of `wanted` that are not stored.
     pub fn missing<'a>(&self, wanted: impl IntoIterator<Item = &'a Digest>) -> Vec<Digest> {
         wanted

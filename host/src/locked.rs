@@ -250,10 +250,9 @@ impl Route {
                 "{route:?} must be a plain path (no query, fragment or space)"
             ));
         }
-        let base = if base.len() > 1 {
-            base.trim_end_matches('/')
-        } else {
-            base
+        let base = match base.trim_end_matches('/') {
+            "" => "/",
+            trimmed => trimmed,
         };
         if base.len() > 1
             && base[1..]
@@ -750,8 +749,11 @@ impl FunctionSpec {
                 return Err(error("environment", format!("invalid variable {key:?}")));
             }
         }
-        for mount in &self.files {
+        for (i, mount) in self.files.iter().enumerate() {
             let path = &mount.destination;
+            if self.files[..i].iter().any(|m| m.destination.trim_end_matches('/') == path.trim_end_matches('/')) {
+                return Err(error("files", format!("destination {path:?} is mounted twice")));
+            }
             let clean = path.starts_with('/')
                 && path.len() <= MAX_TEXT
                 && !path.contains('\0')
@@ -882,6 +884,12 @@ mod tests {
             assert!(Route::parse(bad).is_err(), "{bad} was accepted");
         }
         assert!(Route::parse("/.well-known/leptonx").is_ok());
+        // Every accepted route reads back as itself (it is stored as text).
+        for text in ["/", "//", "/a/", "/a//", "/...", "//...", "/a/b/...", "/a/"] {
+            let route = Route::parse(text).expect("valid");
+            assert_eq!(Route::parse(&route.to_string()), Ok(route.clone()), "{text}");
+        }
+        assert!(Route::parse("//").expect("valid").matches("/"));
         assert!(Route::parse("/.well-known/...").is_ok());
         let mut routes = [all, prefix, exact];
         routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));

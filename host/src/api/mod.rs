@@ -162,7 +162,7 @@ impl Admin {
         let peer = peer.to_string();
         match (&method, segments.as_slice()) {
             (&Method::HEAD, ["blobs", digest]) => match Digest::parse(digest) {
-                Ok(digest) if self.node.blobs().contains(&digest) => empty(StatusCode::OK),
+                Ok(digest) if self.node.blobs().touch(&digest) => empty(StatusCode::OK),
                 Ok(_) => empty(StatusCode::NOT_FOUND),
                 Err(_) => empty(StatusCode::BAD_REQUEST),
             },
@@ -198,7 +198,7 @@ impl Admin {
                 let limit = query(&request, "limit")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(crate::node::audit::MAX_READ);
-                match self.node.audit().read(limit) {
+                match tokio::task::block_in_place(|| self.node.audit().read(limit)) {
                     Ok(records) => json(StatusCode::OK, &serde_json::json!({ "records": records })),
                     Err(e) => error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -287,7 +287,7 @@ impl Admin {
         if declared.is_some_and(|len| len > self.max_blob_size) {
             return too_large();
         }
-        if self.node.blobs().contains(&digest) {
+        if self.node.blobs().touch(&digest) {
             return json(
                 StatusCode::OK,
                 &serde_json::json!({ "digest": digest, "stored": false }),
@@ -316,7 +316,7 @@ impl Admin {
                 Ok(Some(Ok(frame))) => frame,
             };
             if let Ok(data) = frame.into_data()
-                && let Err(e) = writer.write(&data)
+                && let Err(e) = tokio::task::block_in_place(|| writer.write(&data))
             {
                 return match e {
                     BlobError::TooLarge { .. } => too_large(),

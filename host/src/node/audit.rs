@@ -73,6 +73,9 @@ impl AuditLog {
         let file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening `{}`", self.path.display()))?;
         let limit = limit.min(MAX_READ);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut records = std::collections::VecDeque::with_capacity(limit.min(1024));
         for line in std::io::BufReader::new(file).split(b'\n') {
             let line = line.with_context(|| format!("reading `{}`", self.path.display()))?;

@@ -407,14 +407,20 @@ impl Node {
 
     async fn deploy_inner(&self, app: LockedApp) -> Result<Deployed, DeployError> {
         app.validate().map_err(DeployError::Invalid)?;
+        let mut store = self.store.lock().await;
+        // Under the deploy lock: garbage collection (which runs under it) cannot take a
+        // blob between this check and the build.
         let missing = self.blobs.missing(&app.blobs());
         if !missing.is_empty() {
             return Err(DeployError::MissingBlobs(missing));
         }
-        let mut store = self.store.lock().await;
         let digest = app.digest();
+        // Unchanged only when that content is what serves: an active version that
+        // failed to load at start is built again.
+        let serving = self.table.load().apps.get(&app.name).map(|a| a.digest.clone());
         if let Some(active) = store.active(&app.name)
             && active.digest == digest
+            && serving.as_ref() == Some(&digest)
         {
             return Ok(self.deployed(&active.app, active.version, true));
         }
@@ -487,7 +493,8 @@ impl Node {
                 record.versions.keys().collect::<Vec<_>>()
             ))
         })?;
-        if record.active == Some(target) {
+        let serving = self.table.load().apps.get(name).map(|a| a.version);
+        if record.active == Some(target) && serving == Some(target) {
             return Ok(self.deployed(&stored.app, target, true));
         }
         self.check_routes(&stored.app)?;

@@ -75,7 +75,6 @@ pub struct TrainerResource(pub(crate) Arc<TrainerHandle>);
 pub struct TrainerHandle {
     name: String,
     publishes: Option<Name>,
-    fingerprint: Digest,
     sender: SyncSender<Command>,
     stats: Arc<Stats>,
 }
@@ -108,7 +107,6 @@ impl TrainerHandle {
         Ok(Self {
             name: spec.name.to_string(),
             publishes: spec.publishes.clone(),
-            fingerprint: spec.fingerprint(),
             sender,
             stats,
         })
@@ -394,46 +392,37 @@ impl Stats {
 /// their last request ended; the thread checkpoints as it stops).
 pub struct TrainerRegistry {
     dir: std::path::PathBuf,
-    live: Mutex<HashMap<(Name, Name), Weak<TrainerHandle>>>,
+    /// By app, name and fingerprint: a trainer of another fingerprint is another
+    /// trainer (its own checkpoint directory), and a live one is never replaced.
+    live: Mutex<HashMap<(Name, Name, Digest), Weak<TrainerHandle>>>,
 }
 
 impl TrainerRegistry {
     /// A registry keeping checkpoints under `<state_dir>/trainers/`.
     pub fn new(state_dir: &Path) -> Self {
-        Self {
-            dir: state_dir.join("trainers"),
-            live: Mutex::new(HashMap::new()),
-        }
+        Self { dir: state_dir.join("trainers"), live: Mutex::new(HashMap::new()) }
     }
 
-    /// Trainer `spec` of `app`: the running one when its fingerprint is the same, else
-    /// a new one started from `init` (resuming from its own checkpoint if it has one).
-    pub fn get_or_start(
-        &self,
-        app: &Name,
-        spec: &TrainerSpec,
-        init: &Path,
-    ) -> anyhow::Result<Arc<TrainerHandle>> {
-        let key = (app.clone(), spec.name.clone());
+    /// Trainer `spec` of `app`: the running one of the same fingerprint, else a new one
+    /// started from `init` (resuming from its own checkpoint if it has one).
+    pub fn get_or_start(&self, app: &Name, spec: &TrainerSpec, init: &Path) -> anyhow::Result<Arc<TrainerHandle>> {
         let fingerprint = spec.fingerprint();
-        if let Some(running) = self
-            .lock()
-            .get(&key)
-            .and_then(Weak::upgrade)
-            .filter(|t| t.fingerprint == fingerprint)
-        {
+        let key = (app.clone(), spec.name.clone(), fingerprint.clone());
+        if let Some(running) = self.lock().get(&key).and_then(Weak::upgrade) {
             return Ok(running);
         }
-        let dir =
-            self.dir
-                .join(app.as_str())
-                .join(format!("{}-{}", spec.name, fingerprint.short()));
+        let dir = self.dir.join(app.as_str()).join(format!("{}-{}", spec.name, fingerprint.short()));
         let handle = Arc::new(TrainerHandle::start(spec, init, &dir)?);
-        self.lock().insert(key, Arc::downgrade(&handle));
+        let mut live = self.lock();
+        // Another deploy may have started the same trainer meanwhile: keep that one.
+        if let Some(running) = live.get(&key).and_then(Weak::upgrade) {
+            return Ok(running);
+        }
+        live.insert(key, Arc::downgrade(&handle));
         Ok(handle)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name), Weak<TrainerHandle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name, Digest), Weak<TrainerHandle>>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -445,7 +434,7 @@ impl TrainerRegistry {
         live.retain(|_, weak| weak.strong_count() > 0);
         let mut running: Vec<_> = live
             .iter()
-            .filter_map(|((app, _), weak)| Some((app.clone(), weak.upgrade()?)))
+            .filter_map(|((app, _, _), weak)| Some((app.clone(), weak.upgrade()?)))
             .collect();
         running.sort_by(|a, b| (&a.0, a.1.name()).cmp(&(&b.0, b.1.name())));
         running
