@@ -312,7 +312,8 @@ impl UpArgs {
 
 async fn check(manifest_path: &Path, state_dir: &Path) -> anyhow::Result<()> {
     let manifest = Manifest::load(manifest_path)?;
-    let config = NodeConfig::new(state_dir.to_owned()).restore(false);
+    // A state dir of its own inside: `check` never touches a running node's state.
+    let config = NodeConfig::new(state_dir.join("check")).restore(false);
     let config = match manifest_path.parent() {
         Some(dir) => config.ort_dir(dir.join(".cache/onnxruntime")),
         None => config,

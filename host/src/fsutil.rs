@@ -14,7 +14,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    create_dir_all_durably(dir)?;
     let temp = temp_path(path);
     let mut file =
         std::fs::File::create(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
@@ -24,6 +24,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     drop(file);
     std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))?;
     sync_dir(dir)
+}
+
+/// `create_dir_all`, then a sync of the parent of every directory it made, so the new
+/// directories themselves survive a power cut (not only the files inside them).
+pub fn create_dir_all_durably(dir: &Path) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    let mut probe = Some(dir);
+    while let Some(d) = probe.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_owned());
+        probe = d.parent();
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    for made in missing {
+        if let Some(parent) = made.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// A temporary name beside `path`, unique to this process and call.

@@ -522,8 +522,10 @@ pub struct ModelSpec {
     pub target: Target,
     /// Dynamic batching, if configured.
     pub batch: Option<BatchSpec>,
-    /// Sessions run in parallel.
-    pub sessions: u32,
+    /// Sessions run in parallel; `None`: one per core of the node that runs it (so the
+    /// locked app does not depend on the machine that locked it).
+    #[serde(default)]
+    pub sessions: Option<u32>,
     /// Intra-op threads per session.
     pub threads: u32,
 }
@@ -751,8 +753,14 @@ impl FunctionSpec {
         }
         for (i, mount) in self.files.iter().enumerate() {
             let path = &mount.destination;
-            if self.files[..i].iter().any(|m| m.destination.trim_end_matches('/') == path.trim_end_matches('/')) {
-                return Err(error("files", format!("destination {path:?} is mounted twice")));
+            if self.files[..i]
+                .iter()
+                .any(|m| m.destination.trim_end_matches('/') == path.trim_end_matches('/'))
+            {
+                return Err(error(
+                    "files",
+                    format!("destination {path:?} is mounted twice"),
+                ));
             }
             let clean = path.starts_with('/')
                 && path.len() <= MAX_TEXT
@@ -770,6 +778,13 @@ impl FunctionSpec {
 }
 
 impl ModelSpec {
+    /// Sessions to run: as declared, else one per core of this machine (at most 256).
+    pub fn sessions(&self) -> u32 {
+        self.sessions.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(256) as u32)
+        })
+    }
+
     fn validate(&self) -> Result<(), SpecError> {
         let scope = || format!("model `{}`", self.name);
         if let Some(batch) = self.batch
@@ -781,7 +796,9 @@ impl ModelSpec {
                 "`max_size` must be at least 1 and `max_wait` at most 1s",
             ));
         }
-        if !(1..=256).contains(&self.sessions) || !(1..=256).contains(&self.threads) {
+        if !self.sessions.is_none_or(|n| (1..=256).contains(&n))
+            || !(1..=256).contains(&self.threads)
+        {
             return Err(SpecError::new(
                 scope(),
                 None,
@@ -887,7 +904,11 @@ mod tests {
         // Every accepted route reads back as itself (it is stored as text).
         for text in ["/", "//", "/a/", "/a//", "/...", "//...", "/a/b/...", "/a/"] {
             let route = Route::parse(text).expect("valid");
-            assert_eq!(Route::parse(&route.to_string()), Ok(route.clone()), "{text}");
+            assert_eq!(
+                Route::parse(&route.to_string()),
+                Ok(route.clone()),
+                "{text}"
+            );
         }
         assert!(Route::parse("//").expect("valid").matches("/"));
         assert!(Route::parse("/.well-known/...").is_ok());

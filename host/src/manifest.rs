@@ -555,13 +555,12 @@ fn resolve_model(
         }),
         None => None,
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     Ok(ModelSpec {
         name,
         file,
         target,
         batch,
-        sessions: raw.sessions.unwrap_or(cores),
+        sessions: raw.sessions,
         threads: raw.threads.unwrap_or(1),
     })
 }

@@ -105,7 +105,7 @@ impl ModelKey {
             file: spec.file.clone(),
             target: spec.target,
             batch: spec.batch,
-            sessions: spec.sessions,
+            sessions: spec.sessions(),
             threads: spec.threads,
         }
     }
@@ -149,7 +149,7 @@ impl ModelRegistry {
             spec.name.as_str(),
             source,
             spec.target,
-            spec.sessions,
+            spec.sessions(),
             spec.threads,
         )?;
         let onnx = Arc::new(onnx);
@@ -157,7 +157,7 @@ impl ModelRegistry {
             model = %spec.name,
             digest = %spec.file.short(),
             target = ?onnx.target(),
-            sessions = spec.sessions,
+            sessions = spec.sessions(),
             batch = ?spec.batch,
             "loaded in {:.1?}",
             started.elapsed()
@@ -395,7 +395,7 @@ impl graph::Host for NnView<'_> {
             file: Digest::of(&bytes),
             target,
             batch: None,
-            sessions: 1,
+            sessions: Some(1),
             threads: 1,
         };
         let loaded =

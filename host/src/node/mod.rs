@@ -165,6 +165,8 @@ pub struct ActiveApp {
     name: Name,
     version: u64,
     digest: Digest,
+    /// Every blob the version references.
+    blobs: Vec<Digest>,
     functions: Vec<Arc<Function>>,
     models: Arc<AppModels>,
 }
@@ -221,6 +223,11 @@ pub struct Node {
     /// The app store; holding it is the deploy lock (one change at a time).
     store: tokio::sync::Mutex<AppStore>,
     audit: AuditLog,
+    /// Apps swapped out of the table, while requests may still hold them: their blobs
+    /// (mounts opened per request) are not collected.
+    retired: Mutex<Vec<std::sync::Weak<ActiveApp>>>,
+    /// An exclusive lock on `<state-dir>/lock`: one process per state dir.
+    _lock: std::fs::File,
 }
 
 impl Node {
@@ -245,8 +252,23 @@ impl Node {
         crate::train::add_to_linker(&mut linker, InstanceState::train)
             .map_err(anyhow::Error::from)
             .context("linking lepton:nn/training")?;
+        let lock_path = state_dir.join("lock");
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening `{}`", lock_path.display()))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "the state dir `{}` is in use by another lepton process",
+                state_dir.display()
+            )
+        })?;
         let store = AppStore::open(state_dir, config.keep_versions)?;
         let node = Arc::new(Self {
+            retired: Mutex::new(Vec::new()),
+            _lock: lock,
             blobs: BlobStore::new(state_dir)?,
             trainers: TrainerRegistry::new(state_dir),
             audit: AuditLog::open(state_dir)?,
@@ -417,7 +439,12 @@ impl Node {
         let digest = app.digest();
         // Unchanged only when that content is what serves: an active version that
         // failed to load at start is built again.
-        let serving = self.table.load().apps.get(&app.name).map(|a| a.digest.clone());
+        let serving = self
+            .table
+            .load()
+            .apps
+            .get(&app.name)
+            .map(|a| a.digest.clone());
         if let Some(active) = store.active(&app.name)
             && active.digest == digest
             && serving.as_ref() == Some(&digest)
@@ -438,12 +465,10 @@ impl Node {
         };
         let previous = self.table.load().apps.get(&preview.app.name).cloned();
         let built = self.build(&preview, previous.as_deref()).await?;
-        let stored = store
-            .add_version(preview.app)
+        let stored = tokio::task::block_in_place(|| store.add_version(preview.app))
             .map_err(DeployError::Internal)?;
         debug_assert_eq!(stored.version, next);
-        store
-            .set_active(&stored.app.name, stored.version)
+        tokio::task::block_in_place(|| store.set_active(&stored.app.name, stored.version))
             .map_err(DeployError::Internal)?;
         self.swap(Some(built), &stored.app.name);
         self.collect_garbage(&store);
@@ -500,8 +525,7 @@ impl Node {
         self.check_routes(&stored.app)?;
         let previous = self.table.load().apps.get(name).cloned();
         let built = self.build(&stored, previous.as_deref()).await?;
-        store
-            .set_active(name, target)
+        tokio::task::block_in_place(|| store.set_active(name, target))
             .map_err(DeployError::Internal)?;
         self.swap(Some(built), name);
         Ok(self.deployed(&stored.app, target, false))
@@ -517,7 +541,7 @@ impl Node {
                     app.as_str()
                 )));
             }
-            store.remove(app).map_err(DeployError::Internal)?;
+            tokio::task::block_in_place(|| store.remove(app)).map_err(DeployError::Internal)?;
             self.swap(None, app);
             self.collect_garbage(&store);
             Ok(())
@@ -602,7 +626,7 @@ impl Node {
                     digest: slot.spec().file.to_string(),
                     target: slot.spec().target,
                     device: model.onnx().target(),
-                    sessions: slot.spec().sessions,
+                    sessions: slot.spec().sessions(),
                     requests: model.requests(),
                 }
             })
@@ -702,12 +726,34 @@ impl Node {
     }
 
     fn swap(&self, app: Option<ActiveApp>, name: &Name) {
-        let table = self.table.load().with(app.map(Arc::new), name);
-        self.table.store(Arc::new(table));
+        let old = self.table.load_full();
+        if let Some(previous) = old.apps.get(name) {
+            let mut retired = self
+                .retired
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            retired.retain(|weak| weak.strong_count() > 0);
+            retired.push(Arc::downgrade(previous));
+        }
+        self.table
+            .store(Arc::new(old.with(app.map(Arc::new), name)));
     }
 
     fn collect_garbage(&self, store: &AppStore) {
-        let removed = self.blobs.collect_garbage(&store.referenced_blobs());
+        let mut keep = store.referenced_blobs();
+        // Versions that no longer serve but whose requests may still run.
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        keep.extend(
+            retired
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .flat_map(|app| app.blobs.clone()),
+        );
+        let removed = tokio::task::block_in_place(|| self.blobs.collect_garbage(&keep));
         if removed > 0 {
             tracing::info!(removed, "deleted blobs no kept version uses");
         }
@@ -747,7 +793,7 @@ impl Node {
             peer: peer.to_owned(),
             outcome,
         };
-        if let Err(error) = self.audit.append(&record) {
+        if let Err(error) = tokio::task::block_in_place(|| self.audit.append(&record)) {
             tracing::error!("cannot write the audit log: {error:#}");
         }
     }
@@ -871,6 +917,7 @@ impl Node {
             name: app.name.clone(),
             version: stored.version,
             digest: stored.digest.clone(),
+            blobs: app.blobs(),
             functions,
             models,
         })

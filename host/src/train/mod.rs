@@ -400,18 +400,29 @@ pub struct TrainerRegistry {
 impl TrainerRegistry {
     /// A registry keeping checkpoints under `<state_dir>/trainers/`.
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("trainers"), live: Mutex::new(HashMap::new()) }
+        Self {
+            dir: state_dir.join("trainers"),
+            live: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Trainer `spec` of `app`: the running one of the same fingerprint, else a new one
     /// started from `init` (resuming from its own checkpoint if it has one).
-    pub fn get_or_start(&self, app: &Name, spec: &TrainerSpec, init: &Path) -> anyhow::Result<Arc<TrainerHandle>> {
+    pub fn get_or_start(
+        &self,
+        app: &Name,
+        spec: &TrainerSpec,
+        init: &Path,
+    ) -> anyhow::Result<Arc<TrainerHandle>> {
         let fingerprint = spec.fingerprint();
         let key = (app.clone(), spec.name.clone(), fingerprint.clone());
         if let Some(running) = self.lock().get(&key).and_then(Weak::upgrade) {
             return Ok(running);
         }
-        let dir = self.dir.join(app.as_str()).join(format!("{}-{}", spec.name, fingerprint.short()));
+        let dir =
+            self.dir
+                .join(app.as_str())
+                .join(format!("{}-{}", spec.name, fingerprint.short()));
         let handle = Arc::new(TrainerHandle::start(spec, init, &dir)?);
         let mut live = self.lock();
         // Another deploy may have started the same trainer meanwhile: keep that one.
@@ -422,7 +433,9 @@ impl TrainerRegistry {
         Ok(handle)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Name, Name, Digest), Weak<TrainerHandle>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(Name, Name, Digest), Weak<TrainerHandle>>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
