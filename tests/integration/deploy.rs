@@ -514,3 +514,30 @@ fn a_trainer_keeps_its_steps_across_versions_until_it_changes() {
     deploy_ok(&lepton, &project, "learn/lepton.toml");
     assert_eq!(step(), 1, "a changed trainer starts from its init");
 }
+
+#[test]
+fn a_second_process_on_the_same_state_dir_is_refused() {
+    let project = Project::empty();
+    let lepton = project.up_empty();
+    let state = project.path("state");
+    let (status, stdout, stderr) = crate::util::run_lepton(
+        project.dir.path(),
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(!status.success());
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("is in use by another lepton process"),
+        "{stderr}"
+    );
+    assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
+}
