@@ -343,12 +343,8 @@ impl Admin {
         app: &str,
         peer: &str,
     ) -> hyper::Response<Body> {
-        let name = match parse_app(app) {
-            Ok(name) => name,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
-        };
-        let body = match read_json_body(request).await {
-            Ok(body) => body,
+        let (name, body) = match app_and_body(app, request).await {
+            Ok(parsed) => parsed,
             Err(response) => return response,
         };
         let locked: LockedApp = match serde_json::from_slice(&body) {
@@ -398,12 +394,8 @@ impl Admin {
         struct Rollback {
             version: Option<u64>,
         }
-        let name = match parse_app(app) {
-            Ok(name) => name,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
-        };
-        let body = match read_json_body(request).await {
-            Ok(body) => body,
+        let (name, body) = match app_and_body(app, request).await {
+            Ok(parsed) => parsed,
             Err(response) => return response,
         };
         let wanted = if body.iter().all(u8::is_ascii_whitespace) {
@@ -435,6 +427,15 @@ fn not_found(app: &str) -> hyper::Response<Body> {
         StatusCode::NOT_FOUND,
         SpecError::new("", None, format!("no app named {app:?}")),
     )
+}
+
+/// The app named in the URL and the request's JSON body, or the 4xx answer.
+async fn app_and_body(
+    app: &str,
+    request: hyper::Request<Incoming>,
+) -> Result<(Name, Bytes), hyper::Response<Body>> {
+    let name = parse_app(app).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    Ok((name, read_json_body(request).await?))
 }
 
 async fn read_json_body(request: hyper::Request<Incoming>) -> Result<Bytes, hyper::Response<Body>> {
