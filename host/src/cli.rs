@@ -507,9 +507,11 @@ fn format_time(ms: u64) -> String {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
+    // SIGHUP too: a closed terminal must not end the node without its checkpoints.
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
@@ -517,6 +519,7 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = hangup.recv() => tracing::info!("SIGHUP received"),
     }
 }
 

@@ -535,9 +535,10 @@ fn a_second_process_on_the_same_state_dir_is_refused() {
     );
     assert!(!status.success());
     assert_eq!(stdout, "");
-    assert!(
-        stderr.contains("is in use by another lepton process"),
-        "{stderr}"
+    let holder = format!(
+        "is in use by another lepton process (pid {})",
+        lepton.child.id()
     );
+    assert!(stderr.contains(&holder), "{stderr}");
     assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
 }

@@ -135,3 +135,15 @@ fn dot_segments_are_refused_not_routed() {
     }
     assert_eq!(lepton.get("/hello/x").status, 200);
 }
+
+#[test]
+fn sighup_stops_the_node_as_sigterm_does() {
+    // A closed terminal must not end the node without its drain and checkpoints.
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let mut lepton = project.up();
+    assert_eq!(lepton.get("/hello").status, 200);
+    assert!(lepton.signal_and_wait("HUP").success());
+    assert!(lepton.log().contains("SIGHUP received"), "{}", lepton.log());
+}

@@ -259,12 +259,26 @@ impl Node {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening `{}`", lock_path.display()))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "the state dir `{}` is in use by another lepton process",
+        if lock.try_lock().is_err() {
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            let holder = holder
+                .trim()
+                .parse::<u32>()
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "the state dir `{}` is in use by another lepton process{holder}",
                 state_dir.display()
-            )
-        })?;
+            );
+        }
+        // The holder's pid, for the next one's error message.
+        {
+            use std::io::Write as _;
+            let mut file = &lock;
+            let _ = file
+                .set_len(0)
+                .and_then(|()| writeln!(file, "{}", std::process::id()));
+        }
         let store = AppStore::open(state_dir, config.keep_versions)?;
         let node = Arc::new(Self {
             retired: Mutex::new(Vec::new()),

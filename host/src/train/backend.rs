@@ -30,6 +30,10 @@ fn unsupported(op: &str) -> Option<&'static str> {
 }
 
 const STEPS_KEY: &str = "lepton.steps";
+
+/// Most steps a checkpoint may claim: 2^53, what a JSON client reads exactly (no real
+/// trainer gets near it; a checkpoint past it is not ours).
+pub const MAX_STEPS: u64 = 1 << 53;
 /// The trainer's fingerprint ([`TrainerSpec::fingerprint`]) a checkpoint was written by.
 const INIT_KEY: &str = "lepton.init_digest";
 
@@ -101,12 +105,21 @@ impl Trainer {
                     .find(|p| p.key == key)
                     .map(|p| p.value.clone())
             };
-            if meta(INIT_KEY).as_deref() == Some(fingerprint.as_str()) {
-                steps = meta(STEPS_KEY).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let saved_steps = meta(STEPS_KEY)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            if meta(INIT_KEY).as_deref() != Some(fingerprint.as_str()) {
+                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph or settings");
+            } else if saved_steps > MAX_STEPS {
+                tracing::warn!(
+                    trainer = %spec.name,
+                    "ignoring checkpoint `{}`: it claims {saved_steps} steps (at most {MAX_STEPS})",
+                    checkpoint.display()
+                );
+            } else {
+                steps = saved_steps;
                 model = saved;
                 tracing::info!(trainer = %spec.name, steps, "resuming from checkpoint");
-            } else {
-                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph or settings");
             }
         }
         model
@@ -429,7 +442,7 @@ impl Trainer {
                 }
             }
         }
-        self.steps += 1;
+        self.steps = self.steps.saturating_add(1);
         Ok(value)
     }
 
@@ -497,4 +510,41 @@ fn device(target: Target, name: &str) -> Device {
         );
     }
     Device::Cpu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_claiming_too_many_steps_is_ignored() {
+        let init =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/digits/digits-mlp.onnx");
+        assert!(
+            init.is_file(),
+            "run ./setup.sh first: {} is missing",
+            init.display()
+        );
+        let spec: TrainerSpec = serde_json::from_value(serde_json::json!({
+            "name": "digits", "init": crate::locked::Digest::of(b"init"), "loss": "cross-entropy",
+            "optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.0}, "target": "cpu",
+            "checkpoint_every": 1000, "publishes": null
+        }))
+        .expect("spec");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut trainer = Trainer::load(&spec, &init, dir.path()).expect("trainer");
+        trainer.steps = u64::MAX;
+        trainer.checkpoint().expect("checkpoint");
+        let reloaded = Trainer::load(&spec, &init, dir.path())
+            .expect("a bad checkpoint never stops a trainer");
+        assert_eq!(reloaded.steps(), 0, "the checkpoint is not trusted");
+        trainer.steps = MAX_STEPS;
+        trainer.checkpoint().expect("checkpoint");
+        assert_eq!(
+            Trainer::load(&spec, &init, dir.path())
+                .expect("trainer")
+                .steps(),
+            MAX_STEPS
+        );
+    }
 }
