@@ -410,3 +410,40 @@ fn sigterm_checkpoints_the_trainers_that_changed() {
         3
     );
 }
+
+#[test]
+fn a_batch_with_nan_is_refused_and_leaves_the_weights_alone() {
+    // ReLU would hide a NaN in the loss while it reaches every first-layer weight.
+    let project = probe_project("");
+    let lepton = start(&project);
+    let batch = images(2, 64) + &labels(&[3, 7]);
+    let before = lepton.post("/nn/evaluate/digits", batch.as_bytes()).body;
+    let mut pixels: Vec<u8> = (0..128)
+        .flat_map(|i| ((i % 17) as f32 / 16.0).to_le_bytes())
+        .collect();
+    pixels[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    let poisoned = line("images", "FP32", &[2, 64], &pixels) + &labels(&[3, 7]);
+    assert_eq!(
+        lepton.post("/nn/step/digits", poisoned.as_bytes()).body,
+        "error: ErrorCode::InvalidArgument: input `images` holds NaN: values must be finite"
+    );
+    let mut infinite = pixels.clone();
+    infinite[40..44].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let infinite = line("images", "FP32", &[2, 64], &infinite) + &labels(&[3, 7]);
+    assert!(
+        lepton
+            .post("/nn/step/digits", infinite.as_bytes())
+            .body
+            .contains("holds inf")
+    );
+    assert_eq!(
+        lepton.post("/nn/evaluate/digits", batch.as_bytes()).body,
+        before,
+        "the weights did not move"
+    );
+    let ok = lepton.post("/nn/step/digits", batch.as_bytes()).body;
+    assert!(
+        ok.ends_with(" steps 1\n"),
+        "refused steps are not counted: {ok}"
+    );
+}

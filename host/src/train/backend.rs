@@ -68,6 +68,16 @@ pub struct Trainer {
     checkpoint: PathBuf,
 }
 
+/// Whether every element of `tensor` is finite.
+fn all_finite(tensor: &CTensor) -> Result<bool, NnError> {
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(runtime)?;
+    Ok(values.iter().all(|v| v.is_finite()))
+}
+
 /// Little-endian f32 elements (the length was checked against the dimensions).
 fn f32s(data: &[u8]) -> Vec<f32> {
     data.chunks_exact(4)
@@ -330,6 +340,12 @@ impl Trainer {
             }
             rows = Some(dims[0]);
             let data = f32s(&tensor.data);
+            if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+                return Err(invalid(format!(
+                    "input `{}` holds {bad}: values must be finite",
+                    input.name
+                )));
+            }
             values.insert(
                 input.name.clone(),
                 CTensor::from_vec(data, dims, &self.device).map_err(runtime)?,
@@ -402,6 +418,11 @@ impl Trainer {
                     )));
                 }
                 let data = f32s(&targets.data);
+                if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+                    return Err(invalid(format!(
+                        "targets hold {bad}: values must be finite"
+                    )));
+                }
                 let targets = CTensor::from_vec(data, dims, &self.device).map_err(runtime)?;
                 candle_nn::loss::mse(&output, &targets).map_err(runtime)
             }
@@ -417,14 +438,32 @@ impl Trainer {
                 "the loss is {value}; the step was not applied"
             )));
         }
+        let grads = loss.backward().map_err(runtime)?;
+        // A step whose gradients or new weights are not finite is not applied: one bad
+        // batch must not poison the weights (which would then be checkpointed and published).
+        for (init, var) in &self.weights {
+            if let Some(grad) = grads.get(var.as_tensor())
+                && !all_finite(grad)?
+            {
+                return Err(runtime(format!(
+                    "the gradient of `{}` is not finite; the step was not applied",
+                    init.name
+                )));
+            }
+        }
+        let before: Vec<CTensor> = self
+            .weights
+            .iter()
+            .map(|(_, var)| var.as_tensor().copy())
+            .collect::<Result<_, _>>()
+            .map_err(runtime)?;
         match &mut self.optimizer {
-            OptimizerState::AdamW(adamw) => adamw.backward_step(&loss).map_err(runtime)?,
+            OptimizerState::AdamW(adamw) => adamw.step(&grads).map_err(runtime)?,
             OptimizerState::Sgd {
                 lr,
                 momentum,
                 velocity,
             } => {
-                let grads = loss.backward().map_err(runtime)?;
                 for ((_, var), v) in self.weights.iter().zip(velocity.iter_mut()) {
                     let Some(grad) = grads.get(var.as_tensor()) else {
                         continue;
@@ -440,6 +479,17 @@ impl Trainer {
                     var.set(&updated).map_err(runtime)?;
                     *v = Some(next);
                 }
+            }
+        }
+        for ((init, var), _) in self.weights.iter().zip(&before) {
+            if !all_finite(var.as_tensor())? {
+                for ((_, var), old) in self.weights.iter().zip(&before) {
+                    var.set(old).map_err(runtime)?;
+                }
+                return Err(runtime(format!(
+                    "the step made `{}` non-finite; it was not applied",
+                    init.name
+                )));
             }
         }
         self.steps = self.steps.saturating_add(1);
