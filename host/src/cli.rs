@@ -131,10 +131,13 @@ struct AdminArgs {
 
 impl AdminArgs {
     fn client(&self, manifest: Option<&Path>) -> anyhow::Result<AdminClient> {
-        let dir = self
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| crate::client::default_state_dir(manifest));
+        // The node's state dir `lepton up` would use for this manifest, when a node
+        // wrote its admin URL there; else `./.lepton`.
+        let dir = self.state_dir.clone().unwrap_or_else(|| {
+            Some(default_state_dir(manifest))
+                .filter(|dir| dir.join("admin.url").is_file())
+                .unwrap_or_else(|| PathBuf::from(".lepton"))
+        });
         AdminClient::locate(self.admin.clone(), &dir)
     }
 }

@@ -2,7 +2,7 @@
 //! and `audit`.
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -206,17 +206,5 @@ fn describe(source: &BlobSource) -> String {
     match source {
         BlobSource::File(path) => format!("`{}`", path.display()),
         BlobSource::Bytes(_) => "a `files` directory".to_owned(),
-    }
-}
-
-/// The state dir a client command reads `admin.url` and `admin-token` from by default.
-pub fn default_state_dir(manifest: Option<&Path>) -> PathBuf {
-    let beside = manifest
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-        .map(|d| d.join(".lepton"));
-    match beside {
-        Some(dir) if dir.join("admin.url").is_file() => dir,
-        _ => PathBuf::from(".lepton"),
     }
 }
