@@ -8,7 +8,10 @@ use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::Context as _;
+use tokio::sync::Semaphore;
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -31,11 +34,16 @@ pub const DEFAULT_POOL_INSTANCES: u32 = 1000;
 /// A Rust `wasm32-wasip2` component has 3 core modules, 2 tables and 1 memory.
 pub const POOL_SLOTS_PER_INSTANCE: u32 = 4;
 
+/// Epoch ticks a request's guest may run before it counts as long-running and
+/// must take turns in the [`Runtime::long_lane`] (about 20–30 ms of guest code).
+pub const LONG_RUNNING_TICKS: u32 = 3;
+
 /// The process-wide engine, with its epoch ticker.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
     instances: u32,
+    long_lane: Arc<Semaphore>,
 }
 
 impl Runtime {
@@ -86,7 +94,22 @@ impl Runtime {
                 }
             })
             .context("spawning the epoch ticker")?;
-        Ok(Self { engine, instances })
+        // Long-running guests take turns on all cores but one, so a fresh request (and
+        // the gateway's own work) always finds a worker thread that no guest loop holds.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let long_lane = Arc::new(Semaphore::new(cores.saturating_sub(1).max(1)));
+        Ok(Self {
+            engine,
+            instances,
+            long_lane,
+        })
+    }
+
+    /// The turns that long-running guests share: a guest that has run for
+    /// [`LONG_RUNNING_TICKS`] holds one of these for each further slice of guest code,
+    /// and waits in line (first come, first served) for the next.
+    pub fn long_lane(&self) -> &Arc<Semaphore> {
+        &self.long_lane
     }
 
     /// Component instances the pool has room for.

@@ -4,6 +4,7 @@
 mod onnx;
 mod util;
 
+mod adversarial;
 mod caps;
 mod cli;
 mod deploy;

@@ -34,6 +34,7 @@ pub struct Function {
     pre: ProxyPre<InstanceState>,
     grants: Grants,
     engine: wasmtime::Engine,
+    long_lane: Arc<Semaphore>,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     requests: AtomicU64,
@@ -84,6 +85,7 @@ impl Function {
             pre,
             grants,
             engine: runtime.engine().clone(),
+            long_lane: Arc::clone(runtime.long_lane()),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -156,9 +158,6 @@ impl Function {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let request_id = next_request_id();
         let mut response = self.handle_inner(request, &request_id).await;
-        if response.status().is_server_error() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
@@ -259,6 +258,8 @@ impl Function {
         }
         match task.await {
             Ok(Outcome::TimedOut) => self.timed_out(request_id),
+            // The epoch interrupt at the hard deadline: a timeout like any other.
+            Ok(Outcome::Finished(Err(error))) if is_interrupt(&error) => self.timed_out(request_id),
             Ok(Outcome::Finished(Err(error))) if is_pool_exhausted(&error) => {
                 tracing::warn!(function = %self.spec.name, request_id, "no free instance slot in the pool");
                 self.at_capacity()
@@ -296,15 +297,38 @@ impl Function {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never
-        // starves other requests; past the deadline it is interrupted (a trap). The
-        // request's own timer normally fires first and drops the guest.
+        // holds a worker thread for long. Once it has run for a few ticks it is
+        // long-running: each further slice needs a turn in the long lane, which leaves
+        // a core to fresh requests and the gateway however many guests spin. Past the
+        // deadline it is interrupted (a trap, answered as a timeout); the request's own
+        // timer normally fires first and drops the guest.
         let hard_deadline = deadline.into_std() + crate::engine::EPOCH_TICK * 5;
+        let lane = Arc::clone(&self.long_lane);
+        let turn: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
+        let mut ticks = 0_u32;
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= hard_deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+                return Ok(UpdateDeadline::Interrupt);
             }
+            ticks = ticks.saturating_add(1);
+            if ticks < crate::engine::LONG_RUNNING_TICKS {
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            // Give back the turn this slice ran on, and wait in line for the next.
+            if let Ok(mut held) = turn.lock() {
+                held.take();
+            }
+            let (lane, turn) = (Arc::clone(&lane), Arc::clone(&turn));
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    if let Ok(permit) = lane.acquire_owned().await
+                        && let Ok(mut held) = turn.lock()
+                    {
+                        *held = Some(permit);
+                    }
+                }),
+            ))
         });
         store.set_epoch_deadline(1);
         let request = store
@@ -365,6 +389,7 @@ impl Function {
     }
 
     fn internal_error(&self, request_id: &str) -> hyper::Response<Body> {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         text(
             http::StatusCode::INTERNAL_SERVER_ERROR,
             &format!(
@@ -387,6 +412,13 @@ fn is_pool_exhausted(error: &anyhow::Error) -> bool {
     error
         .chain()
         .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
+}
+
+/// Whether the guest was stopped by the epoch interrupt (its hard deadline).
+fn is_interrupt(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt))
 }
 
 struct QueueSlot<'a>(&'a AtomicUsize);
