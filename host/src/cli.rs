@@ -112,6 +112,10 @@ struct UpArgs {
     /// Client connections open at once; past that new ones wait in the backlog.
     #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Bytes of request bodies held at once, all functions together (e.g. `512MiB`);
+    /// a body that would go past it answers 503.
+    #[arg(long, default_value = "512MiB", value_parser = crate::manifest::parse_size)]
+    max_body_memory: u64,
 }
 
 /// How client commands find the admin API.
@@ -245,7 +249,8 @@ impl UpArgs {
         let manifest = self.manifest.as_deref().map(Manifest::load).transpose()?;
         let config = NodeConfig::new(state_dir.clone())
             .max_instances(self.max_instances)
-            .keep_versions(self.keep_versions);
+            .keep_versions(self.keep_versions)
+            .body_budget(self.max_body_memory);
         let config = match self.manifest.as_deref().and_then(Path::parent) {
             Some(dir) => config.ort_dir(dir.join(".cache/onnxruntime")),
             None => config,

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::http::{BodyBudget, DEFAULT_BODY_BUDGET};
 use crate::locked::Digest;
 
 /// How often the engine's epoch advances; the granularity of request timeouts.
@@ -44,18 +45,20 @@ pub struct Runtime {
     engine: Engine,
     instances: u32,
     long_lane: Arc<Semaphore>,
+    body_budget: BodyBudget,
 }
 
 impl Runtime {
     /// Builds the engine: async, epoch interruption, pooling allocator with
-    /// [`DEFAULT_POOL_INSTANCES`] slots.
+    /// [`DEFAULT_POOL_INSTANCES`] slots, [`DEFAULT_BODY_BUDGET`] for request bodies.
     pub fn new() -> anyhow::Result<Self> {
-        Self::with_instances(DEFAULT_POOL_INSTANCES)
+        Self::with_limits(DEFAULT_POOL_INSTANCES, DEFAULT_BODY_BUDGET)
     }
 
     /// As [`Runtime::new`], with room for `instances` component instances at once
-    /// (requests past that answer 503).
-    pub fn with_instances(instances: u32) -> anyhow::Result<Self> {
+    /// (requests past that answer 503) and `body_budget` bytes of request bodies held
+    /// at once (bodies past that answer 503 too).
+    pub fn with_limits(instances: u32, body_budget: u64) -> anyhow::Result<Self> {
         anyhow::ensure!(instances > 0, "the pool needs at least one instance slot");
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -102,7 +105,13 @@ impl Runtime {
             engine,
             instances,
             long_lane,
+            body_budget: BodyBudget::new(body_budget),
         })
+    }
+
+    /// The node-wide budget for request bodies.
+    pub fn body_budget(&self) -> &BodyBudget {
+        &self.body_budget
     }
 
     /// The turns that long-running guests share: a guest that has run for

@@ -47,3 +47,144 @@ fn twenty_spinning_guests_do_not_starve_another_function_and_time_out_as_504() {
         "a timeout was logged as a trap"
     );
 }
+
+/// `VmHWM` of process `pid` (peak resident set), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Resets the peak resident set of `pid` to its current one.
+fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs");
+}
+
+/// Sends `POST path` announcing `len` bytes and sends them in 1 MiB pieces, `pause`
+/// apart; returns the status line's code, if an answer came.
+fn slow_upload(address: &str, path: &str, len: usize, pause: Duration) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(crate::util::PATIENCE))
+        .expect("timeout");
+    let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+    let mut sent = stream.write_all(head.as_bytes()).is_ok();
+    let piece = vec![b'u'; 1 << 20];
+    let mut left = len;
+    while sent && left > 0 {
+        let n = left.min(piece.len());
+        sent = stream.write_all(&piece[..n]).is_ok();
+        left -= n;
+        std::thread::sleep(pause);
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
+#[test]
+fn slow_uploads_are_refused_before_their_bodies_are_read() {
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_concurrency = 1\nmax_queue = 1\nmax_body_size = \"16MiB\"\ntimeout = \"30s\"\n",
+    ));
+    let lepton = project.up();
+    let pid = lepton.child.id();
+    assert_eq!(lepton.post("/probe/echo", b"warm").status, 200);
+    reset_peak_rss(pid);
+    let before = peak_rss(pid);
+    let uploads: Vec<_> = (0..100)
+        .map(|_| {
+            let address = lepton.address.clone();
+            std::thread::spawn(move || {
+                slow_upload(&address, "/probe/echo", 10 << 20, Duration::from_millis(20))
+            })
+        })
+        .collect();
+    let statuses: Vec<_> = uploads
+        .into_iter()
+        .map(|u| u.join().expect("thread"))
+        .collect();
+    let grown = peak_rss(pid).saturating_sub(before);
+    let served = statuses.iter().filter(|s| **s == Some(200)).count();
+    let refused = statuses.iter().filter(|s| **s == Some(503)).count();
+    assert!(served >= 1 && refused >= 50, "statuses {statuses:?}");
+    // Before admission came first this took the node up by about 1 GiB.
+    assert!(
+        grown < 120 << 20,
+        "peak RSS grew by {} MiB under 100 slow 10 MiB uploads",
+        grown >> 20
+    );
+    assert_eq!(lepton.post("/probe/echo", b"after").body, "ok: 5 bytes\n");
+}
+
+/// A node-wide gauge (no labels) from the metrics page.
+fn node_gauge(lepton: &crate::util::Lepton, name: &str) -> u64 {
+    let metrics = lepton.get("/.well-known/lepton/metrics").body;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
+#[test]
+fn bodies_past_the_node_wide_budget_get_503_and_the_budget_comes_back() {
+    use std::io::{Read as _, Write as _};
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_concurrency = 4\nmax_body_size = \"8MiB\"\ntimeout = \"30s\"\n",
+    ));
+    let lepton = project.up_with(&["--max-body-memory", "4MiB"], &[]);
+    assert_eq!(
+        node_gauge(&lepton, "lepton_request_body_bytes_budget"),
+        4 << 20
+    );
+    // One upload announces 3 MiB and sends part of it: the node holds its reservation.
+    let mut first = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    first
+        .write_all(b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3145728\r\n\r\n")
+        .expect("write");
+    first.write_all(&[b'a'; 1 << 20]).expect("write");
+    let started = Instant::now();
+    while node_gauge(&lepton, "lepton_request_body_bytes_held") < 3 << 20 {
+        assert!(started.elapsed() < crate::util::PATIENCE, "never reserved");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A second that would take the node past 4 MiB is refused, the function idle or
+    // not, before it sends its body (as curl does for large bodies, it asks first).
+    let mut second = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    second
+        .write_all(b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2097152\r\nexpect: 100-continue\r\n\r\n")
+        .expect("write");
+    let mut refused = String::new();
+    let _ = second.read_to_string(&mut refused);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // A small one still fits.
+    assert_eq!(lepton.post("/probe/echo", b"small").body, "ok: 5 bytes\n");
+    first.write_all(&vec![b'a'; 2 << 20]).expect("write");
+    let mut answer = [0_u8; 12];
+    first.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    drop(first);
+    let started = Instant::now();
+    while node_gauge(&lepton, "lepton_request_body_bytes_held") != 0 {
+        assert!(started.elapsed() < crate::util::PATIENCE, "never released");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        lepton.post("/probe/echo", &vec![b'c'; 2 << 20]).body,
+        "ok: 2097152 bytes\n"
+    );
+}

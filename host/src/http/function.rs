@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::Linker;
@@ -18,6 +18,7 @@ use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use super::body::{BodyBudget, BodyError};
 use super::{Body, text};
 use crate::caps::{Grants, InstanceState};
 use crate::engine::Runtime;
@@ -35,6 +36,7 @@ pub struct Function {
     grants: Grants,
     engine: wasmtime::Engine,
     long_lane: Arc<Semaphore>,
+    body_budget: BodyBudget,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     requests: AtomicU64,
@@ -86,6 +88,7 @@ impl Function {
             grants,
             engine: runtime.engine().clone(),
             long_lane: Arc::clone(runtime.long_lane()),
+            body_budget: runtime.body_budget().clone(),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -173,8 +176,6 @@ impl Function {
         let deadline = tokio::time::Instant::now() + self.spec.timeout;
         let (mut parts, body) = request.into_parts();
 
-        // Bodies are read (and capped) before a slot is taken: a slow uploader never
-        // holds one of the function's slots.
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -183,29 +184,40 @@ impl Function {
         if declared.is_some_and(|len| len > self.spec.max_body_size) {
             return too_large(self.spec.max_body_size);
         }
-        // A request that would find the queue full is turned away before its body is read.
-        if self.slots.available_permits() == 0
-            && self.queued.load(Ordering::SeqCst) >= self.spec.max_queue as usize
-        {
-            return self.at_capacity();
-        }
-        let limit = usize::try_from(self.spec.max_body_size).unwrap_or(usize::MAX);
+        // Admission comes first: a request that finds the function at capacity is
+        // turned away before its body is read, and one admitted reads its body on its
+        // slot, so at most `max_concurrency` bodies of a function are in memory.
+        let permit = match self.acquire_slot(deadline).await {
+            Slot::Free(permit) => permit,
+            Slot::QueueFull => return self.at_capacity(),
+            Slot::TimedOut => return self.timed_out(request_id),
+        };
         // The body must arrive within the function's timeout too: a client that
         // trickles it in gets 408, not a connection held open forever.
-        let body = match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect())
-            .await
-        {
+        let read = super::body::read(body, declared, self.spec.max_body_size, &self.body_budget);
+        let held = match tokio::time::timeout_at(deadline, read).await {
             Err(_elapsed) => {
                 return text(
                     http::StatusCode::REQUEST_TIMEOUT,
                     "the request body did not arrive in time\n",
                 );
             }
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                return too_large(self.spec.max_body_size);
+            Ok(Ok(held)) => held,
+            Ok(Err(BodyError::TooLarge)) => return too_large(self.spec.max_body_size),
+            Ok(Err(BodyError::OverBudget)) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(function = %self.spec.name, request_id, "request body refused: the node holds its budget of request bodies");
+                let mut response = text(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "the node holds as many request bodies as it may; retry later\n",
+                );
+                response.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                return response;
             }
-            Ok(Err(error)) => {
+            Ok(Err(BodyError::Read(error))) => {
                 tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
                 return text(
                     http::StatusCode::BAD_REQUEST,
@@ -213,12 +225,7 @@ impl Function {
                 );
             }
         };
-
-        let permit = match self.acquire_slot(deadline).await {
-            Slot::Free(permit) => permit,
-            Slot::QueueFull => return self.at_capacity(),
-            Slot::TimedOut => return self.timed_out(request_id),
-        };
+        let reservation = held.reservation;
 
         if !parts.headers.contains_key(http::header::HOST) {
             parts.headers.insert(
@@ -228,7 +235,7 @@ impl Function {
         }
         let request = hyper::Request::from_parts(
             parts,
-            Full::new(body)
+            Full::new(held.bytes)
                 .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
         );
 
@@ -237,6 +244,7 @@ impl Function {
         let id = request_id.to_owned();
         let task = tokio::spawn(async move {
             let _permit: OwnedSemaphorePermit = permit;
+            let _reservation = reservation;
             match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline))
                 .await
             {

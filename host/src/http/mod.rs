@@ -6,6 +6,7 @@
 //! Host paths under `/.well-known/lepton/`: `health` answers `ok`; `metrics`
 //! answers per-function counters in the Prometheus text format.
 
+mod body;
 mod function;
 
 use std::convert::Infallible;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use crate::locked::RESERVED_ROUTE_PREFIX;
 use crate::node::Node;
 
+pub use body::{BodyBudget, DEFAULT_BODY_BUDGET};
 pub use function::Function;
 
 /// Connections open at once, by default; past that new ones wait in the backlog.

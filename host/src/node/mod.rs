@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub ort_search: Vec<PathBuf>,
     /// Whether [`Node::open`] serves the apps that were active in the state dir.
     pub restore: bool,
+    /// Bytes of request bodies held at once, all functions together.
+    pub body_budget: u64,
 }
 
 impl NodeConfig {
@@ -68,7 +70,15 @@ impl NodeConfig {
             max_instances: crate::engine::DEFAULT_POOL_INSTANCES,
             keep_versions: DEFAULT_KEEP_VERSIONS,
             restore: true,
+            body_budget: crate::http::DEFAULT_BODY_BUDGET,
         }
+    }
+
+    /// Sets the node-wide budget for request bodies held at once.
+    #[must_use]
+    pub fn body_budget(mut self, bytes: u64) -> Self {
+        self.body_budget = bytes;
+        self
     }
 
     /// Sets whether the apps active in the state dir are served at open (`lepton check`: no).
@@ -238,7 +248,7 @@ impl Node {
         let state_dir = &config.state_dir;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating `{}`", state_dir.display()))?;
-        let runtime = Runtime::with_instances(config.max_instances)?;
+        let runtime = Runtime::with_limits(config.max_instances, config.body_budget)?;
         let mut linker = Linker::<InstanceState>::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
@@ -674,6 +684,13 @@ impl Node {
         for function in table.functions() {
             function.write_metrics(&mut out);
         }
+        let budget = self.runtime.body_budget();
+        let _ = writeln!(
+            out,
+            "lepton_request_body_bytes_held {}\nlepton_request_body_bytes_budget {}",
+            budget.held(),
+            budget.total()
+        );
         let status = self.status();
         for model in &status.models {
             let _ = writeln!(

@@ -1,0 +1,126 @@
+//! Request bodies: read only after admission, capped per function, and bounded node-wide.
+//!
+//! Every byte of a request body the node holds is reserved from one [`BodyBudget`] while
+//! it is read and until the request ends, so `max_connections` × `max_body_size` can
+//! never all be in memory at once: a body that would take the node past its budget is
+//! turned away with 503 while it arrives.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The node-wide budget for request bodies held at once, by default.
+pub const DEFAULT_BODY_BUDGET: u64 = 512 << 20;
+
+/// The budget's unit: permits are KiB, so a budget of terabytes still fits a semaphore.
+const UNIT: u64 = 1024;
+
+/// The bytes of request bodies the node may hold at once (all functions together).
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    units: Arc<Semaphore>,
+    total: u64,
+}
+
+impl BodyBudget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub fn new(bytes: u64) -> Self {
+        let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        Self {
+            units: Arc::new(Semaphore::new(units as usize)),
+            total: units * UNIT,
+        }
+    }
+
+    /// The budget, in bytes.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes reserved by bodies now held.
+    pub fn held(&self) -> u64 {
+        self.total - self.units.available_permits() as u64 * UNIT
+    }
+}
+
+/// Why a body was not read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Larger than the function's `max_body_size`.
+    TooLarge,
+    /// The node holds as many body bytes as its budget allows.
+    OverBudget,
+    /// The connection failed while the body was read.
+    Read(hyper::Error),
+}
+
+/// A body read into memory, with the part of the budget it holds.
+pub struct HeldBody {
+    pub bytes: Bytes,
+    /// Released when the request ends.
+    pub reservation: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads `body` (at most `limit` bytes, `declared` from its content-length if any),
+/// reserving from `budget` as it arrives.
+pub async fn read(
+    mut body: Incoming,
+    declared: Option<u64>,
+    limit: u64,
+    budget: &BodyBudget,
+) -> Result<HeldBody, BodyError> {
+    let mut reservation: Option<OwnedSemaphorePermit> = None;
+    let mut reserved_units = 0_u64;
+    let mut reserve = |bytes: u64| -> Result<(), BodyError> {
+        let needed = bytes.div_ceil(UNIT);
+        if needed <= reserved_units {
+            return Ok(());
+        }
+        let more = u32::try_from(needed - reserved_units).map_err(|_| BodyError::OverBudget)?;
+        let permit = Arc::clone(&budget.units)
+            .try_acquire_many_owned(more)
+            .map_err(|_| BodyError::OverBudget)?;
+        match &mut reservation {
+            Some(held) => held.merge(permit),
+            None => reservation = Some(permit),
+        }
+        reserved_units = needed;
+        Ok(())
+    };
+    // A declared length is reserved (and buffered) up front: one allocation, and a
+    // body that cannot fit is refused before any of it is read.
+    let capacity = declared.unwrap_or(0).min(limit);
+    reserve(capacity)?;
+    let mut buffer = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // Trailers: not passed on.
+        };
+        let len = buffer.len() as u64 + data.len() as u64;
+        if len > limit {
+            return Err(BodyError::TooLarge);
+        }
+        reserve(len)?;
+        buffer.extend_from_slice(&data);
+    }
+    Ok(HeldBody {
+        bytes: buffer.freeze(),
+        reservation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BodyBudget;
+
+    #[test]
+    fn a_budget_counts_in_whole_kib_and_at_least_one() {
+        assert_eq!(BodyBudget::new(0).total(), 1024);
+        assert_eq!(BodyBudget::new(4097).total(), 4096);
+        assert_eq!(BodyBudget::new(u64::MAX).held(), 0);
+    }
+}
