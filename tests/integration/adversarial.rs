@@ -188,3 +188,116 @@ fn bodies_past_the_node_wide_budget_get_503_and_the_budget_comes_back() {
         "ok: 2097152 bytes\n"
     );
 }
+
+/// nnprobe with uploads allowed and no model or file granted.
+fn uploader() -> Project {
+    let project = Project::new(&manifest(
+        "[function.nn]\ncomponent = \"{NNPROBE}\"\nroute = \"/nn/...\"\nallow_model_upload = true\n",
+    ));
+    std::fs::write(project.path("secret.txt"), "the operator's secret\n").expect("write");
+    project
+}
+
+#[test]
+fn an_uploaded_model_cannot_read_host_files_as_external_data() {
+    let project = uploader();
+    let lepton = project.up_with_ort();
+    // Relative to lepton's working directory (the project), absolute, and escaping.
+    for location in [
+        "secret.txt",
+        "lepton.toml",
+        "/etc/hostname",
+        "../secret.txt",
+    ] {
+        let model = crate::onnx::external_data_model(location, 8);
+        let reply = lepton.post("/nn/upload", &model);
+        assert!(
+            reply
+                .body
+                .starts_with("error: ErrorCode::InvalidEncoding: ")
+                && reply.body.contains("external data"),
+            "{location}: {reply:?}"
+        );
+    }
+    // A manifest model may not name external data either (each model is one blob).
+    let manifest_model = Project::new(&manifest(
+        "[model.m]\npath = \"m.onnx\"\n[function.nn]\ncomponent = \"{NNPROBE}\"\nroute = \"/nn/...\"\nmodels = [\"m\"]\n",
+    ));
+    std::fs::write(
+        manifest_model.path("m.onnx"),
+        crate::onnx::external_data_model("m.data", 4),
+    )
+    .expect("write");
+    std::fs::write(manifest_model.path("m.data"), "data").expect("write");
+    let (status, _, stderr) = crate::util::run_lepton(
+        manifest_model.dir.path(),
+        &["check", "lepton.toml"],
+        &[(
+            "ORT_DYLIB_PATH",
+            crate::util::ort_library().to_str().expect("utf-8"),
+        )],
+    );
+    assert!(!status.success(), "check passed: {stderr}");
+    assert!(stderr.contains("external data"), "{stderr}");
+}
+
+#[test]
+fn an_uploaded_model_may_not_use_unbounded_operators() {
+    let project = uploader();
+    let lepton = project.up_with_ort();
+    let reply = lepton.post("/nn/upload", &crate::onnx::constant_of_shape_model());
+    assert!(
+        reply
+            .body
+            .contains("operator `ConstantOfShape` is not allowed"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        lepton
+            .post(
+                "/nn/upload",
+                &crate::onnx::identity_model(&[("x", "FP32")], 1)
+            )
+            .body,
+        "ok\n"
+    );
+}
+
+/// User plus system CPU time of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which is in parentheses): utime is the 14th field
+    // of the line, stime the 15th, in clock ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn an_inference_past_the_deadline_is_stopped_and_keeps_no_core() {
+    let project = Project::new(&manifest(
+        "[model.endless]\npath = \"endless.onnx\"\n\
+         [function.nn]\ncomponent = \"{NNPROBE}\"\nroute = \"/nn/...\"\nmodels = [\"endless\"]\ntimeout = \"1s\"\n",
+    ));
+    std::fs::write(
+        project.path("endless.onnx"),
+        crate::onnx::endless_loop_model(),
+    )
+    .expect("write");
+    let lepton = project.up_with_ort();
+    let input = crate::util::tensor_line("v", "FP32", &[1], &1.0_f32.to_le_bytes());
+    let reply = lepton.post("/nn/compute/endless", input.as_bytes());
+    assert_eq!(reply.status, 504, "{reply:?}");
+    // The run is terminated at the deadline: over the next second the node is idle.
+    let pid = lepton.child.id();
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(300),
+        "the abandoned inference kept running: {used:?} of CPU in 1 s"
+    );
+    assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
+}

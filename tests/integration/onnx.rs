@@ -133,3 +133,110 @@ pub fn one_node_model(
     bytes_field(&mut graph, 12, &value_info("y", 1, &[None, Some(4)]));
     model_proto(&graph)
 }
+
+/// A model whose only initializer `w` (UINT8 `[len]`) keeps its data in the file at
+/// `location` (ONNX external data), passed through to the output `y`.
+pub fn external_data_model(location: &str, len: usize) -> Vec<u8> {
+    let mut tensor = Vec::new();
+    int_field(&mut tensor, 1, len as u64); // dims
+    int_field(&mut tensor, 2, 2); // data_type: UINT8
+    bytes_field(&mut tensor, 8, b"w");
+    for (key, value) in [
+        ("location", location.to_owned()),
+        ("offset", "0".to_owned()),
+        ("length", len.to_string()),
+    ] {
+        let mut entry = Vec::new();
+        bytes_field(&mut entry, 1, key.as_bytes());
+        bytes_field(&mut entry, 2, value.as_bytes());
+        bytes_field(&mut tensor, 13, &entry); // external_data
+    }
+    int_field(&mut tensor, 14, 1); // data_location: EXTERNAL
+    let mut node = Vec::new();
+    bytes_field(&mut node, 1, b"w");
+    bytes_field(&mut node, 2, b"y");
+    bytes_field(&mut node, 4, b"Identity");
+    let mut graph = Vec::new();
+    bytes_field(&mut graph, 1, &node);
+    bytes_field(&mut graph, 2, b"external");
+    bytes_field(&mut graph, 5, &tensor);
+    bytes_field(&mut graph, 12, &value_info("y", 2, &[Some(len as i64)]));
+    model_proto(&graph)
+}
+
+/// `ConstantOfShape(x) -> y`: an INT64 `[1]` input names the size of a FLOAT output, so
+/// 95 bytes of model can ask for gigabytes.
+pub fn constant_of_shape_model() -> Vec<u8> {
+    let mut node = Vec::new();
+    bytes_field(&mut node, 1, b"x");
+    bytes_field(&mut node, 2, b"y");
+    bytes_field(&mut node, 4, b"ConstantOfShape");
+    let mut graph = Vec::new();
+    bytes_field(&mut graph, 1, &node);
+    bytes_field(&mut graph, 2, b"amplifier");
+    bytes_field(&mut graph, 11, &value_info("x", 7, &[Some(1)]));
+    bytes_field(&mut graph, 12, &value_info("y", 1, &[None]));
+    model_proto(&graph)
+}
+
+/// A scalar initializer: `data_type` and its little-endian bytes.
+fn scalar(name: &str, data_type: u64, raw: &[u8]) -> Vec<u8> {
+    let mut tensor = Vec::new();
+    int_field(&mut tensor, 2, data_type);
+    bytes_field(&mut tensor, 8, name.as_bytes());
+    bytes_field(&mut tensor, 9, raw);
+    tensor
+}
+
+fn node(inputs: &[&str], outputs: &[&str], op: &str, attributes: &[Vec<u8>]) -> Vec<u8> {
+    let mut node = Vec::new();
+    for input in inputs {
+        bytes_field(&mut node, 1, input.as_bytes());
+    }
+    for output in outputs {
+        bytes_field(&mut node, 2, output.as_bytes());
+    }
+    bytes_field(&mut node, 4, op.as_bytes());
+    for attribute in attributes {
+        bytes_field(&mut node, 5, attribute);
+    }
+    node
+}
+
+/// `y = Loop(2^40 times) { v + v }` over a FLOAT `[1]` input `v`: an inference that
+/// runs for hours unless it is stopped.
+pub fn endless_loop_model() -> Vec<u8> {
+    let mut body = Vec::new();
+    bytes_field(
+        &mut body,
+        1,
+        &node(&["cond_in"], &["cond_out"], "Identity", &[]),
+    );
+    bytes_field(
+        &mut body,
+        1,
+        &node(&["v_in", "v_in"], &["v_out"], "Add", &[]),
+    );
+    bytes_field(&mut body, 2, b"body");
+    bytes_field(&mut body, 11, &value_info("i", 7, &[]));
+    bytes_field(&mut body, 11, &value_info("cond_in", 9, &[]));
+    bytes_field(&mut body, 11, &value_info("v_in", 1, &[Some(1)]));
+    bytes_field(&mut body, 12, &value_info("cond_out", 9, &[]));
+    bytes_field(&mut body, 12, &value_info("v_out", 1, &[Some(1)]));
+    let mut attribute = Vec::new();
+    bytes_field(&mut attribute, 1, b"body");
+    bytes_field(&mut attribute, 6, &body); // g
+    int_field(&mut attribute, 20, 5); // type: GRAPH
+    let mut graph = Vec::new();
+    bytes_field(
+        &mut graph,
+        1,
+        &node(&["M", "cond", "v"], &["y"], "Loop", &[attribute]),
+    );
+    bytes_field(&mut graph, 2, b"endless");
+    bytes_field(&mut graph, 5, &scalar("M", 7, &(1_u64 << 40).to_le_bytes()));
+    bytes_field(&mut graph, 5, &scalar("cond", 9, &[1]));
+    bytes_field(&mut graph, 11, &value_info("v", 1, &[Some(1)]));
+    bytes_field(&mut graph, 12, &value_info("y", 1, &[Some(1)]));
+    model_proto(&graph)
+}

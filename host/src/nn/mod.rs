@@ -12,6 +12,7 @@
 //! concurrent requests are stacked along dimension 0 into one run and split back.
 
 mod batch;
+mod inspect;
 mod onnx;
 mod tensor;
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, TensorElementType, ValueType};
 use tokio::sync::{mpsc, oneshot};
 
@@ -115,6 +115,21 @@ type RunResult = Result<Vec<(String, Tensor)>, NnError>;
 struct Job {
     inputs: Vec<(String, Tensor)>,
     reply: oneshot::Sender<RunResult>,
+    options: Arc<RunOptions>,
+}
+
+/// Terminates the run it guards when dropped before the run answered: a request
+/// dropped at its deadline stops its inference instead of leaving a core busy.
+struct TerminateOnDrop(Option<Arc<RunOptions>>);
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        if let Some(options) = self.0.take()
+            && let Err(error) = options.terminate()
+        {
+            tracing::debug!("terminating an abandoned run failed: {error}");
+        }
+    }
 }
 
 /// An ONNX model with a pool of sessions.
@@ -146,6 +161,14 @@ impl OnnxModel {
         sessions: u32,
         threads: u32,
     ) -> anyhow::Result<Self> {
+        // Checked here, on the bytes ONNX Runtime would read, for every model.
+        let checked = match source {
+            Source::File(path) => std::fs::read(path)
+                .with_context(|| format!("reading model `{name}`"))
+                .and_then(|bytes| super::inspect::check(&bytes, false).map_err(anyhow::Error::msg)),
+            Source::Bytes(bytes) => super::inspect::check(bytes, true).map_err(anyhow::Error::msg),
+        };
+        checked.with_context(|| format!("model `{name}` is refused"))?;
         let mut pool = Vec::with_capacity(sessions as usize);
         let mut effective = target;
         for _ in 0..sessions.max(1) {
@@ -265,12 +288,23 @@ impl OnnxModel {
                 format!("model `{}` stopped", self.name),
             )
         };
+        let options = Arc::new(
+            RunOptions::new()
+                .map_err(|e| NnError::new(ErrorCode::RuntimeError, format!("run options: {e}")))?,
+        );
+        let mut guard = TerminateOnDrop(Some(Arc::clone(&options)));
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { inputs, reply })
+            .send(Job {
+                inputs,
+                reply,
+                options,
+            })
             .await
             .map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        let result = answer.await.unwrap_or_else(|_| Err(stopped()));
+        guard.0 = None; // Answered: nothing to stop.
+        result
     }
 }
 
@@ -287,7 +321,7 @@ fn serve_session(model: &str, mut session: Session, queue: &Mutex<mpsc::Receiver
             continue; // The request went away (its deadline passed) while queued.
         }
         let started = std::time::Instant::now();
-        let result = run_session(&mut session, job.inputs);
+        let result = run_session(&mut session, job.inputs, &job.options);
         tracing::trace!(model, "ran in {:.2?}", started.elapsed());
         let _ = job.reply.send(result);
     }
@@ -470,6 +504,7 @@ fn from_value(value: &DynValue) -> Result<Tensor, NnError> {
 fn run_session(
     session: &mut Session,
     inputs: Vec<(String, Tensor)>,
+    options: &RunOptions,
 ) -> Result<Vec<(String, Tensor)>, NnError> {
     let invalid = |e: ort::Error| NnError::new(ErrorCode::InvalidArgument, e.to_string());
     let values = inputs
@@ -478,7 +513,7 @@ fn run_session(
         .collect::<Result<Vec<(String, DynValue)>, ort::Error>>()
         .map_err(invalid)?;
     let outputs = session
-        .run(values)
+        .run_with_options(values, options)
         .map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?;
     outputs
         .iter()
