@@ -101,8 +101,8 @@ impl BlobStore {
         if self.contains(expected) {
             return Ok(());
         }
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("opening `{}`", path.display()))?;
+        let (mut file, _) = crate::fsutil::open_regular_file(path, u64::MAX)
+            .with_context(|| format!("opening `{}`", path.display()))?;
         let mut writer = self.writer(expected.clone(), u64::MAX)?;
         let mut buffer = vec![0; 1 << 20];
         loop {

@@ -143,30 +143,36 @@ impl Runtime {
     /// Loads the component at `path`, from the compile cache in `cache_dir` when it
     /// is there. `digest` is the digest of its bytes; bytes that do not match it are
     /// refused (a blob store file changed behind the node's back).
+    ///
+    /// A cached artifact is used only if a record written beside it says it was compiled
+    /// from `digest` and the artifact's own digest is the one recorded when it was
+    /// written; it must be a regular file that only its owner can write. Anything else
+    /// is recompiled, with a warning: native code is never loaded on trust.
     pub fn load_component(
         &self,
         path: &Path,
         digest: &Digest,
         cache_dir: &Path,
     ) -> anyhow::Result<LoadedComponent> {
-        let cached = cache_dir.join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint()));
+        let stem = format!("{}-{}", digest.hex(), self.fingerprint());
+        let cached = cache_dir.join(format!("{stem}.cwasm"));
+        let record_path = cache_dir.join(format!("{stem}.record.json"));
         let started = Instant::now();
-        if cached.exists() {
-            match self.deserialize(&cached) {
-                Ok(component) => {
-                    return Ok(LoadedComponent {
-                        component,
-                        from_cache: true,
-                        elapsed: started.elapsed(),
-                        cached,
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(path = %cached.display(), "recompiling: cached component is unusable: {error:#}");
-                }
+        match self.load_cached(&cached, &record_path, digest) {
+            Ok(Some(component)) => {
+                return Ok(LoadedComponent {
+                    component,
+                    from_cache: true,
+                    elapsed: started.elapsed(),
+                    cached,
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(path = %cached.display(), "recompiling: the cached component is not usable: {error:#}");
             }
         }
-        let bytes = std::fs::read(path)
+        let bytes = crate::fsutil::read_regular_file(path, MAX_COMPONENT_SIZE)
             .with_context(|| format!("reading component `{}`", path.display()))?;
         let read = Digest::of(&bytes);
         anyhow::ensure!(
@@ -179,8 +185,13 @@ impl Runtime {
             .precompile_component(&bytes)
             .map_err(anyhow::Error::from)
             .context("not a valid WebAssembly component")?;
+        let record = CacheRecord {
+            source: digest.clone(),
+            artifact: Digest::of(&compiled),
+        };
         crate::fsutil::write_atomically(&cached, &compiled)?;
-        let component = self.deserialize(&cached)?;
+        crate::fsutil::write_atomically(&record_path, &serde_json::to_vec(&record)?)?;
+        let component = self.deserialize(&compiled)?;
         Ok(LoadedComponent {
             component,
             from_cache: false,
@@ -189,19 +200,72 @@ impl Runtime {
         })
     }
 
+    /// The cached artifact, if there is one and it checks out; `Err` says why not.
+    fn load_cached(
+        &self,
+        cached: &Path,
+        record_path: &Path,
+        digest: &Digest,
+    ) -> anyhow::Result<Option<Component>> {
+        let meta = match std::fs::symlink_metadata(cached) {
+            Ok(meta) => meta,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        anyhow::ensure!(meta.is_file(), "it is not a regular file");
+        anyhow::ensure!(
+            !crate::fsutil::writable_by_others(&meta),
+            "its group or others may write it"
+        );
+        let record: CacheRecord = serde_json::from_slice(
+            &crate::fsutil::read_regular_file(record_path, 4096)
+                .context("its record is missing or unreadable")?,
+        )
+        .context("its record is malformed")?;
+        anyhow::ensure!(
+            &record.source == digest,
+            "its record says it was compiled from {}, not {digest}",
+            record.source
+        );
+        let bytes =
+            crate::fsutil::read_regular_file(cached, MAX_ARTIFACT_SIZE).context("reading it")?;
+        let actual = Digest::of(&bytes);
+        anyhow::ensure!(
+            actual == record.artifact,
+            "it holds {actual}, not the {} recorded when it was written",
+            record.artifact
+        );
+        self.deserialize(&bytes).map(Some)
+    }
+
     #[expect(
         unsafe_code,
         reason = "loading precompiled machine code is unsafe by nature"
     )]
-    fn deserialize(&self, cached: &Path) -> anyhow::Result<Component> {
-        // SAFETY: the file was produced by `Engine::precompile_component` of an engine
-        // with the same compatibility hash (it is in the name), written by this host into
-        // its own state directory and renamed into place atomically; wasmtime checks the
-        // header and the engine settings again before using it.
-        unsafe { Component::deserialize_file(&self.engine, cached) }
+    fn deserialize(&self, compiled: &[u8]) -> anyhow::Result<Component> {
+        // SAFETY: these bytes were produced by `Engine::precompile_component` of an
+        // engine with the same compatibility hash (it is in the cache name): either just
+        // now, or read back from the state dir, which is as trusted as this binary, and
+        // checked against the digest recorded when this host wrote them. wasmtime
+        // checks the header and the engine settings again before using them.
+        unsafe { Component::deserialize(&self.engine, compiled) }
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("loading compiled component `{}`", cached.display()))
+            .context("loading a compiled component")
     }
+}
+
+/// The largest component file a node reads.
+pub const MAX_COMPONENT_SIZE: u64 = 512 << 20;
+
+/// The largest compiled artifact a node reads back from its cache.
+const MAX_ARTIFACT_SIZE: u64 = 2 << 30;
+
+/// Written beside each cached artifact: what it was compiled from, and its own digest.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheRecord {
+    source: Digest,
+    artifact: Digest,
 }
 
 /// A component ready to be pre-instantiated.

@@ -62,6 +62,102 @@ pub fn is_temp(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
 }
 
+/// Creates `dir` (and its missing parents) as `0700`, or checks the one that is there:
+/// a state dir that group or others can write is refused, as ssh refuses such keys,
+/// because whoever can write it can make the node run their code.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating `{}`", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading `{}`", dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "`{}` is not a directory", dir.display());
+    let mode = meta.permissions().mode() & 0o7777;
+    anyhow::ensure!(
+        mode & 0o022 == 0,
+        "state dir `{}` is writable by its group or by others (mode {mode:04o}); whoever can \
+         write it can run code in this node: `chmod go-w` it (lepton makes new ones 0700)",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file of at most `limit` bytes: not a
+/// FIFO (opened without blocking, so one cannot hang the reader), a device such as
+/// `/dev/zero`, or a directory. Returns the file and its length.
+pub fn open_regular_file(path: &Path, limit: u64) -> std::io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} bytes; the limit is {limit}", meta.len()),
+        ));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads `path` whole if it is a regular file of at most `limit` bytes
+/// (see [`open_regular_file`]).
+pub fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let (file, len) = open_regular_file(path, limit)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("grew past {limit} bytes while it was read"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Whether group or others may write the file `meta` describes.
+pub fn writable_by_others(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    meta.permissions().mode() & 0o022 != 0
+}
+
+/// Removes the temporary files [`write_atomically`] (or a blob upload) left behind when
+/// a process was killed mid-write, anywhere under `root` (symlinks are not followed).
+/// Call it only while holding the state dir's lock. Returns how many it removed.
+pub fn remove_temporaries(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut pending = vec![(root.to_owned(), 0_u32)];
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() && depth < 8 {
+                pending.push((path, depth + 1));
+            } else if kind.is_file() && is_temp(&path) && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// Makes a rename or removal inside `dir` durable.
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
@@ -86,5 +182,32 @@ mod tests {
             .collect();
         assert_eq!(names, std::slice::from_ref(&path));
         assert!(is_temp(&temp_path(&path)) && !is_temp(&path));
+    }
+
+    #[test]
+    fn state_dirs_are_made_private_and_shared_ones_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("a/state");
+        private_dir(&state).expect("made");
+        let mode = std::fs::metadata(&state)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        let error = private_dir(&state).expect_err("refused").to_string();
+        assert!(error.contains("mode 0775"), "{error}");
+    }
+
+    #[test]
+    fn temporaries_left_by_a_kill_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kept = dir.path().join("x/y/kept.json");
+        write_atomically(&kept, b"1").expect("write");
+        let left = temp_path(&kept);
+        std::fs::write(&left, b"half").expect("write");
+        assert_eq!(remove_temporaries(dir.path()), 1);
+        assert!(kept.exists() && !left.exists());
     }
 }

@@ -51,6 +51,12 @@ pub const DEFAULT_MAX_QUEUE: u32 = 256;
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 10 << 20;
 /// Default cap on a model a guest loads from bytes (`allow_model_upload`).
 pub const DEFAULT_MAX_MODEL_UPLOAD_SIZE: u64 = 64 << 20;
+
+/// The largest manifest file read.
+pub const MAX_MANIFEST_SIZE: u64 = 1 << 20;
+
+/// The largest component or model file a manifest may name.
+pub const MAX_FILE_SIZE: u64 = 8 << 30;
 /// Largest `files` directory packed into one blob (it is packed in memory).
 pub const MAX_MOUNT_SIZE: u64 = 512 << 20;
 
@@ -260,9 +266,16 @@ fn at(key: &'static str) -> impl Fn(String) -> ItemError {
 impl Manifest {
     /// Reads, validates and resolves the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let read = |source| ManifestError::Read {
             path: path.to_owned(),
             source,
+        };
+        let bytes = crate::fsutil::read_regular_file(path, MAX_MANIFEST_SIZE).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
         })?;
         Self::from_toml(&text, path)
     }
@@ -378,7 +391,7 @@ fn file_blob(
     blobs: &mut BTreeMap<Digest, BlobSource>,
 ) -> Result<Digest, String> {
     let path = base.join(relative);
-    let bytes = std::fs::read(&path)
+    let bytes = crate::fsutil::read_regular_file(&path, MAX_FILE_SIZE)
         .map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
     let digest = Digest::of(&bytes);
     blobs.insert(digest.clone(), BlobSource::File(path));

@@ -301,3 +301,124 @@ fn an_inference_past_the_deadline_is_stopped_and_keeps_no_core() {
     );
     assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
 }
+
+/// The compiled components in a state dir's cache, by name.
+fn cached_components(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(state.join("components"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn a_tampered_compile_cache_is_recompiled_not_run() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let state = project.path("state");
+    drop(project.up());
+    let hello = cached_components(&state);
+    assert_eq!(hello.len(), 1);
+    std::fs::write(
+        project.manifest(),
+        manifest(
+            "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n\
+             [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
+        ),
+    )
+    .expect("write");
+    drop(project.up());
+    let probe: Vec<_> = cached_components(&state)
+        .into_iter()
+        .filter(|p| !hello.contains(p))
+        .collect();
+    assert_eq!(probe.len(), 1);
+    // Another guest's valid machine code under probe's name...
+    std::fs::copy(&hello[0], &probe[0]).expect("copy");
+    // ...and hello's own code with a stretch of its middle overwritten.
+    let mut bytes = std::fs::read(&hello[0]).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 4096].fill(0xcc);
+    std::fs::write(&hello[0], &bytes).expect("write");
+    let lepton = project.up();
+    assert_eq!(lepton.post("/probe/echo", b"abc").body, "ok: 3 bytes\n");
+    assert_eq!(lepton.get("/hello").body, "Hello from Lepton\n");
+    let log = lepton.log();
+    assert_eq!(
+        log.matches("recompiling: the cached component is not usable")
+            .count(),
+        2,
+        "{log}"
+    );
+}
+
+#[test]
+fn a_state_dir_others_can_write_is_refused_and_new_ones_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let state = project.path("state");
+    drop(project.up());
+    let mode = std::fs::metadata(&state)
+        .expect("state")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "new state dir mode {mode:o}");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let state_arg = state.to_str().expect("utf-8");
+    let (status, _, stderr) = project.run(&[
+        "up",
+        "--state-dir",
+        state_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("writable by its group or by others (mode 0777)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn temporary_files_left_by_a_kill_are_removed_at_start() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let state = project.path("state");
+    drop(project.up());
+    let left = state.join("blobs/sha256/.abc.tmp-1-0");
+    std::fs::write(&left, b"half a blob").expect("write");
+    let lepton = project.up();
+    assert!(!left.exists(), "the temporary file is still there");
+    assert_eq!(lepton.get("/hello").status, 200);
+}
+
+#[test]
+fn a_fifo_or_a_device_named_as_a_component_is_refused_at_once() {
+    let project = Project::new(&manifest(
+        "[function.f]\ncomponent = \"fifo.wasm\"\nroute = \"/f\"\n",
+    ));
+    let made = std::process::Command::new("mkfifo")
+        .arg(project.path("fifo.wasm"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let (status, _, stderr) = project.run(&["check", "lepton.toml"]);
+    assert!(!status.success());
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    std::fs::write(
+        project.manifest(),
+        manifest("[function.f]\ncomponent = \"/dev/zero\"\nroute = \"/f\"\n"),
+    )
+    .expect("write");
+    let (status, _, stderr) = project.run(&["check", "lepton.toml"]);
+    assert!(!status.success());
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}

@@ -163,9 +163,13 @@ impl OnnxModel {
     ) -> anyhow::Result<Self> {
         // Checked here, on the bytes ONNX Runtime would read, for every model.
         let checked = match source {
-            Source::File(path) => std::fs::read(path)
-                .with_context(|| format!("reading model `{name}`"))
-                .and_then(|bytes| super::inspect::check(&bytes, false).map_err(anyhow::Error::msg)),
+            Source::File(path) => {
+                crate::fsutil::read_regular_file(path, crate::manifest::MAX_FILE_SIZE)
+                    .with_context(|| format!("reading model `{name}`"))
+                    .and_then(|bytes| {
+                        super::inspect::check(&bytes, false).map_err(anyhow::Error::msg)
+                    })
+            }
             Source::Bytes(bytes) => super::inspect::check(bytes, true).map_err(anyhow::Error::msg),
         };
         checked.with_context(|| format!("model `{name}` is refused"))?;

@@ -246,8 +246,7 @@ impl Node {
     /// starts anyway). Call it inside a multi-threaded tokio runtime.
     pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
         let state_dir = &config.state_dir;
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("creating `{}`", state_dir.display()))?;
+        crate::fsutil::private_dir(state_dir)?;
         let runtime = Runtime::with_limits(config.max_instances, config.body_budget)?;
         let mut linker = Linker::<InstanceState>::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -288,6 +287,11 @@ impl Node {
             let _ = file
                 .set_len(0)
                 .and_then(|()| writeln!(file, "{}", std::process::id()));
+        }
+        // Ours now: what a killed predecessor left half-written goes.
+        let removed = crate::fsutil::remove_temporaries(state_dir);
+        if removed > 0 {
+            tracing::info!("removed {removed} temporary files left by an earlier process");
         }
         let store = AppStore::open(state_dir, config.keep_versions)?;
         let node = Arc::new(Self {
