@@ -281,6 +281,10 @@ impl GuestLogWriter {
             self.line.clear();
             return;
         }
+        if !crate::logging::take_guest_budget(len) {
+            self.line.clear();
+            return;
+        }
         let text = String::from_utf8_lossy(&self.line);
         tracing::info!(
             target: "lepton::guest",

@@ -294,11 +294,15 @@ impl UpArgs {
             64,
         ));
         {
+            // The ready lines are for whoever started the node; if nobody reads them
+            // any more (a closed pipe), the node serves all the same.
             let mut stdout = std::io::stdout().lock();
-            writeln!(stdout, "lepton: admin on {admin_url}").context("writing to stdout")?;
-            writeln!(stdout, "lepton: listening on http://{address}")
-                .context("writing to stdout")?;
-            stdout.flush().context("writing to stdout")?;
+            let written = writeln!(stdout, "lepton: admin on {admin_url}")
+                .and_then(|()| writeln!(stdout, "lepton: listening on http://{address}"))
+                .and_then(|()| stdout.flush());
+            if let Err(error) = written {
+                tracing::warn!("could not write the ready lines to stdout: {error}");
+            }
         }
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -39,6 +39,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod http;
 pub mod locked;
+pub mod logging;
 pub mod manifest;
 pub mod nn;
 pub mod node;

@@ -1,5 +1,7 @@
 //! The `lepton` binary.
 
+use std::io::Write as _;
+
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -10,15 +12,12 @@ fn main() -> std::process::ExitCode {
     }
     let filter = EnvFilter::try_from_env("LEPTON_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift_codegen=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lepton_host::logging::init(filter);
     match lepton_host::cli::main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Not `eprintln!`: with stderr a broken pipe it would panic.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -422,3 +422,85 @@ fn a_fifo_or_a_device_named_as_a_component_is_refused_at_once() {
     assert!(!status.success());
     assert!(stderr.contains("not a regular file"), "{stderr}");
 }
+
+#[test]
+fn a_broken_log_pipe_does_not_stop_the_node() {
+    use std::io::BufRead as _;
+    let project = Project::new(&manifest(
+        "[function.trap]\ncomponent = \"{TRAP}\"\nroute = \"/trap\"\n\
+         [function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    // As `lepton up 2>&1 | tee log` when tee dies: stderr is a pipe nobody reads.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lepton"))
+        .current_dir(project.dir.path())
+        .args([
+            "up",
+            "lepton.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env("LEPTON_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stderr.take());
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let mut address = None;
+    while address.is_none() {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).expect("read") > 0,
+            "no ready line"
+        );
+        address = line
+            .trim_end()
+            .strip_prefix("lepton: listening on http://")
+            .map(str::to_owned);
+    }
+    let address = address.expect("address");
+    let get = |path: &str| crate::util::reply(ureq::get(&format!("http://{address}{path}")).call());
+    for _ in 0..20 {
+        assert_eq!(get("/trap").status, 500); // Each logs an error with a backtrace.
+        assert_eq!(get("/hello").status, 200);
+    }
+    let metrics = get("/.well-known/lepton/metrics").body;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lepton_log_records_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("dropped counter");
+    assert!(dropped > 0, "{metrics}");
+    assert!(child.try_wait().expect("wait").is_none(), "the node exited");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn guest_log_floods_share_a_node_wide_budget() {
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_concurrency = 20\n",
+    ));
+    let lepton = project.up();
+    // 20 requests at once, each printing 2 MiB (its own cap is 1 MiB): 20 MiB logged before.
+    let floods: Vec<_> = (0..20)
+        .map(|_| lepton.get_in_background("/probe/flood?2048"))
+        .collect();
+    for flood in floods {
+        assert_eq!(flood.join().expect("thread").status, 200);
+    }
+    let logged = std::fs::metadata(&lepton.log_path).expect("log").len();
+    // The burst (4 MiB) and what refills while they run (1 MiB/s), with room for
+    // the records' fields.
+    assert!(logged < 12 << 20, "{} MiB of log", logged >> 20);
+    let metrics = lepton.get("/.well-known/lepton/metrics").body;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lepton_guest_log_bytes_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("dropped counter");
+    assert!(dropped > 4 << 20, "{dropped} bytes dropped");
+}

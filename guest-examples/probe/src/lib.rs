@@ -6,7 +6,8 @@
 //! - `GET /probe/http?http://host:port/path` makes an outgoing request;
 //! - `GET /probe/tcp?127.0.0.1:port` opens a TCP socket;
 //! - `POST /probe/echo` answers the request body's length;
-//! - `GET /probe/stdout` prints a line to stdout.
+//! - `GET /probe/stdout` prints a line to stdout;
+//! - `GET /probe/flood?N` prints `N` lines of 1 KiB to stderr.
 //!
 //! Each answers 200 with `ok: ...` or 403 with `denied: ...`.
 
@@ -39,6 +40,14 @@ fn probe(request: Request) -> Response {
         "stdout" => {
             println!("probe says hi on stdout");
             Ok("printed".to_owned())
+        }
+        "flood" => {
+            let lines: usize = arg.parse().unwrap_or(0);
+            let line = "f".repeat(1023);
+            for _ in 0..lines {
+                eprintln!("{line}");
+            }
+            Ok(format!("printed {lines} lines"))
         }
         other => Err(format!("unknown probe {other:?}")),
     })

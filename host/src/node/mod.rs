@@ -691,9 +691,12 @@ impl Node {
         let budget = self.runtime.body_budget();
         let _ = writeln!(
             out,
-            "lepton_request_body_bytes_held {}\nlepton_request_body_bytes_budget {}",
+            "lepton_request_body_bytes_held {}\nlepton_request_body_bytes_budget {}\n\
+             lepton_log_records_dropped_total {}\nlepton_guest_log_bytes_dropped_total {}",
             budget.held(),
-            budget.total()
+            budget.total(),
+            crate::logging::records_dropped(),
+            crate::logging::guest_bytes_dropped(),
         );
         let status = self.status();
         for model in &status.models {
