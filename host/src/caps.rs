@@ -38,6 +38,8 @@ pub struct Grants {
     /// Host directory (an unpacked mount blob) and guest path.
     mounts: Vec<(PathBuf, String)>,
     outbound: Arc<[OutboundHost]>,
+    /// The function's open outbound requests, [`crate::egress::DEFAULT_MAX_OUTBOUND`] at most.
+    outbound_slots: Arc<tokio::sync::Semaphore>,
     memory_limit: usize,
     models: Arc<HashMap<String, Arc<ModelSlot>>>,
     upload: Option<(Arc<ModelRegistry>, u64)>,
@@ -63,6 +65,9 @@ impl Grants {
                 .zip(spec.files.iter().map(|m| m.destination.clone()))
                 .collect(),
             outbound: Arc::from(spec.allowed_outbound_hosts.as_slice()),
+            outbound_slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::egress::DEFAULT_MAX_OUTBOUND,
+            )),
             memory_limit: usize::try_from(spec.memory_limit).unwrap_or(usize::MAX),
             models: Arc::new(models),
             upload: upload
@@ -112,6 +117,7 @@ impl Grants {
                 function: Arc::clone(&self.function),
                 request_id,
                 allowed: Arc::clone(&self.outbound),
+                slots: Arc::clone(&self.outbound_slots),
             },
             nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone())
                 .with_tensor_budget(self.tensor_budget),
@@ -167,10 +173,12 @@ struct OutboundPolicy {
     function: Arc<str>,
     request_id: Arc<str>,
     allowed: Arc<[OutboundHost]>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl OutboundPolicy {
-    fn allows(&self, uri: &http::Uri) -> bool {
+    /// The allow-list entry `uri` matches, if any.
+    fn allows(&self, uri: &http::Uri) -> Option<&OutboundHost> {
         let scheme = uri.scheme_str().unwrap_or("http");
         let port = uri
             .port_u16()
@@ -178,7 +186,7 @@ impl OutboundPolicy {
         let host = uri.host().unwrap_or_default();
         self.allowed
             .iter()
-            .any(|allowed| allowed.matches(scheme, host, port))
+            .find(|allowed| allowed.matches(scheme, host, port))
     }
 }
 
@@ -194,7 +202,7 @@ impl WasiHttpHooks for OutboundPolicy {
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        if !self.allows(request.uri()) {
+        let Some(allowed) = self.allows(request.uri()) else {
             tracing::warn!(
                 function = %self.function,
                 request_id = %self.request_id,
@@ -202,9 +210,30 @@ impl WasiHttpHooks for OutboundPolicy {
                 request.uri()
             );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
-        let default = wasmtime_wasi_http::default_hooks();
-        default.send_request(request, options, fut)
+        };
+        // An address the entry names literally may be internal (a local service the
+        // operator means to grant); a name must resolve to public addresses only.
+        let literal = allowed
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok();
+        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            tracing::warn!(
+                function = %self.function,
+                request_id = %self.request_id,
+                "outbound request to {} refused: {} already open",
+                request.uri(),
+                crate::egress::DEFAULT_MAX_OUTBOUND
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
+        };
+        let _ = fut;
+        Box::new(async move {
+            let (response, io) = crate::egress::send(request, options, literal, permit).await?;
+            Ok((response, io))
+        })
     }
 }
 

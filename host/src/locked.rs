@@ -245,9 +245,9 @@ impl Route {
                 "{route:?}: wildcards are written only as a final `/...` (\"/api/...\" matches /api and everything below it)"
             ));
         }
-        if base.contains(['?', '#', ' ']) || base.chars().any(char::is_control) {
+        if base.contains(['?', '#', ' ']) || !base.chars().all(|c| c.is_ascii_graphic()) {
             return Err(format!(
-                "{route:?} must be a plain path (no query, fragment or space)"
+                "{route:?} must be a plain ASCII path (no query, fragment, space or control character; percent-encode the rest)"
             ));
         }
         let base = match base.trim_end_matches('/') {
@@ -394,7 +394,15 @@ impl OutboundHost {
                 None => (rest.to_owned(), default_port),
             }
         };
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(format!(
+                "{pattern:?}: an IPv6 address is written in brackets, e.g. \"http://[::1]:8080\""
+            ));
+        }
+        if host.is_empty()
+            || !host.chars().all(|c| c.is_ascii_graphic())
+            || host.contains(['[', ']']) && !(host.starts_with('[') && host.ends_with(']'))
+        {
             return Err(format!("{pattern:?} has an invalid host"));
         }
         Ok(Self {
@@ -947,6 +955,24 @@ mod tests {
                 .expect("valid")
                 .matches("http", "[::1]", 8080)
         );
+        for bad in [
+            "http://::1:8080",
+            "http://fe80::1",
+            "http://exa mple.com",
+            "http://ex\tample.com",
+            "http://exämple.com",
+            "http://a]b",
+        ] {
+            assert!(OutboundHost::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_are_plain_ascii() {
+        for bad in ["/a\u{7f}b", "/caf\u{e9}", "/a\nb", "/a\tb", "/a b"] {
+            assert!(Route::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(Route::parse("/caf%C3%A9").is_ok());
     }
 
     #[test]

@@ -504,3 +504,82 @@ fn guest_log_floods_share_a_node_wide_budget() {
         .expect("dropped counter");
     assert!(dropped > 4 << 20, "{dropped} bytes dropped");
 }
+
+#[test]
+fn an_allowed_name_that_resolves_to_an_internal_address_is_refused() {
+    let target = crate::util::pong_server();
+    let port = target.rsplit(':').next().expect("port").to_owned();
+    let project = Project::new(&manifest(&format!(
+        "[function.probe]\ncomponent = \"{{PROBE}}\"\nroute = \"/probe/...\"\n\
+         allowed_outbound_hosts = [\"http://localhost:{port}\", \"http://{target}\"]\n"
+    )));
+    let lepton = project.up();
+    // `localhost` is allowed by name, but it is loopback: only a literal address grants that.
+    let by_name = lepton.get(&format!("/probe/http?http://localhost:{port}/ping"));
+    assert_eq!(by_name.status, 403, "{by_name:?}");
+    assert!(
+        by_name.body.contains("DestinationIpProhibited"),
+        "{by_name:?}"
+    );
+    lepton.wait_for_log("resolves to the internal address");
+    let literal = lepton.get(&format!("/probe/http?http://{target}/ping"));
+    assert_eq!(literal.body, "ok: 200 pong\n");
+}
+
+#[test]
+fn a_function_has_at_most_16_outbound_requests_open() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    // A server that takes connections and answers none until told to.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target = listener.local_addr().expect("address").to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let held: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    {
+        let (accepted, held) = (Arc::clone(&accepted), Arc::clone(&held));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.lock().expect("lock").push(stream);
+            }
+        });
+    }
+    let project = Project::new(&manifest(&format!(
+        "[function.probe]\ncomponent = \"{{PROBE}}\"\nroute = \"/probe/...\"\nmax_concurrency = 32\n\
+         allowed_outbound_hosts = [\"http://{target}\"]\n"
+    )));
+    let lepton = project.up();
+    let requests: Vec<_> = (0..20)
+        .map(|_| lepton.get_in_background(&format!("/probe/http?http://{target}/slow")))
+        .collect();
+    let started = Instant::now();
+    while accepted.load(Ordering::SeqCst) < 16
+        || requests.iter().filter(|r| r.is_finished()).count() < 4
+    {
+        assert!(
+            started.elapsed() < crate::util::PATIENCE,
+            "accepted {accepted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 16);
+    for mut stream in held.lock().expect("lock").drain(..) {
+        let _ = std::io::Write::write_all(
+            &mut stream,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nslow",
+        );
+    }
+    let replies: Vec<_> = requests
+        .into_iter()
+        .map(|r| r.join().expect("thread"))
+        .collect();
+    let answered = replies
+        .iter()
+        .filter(|r| r.body == "ok: 200 slow\n")
+        .count();
+    let limited = replies
+        .iter()
+        .filter(|r| r.body.contains("ConnectionLimitReached"))
+        .count();
+    assert_eq!((answered, limited), (16, 4), "{replies:?}");
+}
