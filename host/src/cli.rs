@@ -307,6 +307,10 @@ impl UpArgs {
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);
+            // A second signal means now: no drain, no checkpoint.
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
         });
         crate::http::serve(
             listener,

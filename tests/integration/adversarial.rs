@@ -583,3 +583,107 @@ fn a_function_has_at_most_16_outbound_requests_open() {
         .count();
     assert_eq!((answered, limited), (16, 4), "{replies:?}");
 }
+
+#[test]
+fn host_paths_answer_get_and_head_only() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/...\"\n",
+    ));
+    let lepton = project.up();
+    for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+        let reply = crate::util::reply(
+            ureq::request(method, &lepton.url("/.well-known/lepton/health")).call(),
+        );
+        assert_eq!(reply.status, 405, "{method}: {reply:?}");
+        assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+    }
+    let head = crate::util::reply(ureq::head(&lepton.url("/.well-known/lepton/metrics")).call());
+    assert_eq!(head.status, 200);
+    assert_eq!(lepton.get("/.well-known/lepton/health").body, "ok\n");
+}
+
+#[test]
+fn duplicate_input_names_are_invalid_arguments() {
+    let project = crate::train::probe_project("");
+    let lepton = project.up_with_ort();
+    let image = crate::train::images(1, 64);
+    let reply = lepton.post("/nn/compute/digits", format!("{image}{image}").as_bytes());
+    assert!(
+        reply.body.contains("InvalidArgument") && reply.body.contains("more than once"),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn model_counters_never_go_backwards_when_a_publish_replaces_the_model() {
+    let project = crate::train::probe_project("");
+    let lepton = project.up_with_ort();
+    let image = crate::train::images(1, 64);
+    for _ in 0..3 {
+        assert_eq!(
+            lepton.post("/nn/compute/digits", image.as_bytes()).status,
+            200
+        );
+    }
+    let requests = lepton.metric("lepton_model_requests_total", "digits");
+    let runs = lepton.metric("lepton_model_runs_total", "digits");
+    assert!(requests >= 3 && runs >= 3, "{requests} {runs}");
+    assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
+    assert!(lepton.metric("lepton_model_requests_total", "digits") >= requests);
+    assert!(lepton.metric("lepton_model_runs_total", "digits") >= runs);
+    assert_eq!(
+        lepton.post("/nn/compute/digits", image.as_bytes()).status,
+        200
+    );
+    assert_eq!(
+        lepton.metric("lepton_model_requests_total", "digits"),
+        requests + 1
+    );
+    assert_eq!(lepton.metric("lepton_model_runs_total", "digits"), runs + 1);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let project = Project::new(&manifest(
+        "[function.spin]\ncomponent = \"{SPIN}\"\nroute = \"/spin\"\ntimeout = \"60s\"\n",
+    ));
+    let mut lepton = project.up();
+    let _spinning = lepton.get_in_background("/spin");
+    lepton.wait_for_metric("lepton_requests_in_flight", "spin", 1);
+    lepton.signal("TERM");
+    // The first asks for a drain (which would wait up to 30 s for the spinning guest).
+    lepton.wait_for_log("SIGTERM received");
+    let started = Instant::now();
+    lepton.signal("INT");
+    let status = lepton.child.wait().expect("wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}
+
+#[test]
+fn a_half_sent_request_does_not_hold_shutdown() {
+    use std::io::Write as _;
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let mut lepton = project.up();
+    let mut stream = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    stream
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: lo")
+        .expect("write");
+    // The node has the connection (it answers others meanwhile).
+    assert_eq!(lepton.get("/hello").status, 200);
+    let started = Instant::now();
+    let status = lepton.signal_and_wait("TERM");
+    assert!(status.success(), "{status:?}");
+    // The header read timeout is 10 s: shutting down must not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

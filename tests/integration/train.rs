@@ -66,7 +66,7 @@ pub fn labels(values: &[i64]) -> String {
 }
 
 /// nnprobe granted trainer `digits` (publishing model `digits`) and model `digits`.
-fn probe_project(extra_trainer: &str) -> Project {
+pub fn probe_project(extra_trainer: &str) -> Project {
     Project::new(&manifest(&format!(
         "[model.digits]\npath = {model:?}\n\
          [model.other]\npath = {model:?}\n\

@@ -310,12 +310,17 @@ impl Lepton {
 
     /// Sends `signal` (e.g. "TERM") and waits for the process to exit.
     pub fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+        self.signal(signal);
+        self.child.wait().expect("wait for lepton")
+    }
+
+    /// Sends `signal` (e.g. "TERM").
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([format!("-{signal}"), self.child.id().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
-        self.child.wait().expect("wait for lepton")
     }
 
     /// What the process wrote to stdout after its ready line.

@@ -52,6 +52,17 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
         .strip_prefix(RESERVED_ROUTE_PREFIX)
         .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     {
+        if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+            let mut response = text(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "host paths answer GET and HEAD only\n",
+            );
+            response.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("GET, HEAD"),
+            );
+            return response;
+        }
         return match host_path {
             "/health" => text(http::StatusCode::OK, "ok\n"),
             "/metrics" => text(http::StatusCode::OK, &node.metrics()),
@@ -132,6 +143,7 @@ pub async fn serve_connections(
     max_connections: usize,
 ) -> anyhow::Result<()> {
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Without a timer hyper skips its header read timeout: a client that never
@@ -165,9 +177,22 @@ pub async fn serve_connections(
             tracing::debug!(%peer, "set_nodelay failed: {error}");
         }
         let handler = Arc::clone(&handler);
+        let requests = Arc::clone(&requests);
         let service = hyper::service::service_fn(move |request| {
+            // Counted from the request's head until its response body is dropped
+            // (sent or abandoned): what a drain waits for.
+            let guard = InFlight::enter(&requests);
             let answer = handler(request, peer);
-            async move { Ok::<_, Infallible>(answer.await) }
+            async move {
+                let response = answer.await;
+                Ok::<_, Infallible>(response.map(move |body| {
+                    body.map_frame(move |frame| {
+                        let _held = &guard;
+                        frame
+                    })
+                    .boxed_unsync()
+                }))
+            }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -178,11 +203,35 @@ pub async fn serve_connections(
         });
     }
     drop(listener);
+    // Requests in flight finish; a connection with no request (idle, or still sending
+    // its headers) does not hold the drain.
+    let idle = async {
+        while requests.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("all connections closed"),
+        () = idle => tracing::debug!("no request in flight: closing the connections left"),
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout: closing remaining connections"),
     }
     Ok(())
+}
+
+/// One request in flight, counted in the shared counter while it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]

@@ -198,6 +198,9 @@ impl ModelRegistry {
 pub struct ModelSlot {
     spec: ModelSpec,
     current: ArcSwap<Model>,
+    /// Requests and runs of the models this slot served before the current one, so
+    /// its counters never go backwards when a publish replaces the model.
+    retired: std::sync::Mutex<(u64, u64)>,
 }
 
 impl ModelSlot {
@@ -206,7 +209,26 @@ impl ModelSlot {
         Self {
             spec,
             current: ArcSwap::new(model),
+            retired: std::sync::Mutex::new((0, 0)),
         }
+    }
+
+    /// Inference requests served through this slot, whichever model served them.
+    pub fn requests(&self) -> u64 {
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        retired.0 + self.current().requests()
+    }
+
+    /// Backend runs through this slot (a batch is one run).
+    pub fn runs(&self) -> u64 {
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        retired.1 + self.current().onnx().runs()
     }
 
     /// The model served now.
@@ -216,7 +238,15 @@ impl ModelSlot {
 
     /// Serves `model` from now on.
     pub fn replace(&self, model: Arc<Model>) {
-        self.current.store(model);
+        // Under the lock, so that a reader sees old + retired or new + retired, never
+        // a count that went down.
+        let mut retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = self.current.swap(model);
+        retired.0 += old.requests();
+        retired.1 += old.onnx().runs();
     }
 
     /// The spec the slot was made for.

@@ -232,7 +232,11 @@ impl OnnxModel {
     /// Checks inputs against the graph's declaration: names, types, shapes, byte lengths.
     pub fn validate(&self, inputs: &[(String, Tensor)]) -> Result<(), NnError> {
         let invalid = |message: String| NnError::new(ErrorCode::InvalidArgument, message);
+        let mut seen = std::collections::HashSet::with_capacity(inputs.len());
         for (name, _) in inputs {
+            if !seen.insert(name.as_str()) {
+                return Err(invalid(format!("input `{name}` is given more than once")));
+            }
             if !self.inputs.iter().any(|io| &io.name == name) {
                 return Err(invalid(format!(
                     "unknown input `{name}`; model `{}` takes {}",

@@ -655,7 +655,7 @@ impl Node {
                     target: slot.spec().target,
                     device: model.onnx().target(),
                     sessions: slot.spec().sessions(),
-                    requests: model.requests(),
+                    requests: slot.requests(),
                 }
             })
             .collect();
@@ -711,7 +711,7 @@ impl Node {
                 let _ = writeln!(
                     out,
                     "lepton_model_runs_total{{model=\"{name}\"}} {}",
-                    slot.current().onnx().runs()
+                    slot.runs()
                 );
             }
         }
