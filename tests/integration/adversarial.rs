@@ -687,3 +687,89 @@ fn a_half_sent_request_does_not_hold_shutdown() {
         started.elapsed()
     );
 }
+
+/// Every checkpoint file under the state dir's trainers, newest name last.
+fn checkpoint_files(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for trainer in std::fs::read_dir(state.join("trainers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for app_trainer in std::fs::read_dir(trainer.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = app_trainer.path().join("checkpoints");
+            found.extend(
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn an_unreadable_checkpoint_falls_back_to_the_last_good_one_and_is_kept_aside() {
+    let project = crate::train::probe_project("checkpoint_every = \"1h\"");
+    let batch = crate::train::images(4, 64) + &crate::train::labels(&[1, 2, 3, 4]);
+    {
+        let lepton = project.up_with_ort();
+        for round in 0..2 {
+            for _ in 0..5 {
+                lepton.post("/nn/step/digits", batch.as_bytes());
+            }
+            assert_eq!(
+                lepton.post("/nn/checkpoint/digits", b"").body,
+                "ok\n",
+                "round {round}"
+            );
+        }
+    }
+    let files = checkpoint_files(&project.path("state"));
+    assert_eq!(files.len(), 2, "{files:?}");
+    for garbage in [
+        &b""[..],
+        b"\x0a\x03abc",
+        b"random bytes that are not a model",
+    ] {
+        std::fs::write(&files[1], garbage).expect("corrupt the newest");
+        let lepton = project.up_with_ort();
+        let (steps, _) = crate::train::steps_and_loss(
+            &lepton.post("/nn/evaluate/digits", batch.as_bytes()).body,
+        );
+        assert_eq!(steps, 5, "resumed from the older checkpoint");
+        lepton.wait_for_log("is not usable, moved to");
+        // The next checkpoint is a new file: nothing is overwritten.
+        lepton.post("/nn/step/digits", batch.as_bytes());
+        assert_eq!(lepton.post("/nn/checkpoint/digits", b"").body, "ok\n");
+        drop(lepton);
+        let now = checkpoint_files(&project.path("state"));
+        assert_eq!(now.len(), 2, "{now:?}");
+        assert!(
+            now[1]
+                .to_string_lossy()
+                .ends_with("step-00000000000000000006.onnx"),
+            "{now:?}"
+        );
+        std::fs::remove_file(&now[1]).expect("back to two");
+        std::fs::copy(&now[0], &files[1]).expect("restore the layout");
+    }
+    let bad = std::fs::read_dir(
+        files[0]
+            .parent()
+            .expect("dir")
+            .parent()
+            .expect("dir")
+            .join("bad"),
+    )
+    .expect("bad dir")
+    .count();
+    assert_eq!(bad, 3, "every bad checkpoint is kept");
+}

@@ -199,7 +199,7 @@ fn published_weights_serve_inference_with_the_same_loss_as_evaluate() {
     );
 }
 
-fn steps_and_loss(reply: &str) -> (u64, f32) {
+pub fn steps_and_loss(reply: &str) -> (u64, f32) {
     let parts: Vec<&str> = reply.split_whitespace().collect();
     match parts.as_slice() {
         ["loss", loss, "steps", steps] => {

@@ -68,6 +68,145 @@ pub struct Trainer {
     checkpoint: PathBuf,
 }
 
+/// Checkpoints kept per trainer (the newest); older ones are removed as new ones land.
+pub const KEEP_CHECKPOINTS: usize = 3;
+
+/// Where a trainer's checkpoints are, inside its directory.
+const CHECKPOINTS_DIR: &str = "checkpoints";
+
+/// The largest checkpoint file read.
+const MAX_CHECKPOINT_SIZE: u64 = 4 << 30;
+
+/// A trainer's checkpoints in `dir`, newest (most steps) first: `checkpoints/step-N.onnx`,
+/// then the single `checkpoint.onnx` older hosts wrote.
+fn checkpoints(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut found: Vec<(PathBuf, u64)> = std::fs::read_dir(dir.join(CHECKPOINTS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let steps = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .strip_suffix(".onnx")?
+                .parse()
+                .ok()?;
+            Some((path, steps))
+        })
+        .collect();
+    found.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let legacy = dir.join("checkpoint.onnx");
+    if legacy.exists() {
+        found.push((legacy, 0));
+    }
+    found
+}
+
+/// Moves the unusable checkpoint at `path` into `dir/bad/` under a name of its own.
+fn move_aside(dir: &Path, path: &Path) -> PathBuf {
+    let bad = dir.join("bad");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = path
+        .file_name()
+        .map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let target = bad.join(format!("{name}.{stamp}"));
+    let moved = std::fs::create_dir_all(&bad).and_then(|()| std::fs::rename(path, &target));
+    if let Err(error) = moved {
+        tracing::warn!("moving `{}` aside: {error}", path.display());
+    }
+    target
+}
+
+/// The initial graph with the weights of the checkpoint at `path`, and its steps;
+/// `Err` if the checkpoint is unreadable, another trainer's, or does not fit the graph.
+fn resume_from(
+    initial: &ModelProto,
+    path: &Path,
+    fingerprint: &str,
+) -> anyhow::Result<(ModelProto, u64)> {
+    let bytes = crate::fsutil::read_regular_file(path, MAX_CHECKPOINT_SIZE)?;
+    let saved = ModelProto::decode(bytes.as_slice()).context("not an ONNX model")?;
+    let meta = |key: &str| {
+        saved
+            .metadata_props
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.value.as_str())
+    };
+    anyhow::ensure!(
+        meta(INIT_KEY) == Some(fingerprint),
+        "it was written by a trainer of another initial graph or settings"
+    );
+    let steps = meta(STEPS_KEY)
+        .and_then(|s| s.parse::<u64>().ok())
+        .context("it does not say how many steps it holds")?;
+    anyhow::ensure!(
+        steps <= MAX_STEPS,
+        "it claims {steps} steps (at most {MAX_STEPS})"
+    );
+    // Only the weights come from the checkpoint; the graph is the initial one.
+    let saved_weights: HashMap<&str, &TensorProto> = saved
+        .graph
+        .as_ref()
+        .map(|g| g.initializer.iter().map(|t| (t.name.as_str(), t)).collect())
+        .unwrap_or_default();
+    let mut model = initial.clone();
+    let graph = model
+        .graph
+        .as_mut()
+        .context("the initial graph has no graph")?;
+    for init in &mut graph.initializer {
+        if init.data_type != DataType::Float as i32 {
+            continue;
+        }
+        let saved = saved_weights
+            .get(init.name.as_str())
+            .with_context(|| format!("it has no weight `{}`", init.name))?;
+        anyhow::ensure!(
+            saved.data_type == init.data_type && saved.dims == init.dims,
+            "weight `{}` has type {} and dimensions {:?}; the graph's has {} and {:?}",
+            init.name,
+            saved.data_type,
+            saved.dims,
+            init.data_type,
+            init.dims
+        );
+        let elements: usize = init
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d).unwrap_or(0))
+            .product();
+        let values: Vec<f32> = if saved.raw_data.is_empty() {
+            saved.float_data.clone()
+        } else {
+            saved
+                .raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        anyhow::ensure!(
+            values.len() == elements,
+            "weight `{}` holds {} values, not {elements}",
+            init.name,
+            values.len()
+        );
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            anyhow::bail!("weight `{}` holds {bad}", init.name);
+        }
+        init.float_data.clear();
+        init.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    }
+    model
+        .metadata_props
+        .retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
+    Ok((model, steps))
+}
+
 /// Whether every element of `tensor` is finite.
 fn all_finite(tensor: &CTensor) -> Result<bool, NnError> {
     let values = tensor
@@ -94,44 +233,51 @@ fn runtime(error: impl std::fmt::Display) -> NnError {
 }
 
 impl Trainer {
-    /// Loads `spec` from its initial graph at `init` (resuming from the checkpoint in
-    /// `dir` when one was written by a trainer of the same fingerprint: same initial
-    /// graph and settings) and checks that it can be trained.
+    /// Loads `spec` from its initial graph at `init`, resuming from the newest good
+    /// checkpoint in `dir` (one written by a trainer of the same fingerprint: same
+    /// initial graph and settings), and checks that it can be trained. A checkpoint
+    /// that cannot be read or does not fit the graph is moved aside into `dir/bad/`
+    /// (never overwritten or deleted) and the next older one is tried; with none left,
+    /// training starts from `init` at step 0.
     pub fn load(spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let checkpoint = dir.join("checkpoint.onnx");
         let fingerprint = spec.fingerprint().to_string();
-        let mut model = candle_onnx::read_file(init)
+        let initial = candle_onnx::read_file(init)
             .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", init.display()))?;
-        let mut steps = 0;
-        let saved = checkpoint.exists().then(|| candle_onnx::read_file(&checkpoint)).and_then(|read| {
-            read.map_err(|e| tracing::error!(trainer = %spec.name, "ignoring unreadable checkpoint `{}`: {e}", checkpoint.display()))
-                .ok()
-        });
-        if let Some(saved) = saved {
-            let meta = |key: &str| {
-                saved
-                    .metadata_props
-                    .iter()
-                    .find(|p| p.key == key)
-                    .map(|p| p.value.clone())
+        for (path, _) in checkpoints(dir) {
+            let error = match resume_from(&initial, &path, &fingerprint) {
+                Err(error) => error,
+                Ok((model, steps)) => match Self::build(spec, model, steps, dir, &fingerprint) {
+                    Ok(trainer) => {
+                        tracing::info!(trainer = %spec.name, steps, path = %path.display(), "resuming from checkpoint");
+                        return Ok(trainer);
+                    }
+                    Err(error) => {
+                        // The checkpoint is at fault only if the initial graph builds.
+                        Self::build(spec, initial.clone(), 0, dir, &fingerprint)?;
+                        error
+                    }
+                },
             };
-            let saved_steps = meta(STEPS_KEY)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-            if meta(INIT_KEY).as_deref() != Some(fingerprint.as_str()) {
-                tracing::warn!(trainer = %spec.name, "ignoring checkpoint of a different initial graph or settings");
-            } else if saved_steps > MAX_STEPS {
-                tracing::warn!(
-                    trainer = %spec.name,
-                    "ignoring checkpoint `{}`: it claims {saved_steps} steps (at most {MAX_STEPS})",
-                    checkpoint.display()
-                );
-            } else {
-                steps = saved_steps;
-                model = saved;
-                tracing::info!(trainer = %spec.name, steps, "resuming from checkpoint");
-            }
+            let aside = move_aside(dir, &path);
+            tracing::error!(
+                trainer = %spec.name,
+                "checkpoint `{}` is not usable, moved to `{}`: {error:#}",
+                path.display(),
+                aside.display()
+            );
         }
+        Self::build(spec, initial, 0, dir, &fingerprint)
+    }
+
+    fn build(
+        spec: &TrainerSpec,
+        mut model: ModelProto,
+        steps: u64,
+        dir: &Path,
+        fingerprint: &str,
+    ) -> anyhow::Result<Self> {
+        let checkpoint = dir.join(CHECKPOINTS_DIR);
+        let fingerprint = fingerprint.to_owned();
         model
             .metadata_props
             .retain(|p| p.key != STEPS_KEY && p.key != INIT_KEY);
@@ -525,7 +671,8 @@ impl Trainer {
         Ok(model)
     }
 
-    /// Writes the checkpoint atomically (a temporary file renamed into place).
+    /// Writes a checkpoint as a new file (atomically: a temporary file renamed into
+    /// place), then removes all but the newest [`KEEP_CHECKPOINTS`].
     pub fn checkpoint(&self) -> Result<(), NnError> {
         let mut model = self.with_weights()?;
         model.metadata_props.push(StringStringEntryProto {
@@ -536,9 +683,19 @@ impl Trainer {
             key: INIT_KEY.into(),
             value: self.init_digest.clone(),
         });
-        crate::fsutil::write_atomically(&self.checkpoint, &model.encode_to_vec())
+        let path = self
+            .checkpoint
+            .join(format!("step-{:020}.onnx", self.steps));
+        crate::fsutil::write_atomically(&path, &model.encode_to_vec())
             .map_err(|e| runtime(format!("{e:#}")))?;
         tracing::info!(trainer = %self.name, steps = self.steps, "checkpoint written");
+        if let Some(dir) = self.checkpoint.parent() {
+            for (old, _) in checkpoints(dir).into_iter().skip(KEEP_CHECKPOINTS) {
+                if let Err(error) = std::fs::remove_file(&old) {
+                    tracing::warn!(trainer = %self.name, "removing old checkpoint `{}`: {error}", old.display());
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -595,6 +752,72 @@ mod tests {
                 .expect("trainer")
                 .steps(),
             MAX_STEPS
+        );
+    }
+
+    fn digits_spec() -> (TrainerSpec, PathBuf) {
+        let init =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/digits/digits-mlp.onnx");
+        let spec: TrainerSpec = serde_json::from_value(serde_json::json!({
+            "name": "digits", "init": crate::locked::Digest::of(b"init"), "loss": "cross-entropy",
+            "optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.0}, "target": "cpu",
+            "checkpoint_every": 1000, "publishes": null
+        }))
+        .expect("spec");
+        (spec, init)
+    }
+
+    #[test]
+    fn bad_checkpoints_are_moved_aside_and_the_newest_good_one_is_used() {
+        let (spec, init) = digits_spec();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut trainer = Trainer::load(&spec, &init, dir.path()).expect("trainer");
+        for steps in [10, 20, 30, 40, 50] {
+            trainer.steps = steps;
+            trainer.checkpoint().expect("checkpoint");
+        }
+        let kept: Vec<u64> = checkpoints(dir.path()).iter().map(|c| c.1).collect();
+        assert_eq!(kept, [50, 40, 30], "the newest {KEEP_CHECKPOINTS} are kept");
+        // The newest truncated, the next one random bytes: the third is used.
+        let files = checkpoints(dir.path());
+        let newest = std::fs::read(&files[0].0).expect("read");
+        std::fs::write(&files[0].0, &newest[..newest.len() / 2]).expect("truncate");
+        std::fs::write(&files[1].0, b"\x08\x96\x01 not onnx").expect("garble");
+        let resumed = Trainer::load(&spec, &init, dir.path()).expect("trainer");
+        assert_eq!(resumed.steps(), 30);
+        let bad: Vec<_> = std::fs::read_dir(dir.path().join("bad"))
+            .expect("bad dir")
+            .collect();
+        assert_eq!(bad.len(), 2, "both bad checkpoints are kept aside");
+        // One whose weights do not fit the graph (a weight missing) goes aside too.
+        let mut model = resumed.with_weights().expect("weights");
+        model.graph.as_mut().expect("graph").initializer.pop();
+        model.metadata_props = trainer.with_weights().expect("w").metadata_props;
+        model.metadata_props.push(StringStringEntryProto {
+            key: STEPS_KEY.into(),
+            value: "99".into(),
+        });
+        model.metadata_props.push(StringStringEntryProto {
+            key: INIT_KEY.into(),
+            value: spec.fingerprint().to_string(),
+        });
+        std::fs::write(
+            dir.path()
+                .join("checkpoints/step-00000000000000000099.onnx"),
+            model.encode_to_vec(),
+        )
+        .expect("write");
+        assert_eq!(
+            Trainer::load(&spec, &init, dir.path())
+                .expect("trainer")
+                .steps(),
+            30
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("bad"))
+                .expect("bad")
+                .count(),
+            3
         );
     }
 }
