@@ -112,6 +112,9 @@ struct UpArgs {
     /// Client connections open at once; past that new ones wait in the backlog.
     #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Run without the seccomp filter (to debug; the node is less contained).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Bytes of request bodies held at once, all functions together (e.g. `512MiB`);
     /// a body that would go past it answers 503.
     #[arg(long, default_value = "512MiB", value_parser = crate::manifest::parse_size)]
@@ -293,6 +296,13 @@ impl UpArgs {
             when_stopped(stopped.clone()),
             64,
         ));
+        // Everything is loaded and bound: from here on the process needs only the
+        // system calls of a serving node.
+        if self.no_seccomp {
+            tracing::warn!("--no-seccomp: running without the seccomp filter");
+        } else {
+            crate::sandbox::lock_down()?;
+        }
         {
             // The ready lines are for whoever started the node; if nobody reads them
             // any more (a closed pipe), the node serves all the same.

@@ -44,4 +44,5 @@ pub mod logging;
 pub mod manifest;
 pub mod nn;
 pub mod node;
+pub mod sandbox;
 pub mod train;

@@ -773,3 +773,76 @@ fn an_unreadable_checkpoint_falls_back_to_the_last_good_one_and_is_kept_aside() 
     .count();
     assert_eq!(bad, 3, "every bad checkpoint is kept");
 }
+
+/// The `Seccomp:` mode of every thread of process `pid` (0 off, 2 filtered).
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            (field("Name:"), field("Seccomp:"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_thread_runs_under_seccomp_and_the_node_still_does_everything() {
+    let project = crate::train::probe_project("checkpoint_every = \"1h\"");
+    let lepton = project.up_with_ort();
+    let log = lepton.wait_for_log("starting a program fails with EPERM");
+    assert!(log.contains("seccomp on for every thread"), "{log}");
+    // Inference, training, a checkpoint and a publish: threads made after the filter.
+    let batch = crate::train::images(4, 64) + &crate::train::labels(&[1, 2, 3, 4]);
+    assert_eq!(
+        lepton
+            .post("/nn/compute/digits", crate::train::images(2, 64).as_bytes())
+            .status,
+        200
+    );
+    assert!(
+        lepton
+            .post("/nn/step/digits", batch.as_bytes())
+            .body
+            .starts_with("loss ")
+    );
+    assert_eq!(lepton.post("/nn/checkpoint/digits", b"").body, "ok\n");
+    assert_eq!(lepton.post("/nn/publish/digits/digits", b"").body, "ok\n");
+    // A deploy through the admin API: blobs written, a component compiled and cached.
+    let app = project.path("other.toml");
+    std::fs::write(
+        &app,
+        manifest(
+            "name = \"other\"\n[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+        ),
+    )
+    .expect("write");
+    let (status, _, stderr) = lepton.client(&project, &["deploy", app.to_str().expect("utf-8")]);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(lepton.get("/hello").status, 200);
+    let modes = seccomp_modes(lepton.child.id());
+    assert!(modes.len() > 4, "{modes:?}");
+    assert!(
+        modes.iter().all(|(_, mode)| mode == "2"),
+        "threads without the filter: {modes:?}"
+    );
+}
+
+#[test]
+fn no_seccomp_runs_without_the_filter() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    let lepton = project.up_with(&["--no-seccomp"], &[]);
+    assert_eq!(lepton.get("/hello").status, 200);
+    let modes = seccomp_modes(lepton.child.id());
+    assert!(modes.iter().all(|(_, mode)| mode == "0"), "{modes:?}");
+    lepton.wait_for_log("--no-seccomp: running without the seccomp filter");
+}
