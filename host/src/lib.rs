@@ -38,6 +38,8 @@ pub mod client;
 pub mod egress;
 pub mod engine;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod locked;
 pub mod logging;

@@ -846,3 +846,225 @@ fn no_seccomp_runs_without_the_filter() {
     assert!(modes.iter().all(|(_, mode)| mode == "0"), "{modes:?}");
     lepton.wait_for_log("--no-seccomp: running without the seccomp filter");
 }
+
+/// Sends raw bytes on a fresh connection (closing the write half after), and returns
+/// what came back, whatever it is; `None` if the node answered nothing in time.
+fn raw_exchange(address: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = stream.write_all(bytes);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    match stream.take(1 << 20).read_to_end(&mut answer) {
+        Ok(_) => Some(answer),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Some(answer),
+        Err(_) => None,
+    }
+}
+
+/// The status codes of every response in `answer` (pipelined responses included).
+fn statuses(answer: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(answer);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
+        .collect()
+}
+
+fn abuse_project() -> Project {
+    Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n\
+         [function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\nmax_body_size = \"64KiB\"\n",
+    ))
+}
+
+#[test]
+fn http_abuse_that_held_keeps_holding() {
+    let project = abuse_project();
+    let lepton = project.up();
+    let huge_header = format!(
+        "GET /hello HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let mut past_cap =
+        b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n11170\r\n"
+            .to_vec();
+    past_cap.extend(std::iter::repeat_n(b'c', 0x11170));
+    past_cap.extend(b"\r\n0\r\n\r\n");
+    let many_headers = format!(
+        "GET /hello HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        (0..500)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let cases: &[(&str, &[u8], &[u16])] = &[
+        // Smuggling: with both framings the chunked one counts and the connection is
+        // closed after (RFC 9112 6.3), so nothing is left to smuggle; two lengths are refused.
+        ("CL and TE", b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /hello HTTP/1.1\r\nhost: x\r\n\r\n", &[200]),
+        ("two lengths", b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab", &[400]),
+        ("bad chunk size", b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", &[400]),
+        ("chunk past the body cap", past_cap.as_slice(), &[413]),
+        ("huge header", huge_header.as_bytes(), &[431]),
+        ("many headers", many_headers.as_bytes(), &[431]),
+        ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", &[400]),
+        ("bad version", b"GET /hello HTTP/9.9\r\nhost: x\r\n\r\n", &[400]),
+        ("escape", b"GET /probe/../hello HTTP/1.1\r\nhost: x\r\n\r\n", &[400]),
+        ("encoded escape", b"GET /probe/%2e%2E/hello HTTP/1.1\r\nhost: x\r\n\r\n", &[400]),
+        ("truncated body", b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab", &[400]),
+    ];
+    let mut wrong = Vec::new();
+    for (name, bytes, expected) in cases {
+        let answer =
+            raw_exchange(&lepton.address, bytes).unwrap_or_else(|| panic!("{name}: no answer"));
+        if &statuses(&answer) != expected {
+            wrong.push(format!(
+                "{name}: {}",
+                String::from_utf8_lossy(&answer[..answer.len().min(200)])
+            ));
+        }
+        if *name == "CL and TE" {
+            let text = String::from_utf8_lossy(&answer);
+            assert!(
+                text.contains("connection: close") && text.contains("ok: 0 bytes"),
+                "{text}"
+            );
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // Pipelining: both answered, in order, on one connection.
+    let pipelined = crate::util::raw_request(
+        &lepton.address,
+        "GET /hello HTTP/1.1\r\nhost: x\r\n\r\nPOST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\nab",
+    );
+    assert_eq!(statuses(pipelined.as_bytes()), [200, 200], "{pipelined}");
+    assert!(
+        pipelined.find("Hello from Lepton") < pipelined.find("ok: 2 bytes"),
+        "{pipelined}"
+    );
+    assert_eq!(lepton.get("/hello").status, 200);
+}
+
+#[test]
+fn slowloris_headers_are_cut_off() {
+    use std::io::{Read as _, Write as _};
+    let project = abuse_project();
+    let lepton = project.up();
+    // Headers that never end: the connection is closed by the header read timeout (10 s).
+    let mut stream = std::net::TcpStream::connect(&lepton.address).expect("connect");
+    stream
+        .write_all(b"GET /hello HTTP/1.1\r\nx-a: 1\r\n")
+        .expect("write");
+    stream
+        .set_read_timeout(Some(crate::util::PATIENCE))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "held for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(lepton.get("/hello").status, 200);
+}
+
+#[test]
+fn raw_http_fuzzing_never_takes_the_node_down() {
+    use rand::{Rng as _, SeedableRng as _};
+    let cases: usize = std::env::var("LEPTON_FUZZ_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(300);
+    let seed: u64 = std::env::var("LEPTON_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| u64::from(std::process::id()));
+    eprintln!("raw HTTP fuzzing: {cases} cases, LEPTON_FUZZ_SEED={seed}");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let project = abuse_project();
+    let lepton = project.up();
+    let corpus: [&[u8]; 6] = [
+        b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"HEAD /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
+        b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\nPOST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nab",
+        b"GET /.well-known/lepton/metrics HTTP/1.1\r\nhost: x\r\n\r\n",
+    ];
+    let tokens: [&[u8]; 10] = [
+        b"\r\n",
+        b"\n",
+        b"\0",
+        b":",
+        b" ",
+        b"%2e%2e/",
+        b"transfer-encoding: chunked\r\n",
+        b"content-length: 99999999999\r\n",
+        b"\xff\xfe",
+        b"/../",
+    ];
+    for case in 0..cases {
+        let mut bytes = corpus[rng.gen_range(0..corpus.len())].to_vec();
+        for _ in 0..rng.gen_range(1..6) {
+            let at = rng.gen_range(0..=bytes.len());
+            match rng.gen_range(0..5) {
+                0 if !bytes.is_empty() => {
+                    let i = rng.gen_range(0..bytes.len());
+                    bytes[i] = rng.r#gen();
+                }
+                1 => {
+                    let token = tokens[rng.gen_range(0..tokens.len())];
+                    bytes.splice(at..at, token.iter().copied());
+                }
+                2 if at < bytes.len() => {
+                    let end = rng.gen_range(at..=bytes.len());
+                    bytes.drain(at..end);
+                }
+                3 => bytes
+                    .splice(at..at, std::iter::repeat_n(b'a', rng.gen_range(0..70_000)))
+                    .for_each(drop),
+                _ => bytes.truncate(at),
+            }
+        }
+        let answer = raw_exchange(&lepton.address, &bytes);
+        if let Some(answer) = &answer {
+            // Whatever was sent, the node never fails on it.
+            assert!(
+                !statuses(answer).contains(&500),
+                "case {case} (seed {seed}) got a 500 for {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(400)])
+            );
+        }
+        if case % 25 == 0 {
+            assert_eq!(
+                lepton.get("/.well-known/lepton/health").status,
+                200,
+                "case {case}, seed {seed}"
+            );
+        }
+    }
+    assert_eq!(lepton.get("/hello").status, 200);
+    assert_eq!(lepton.metric("lepton_requests_failed_total", "probe"), 0);
+}
+
+#[test]
+fn a_host_header_that_is_not_an_authority_is_a_client_error() {
+    // Found by the raw HTTP fuzzer: a 500 ("guest failed") before.
+    let project = abuse_project();
+    let lepton = project.up();
+    for host in [&b"\xffx"[..], b"a b", b"x/y", b"[::1"] {
+        let mut request = b"GET /hello HTTP/1.1\r\nhost: ".to_vec();
+        request.extend_from_slice(host);
+        request.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        let answer = raw_exchange(&lepton.address, &request).expect("answer");
+        assert_eq!(
+            statuses(&answer),
+            [400],
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(lepton.metric("lepton_requests_failed_total", "hello"), 0);
+}

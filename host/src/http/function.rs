@@ -184,6 +184,17 @@ impl Function {
         if declared.is_some_and(|len| len > self.spec.max_body_size) {
             return too_large(self.spec.max_body_size);
         }
+        // The guest is handed the Host header as the request's authority: one that is
+        // not a valid authority is the client's error (found by the raw HTTP fuzzer).
+        if let Some(host) = parts.headers.get(http::header::HOST)
+            && host
+                .to_str()
+                .ok()
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .is_none()
+        {
+            return text(http::StatusCode::BAD_REQUEST, "invalid Host header\n");
+        }
         // Admission comes first: a request that finds the function at capacity is
         // turned away before its body is read, and one admitted reads its body on its
         // slot, so at most `max_concurrency` bodies of a function are in memory.

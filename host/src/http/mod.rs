@@ -150,7 +150,10 @@ pub async fn serve_connections(
     // finishes its headers would hold a connection forever.
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A client may shut down its sending side and wait for the answer (as
+        // `nc -q` does): it still gets one.
+        .half_close(true);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let connection_slot = tokio::select! {

@@ -25,6 +25,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+pub use self::inspect::{UPLOAD_OPERATORS, check as inspect_model};
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
 pub use self::tensor::{Tensor, element_size};
 pub use crate::bindings::wasi::nn::errors::ErrorCode;
