@@ -109,10 +109,13 @@ impl Grants {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.memory_limit)
-                .trap_on_grow_failure(false)
-                .build(),
+            limits: GuestLimits {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size(self.memory_limit)
+                    .trap_on_grow_failure(false)
+                    .build(),
+                peak: Arc::default(),
+            },
             outbound: OutboundPolicy {
                 function: Arc::clone(&self.function),
                 request_id,
@@ -126,12 +129,63 @@ impl Grants {
     }
 }
 
+/// The function's `memory_limit`, and the largest memory the guest grew to.
+pub(crate) struct GuestLimits {
+    inner: StoreLimits,
+    /// Bytes of the largest linear memory so far (shared: read after the store is gone).
+    pub(crate) peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl wasmtime::ResourceLimiter for GuestLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.inner.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.peak.fetch_max(desired, Ordering::Relaxed);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
 /// The `T` of each request's `Store<T>`.
 pub struct InstanceState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: GuestLimits,
     outbound: OutboundPolicy,
     nn: NnCtx,
     train: TrainCtx,

@@ -43,6 +43,10 @@ pub const LONG_RUNNING_TICKS: u32 = 3;
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    /// The same engine settings with memory allocated on demand: for functions whose
+    /// guests grow large, so that their memory goes back to the kernel when a request
+    /// ends instead of waiting in the pool's decommit batch.
+    large: Engine,
     instances: u32,
     long_lane: Arc<Semaphore>,
     body_budget: BodyBudget,
@@ -60,9 +64,16 @@ impl Runtime {
     /// at once (bodies past that answer 503 too).
     pub fn with_limits(instances: u32, body_budget: u64) -> anyhow::Result<Self> {
         anyhow::ensure!(instances > 0, "the pool needs at least one instance slot");
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
+        let base = || {
+            let mut config = Config::new();
+            config.epoch_interruption(true);
+            config.wasm_component_model(true);
+            config
+        };
+        let large = Engine::new(&base())
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
+        let mut config = base();
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(instances);
         pool.total_core_instances(instances.saturating_mul(POOL_SLOTS_PER_INSTANCE));
@@ -83,16 +94,27 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
 
-        // The ticker holds the engine weakly: it stops once the last engine is gone.
-        let ticker_engine = engine.weak();
+        // One compiled artifact serves both (the allocator is not part of the code).
+        anyhow::ensure!(
+            compatibility(&engine) == compatibility(&large),
+            "the pooled and the on-demand engine would need code compiled twice"
+        );
+        // The ticker holds the engines weakly: it stops once the last one is gone.
+        let tickers = [engine.weak(), large.weak()];
         std::thread::Builder::new()
             .name("lepton-epoch".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(EPOCH_TICK);
-                    match ticker_engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
+                    let mut alive = false;
+                    for ticker in &tickers {
+                        if let Some(engine) = ticker.upgrade() {
+                            engine.increment_epoch();
+                            alive = true;
+                        }
+                    }
+                    if !alive {
+                        break;
                     }
                 }
             })
@@ -103,6 +125,7 @@ impl Runtime {
         let long_lane = Arc::new(Semaphore::new(cores.saturating_sub(1).max(1)));
         Ok(Self {
             engine,
+            large,
             instances,
             long_lane,
             body_budget: BodyBudget::new(body_budget),
@@ -126,18 +149,19 @@ impl Runtime {
         self.instances
     }
 
-    /// The engine.
+    /// The engine (pooled instances).
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
+    /// The engine for functions with large guests (memory allocated on demand).
+    pub fn large_engine(&self) -> &Engine {
+        &self.large
+    }
+
     /// A short hex fingerprint of everything that makes compiled code compatible.
     pub fn fingerprint(&self) -> String {
-        let mut hasher = std::hash::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
-        format!("{:016x}", hasher.finish())
+        format!("{:016x}", compatibility(&self.engine))
     }
 
     /// Loads the component at `path`, from the compile cache in `cache_dir` when it
@@ -159,9 +183,10 @@ impl Runtime {
         let record_path = cache_dir.join(format!("{stem}.record.json"));
         let started = Instant::now();
         match self.load_cached(&cached, &record_path, digest) {
-            Ok(Some(component)) => {
+            Ok(Some((component, large))) => {
                 return Ok(LoadedComponent {
                     component,
+                    large,
                     from_cache: true,
                     elapsed: started.elapsed(),
                     cached,
@@ -191,9 +216,10 @@ impl Runtime {
         };
         crate::fsutil::write_atomically(&cached, &compiled)?;
         crate::fsutil::write_atomically(&record_path, &serde_json::to_vec(&record)?)?;
-        let component = self.deserialize(&compiled)?;
+        let (component, large) = self.deserialize(&compiled)?;
         Ok(LoadedComponent {
             component,
+            large,
             from_cache: false,
             elapsed: started.elapsed(),
             cached,
@@ -206,7 +232,7 @@ impl Runtime {
         cached: &Path,
         record_path: &Path,
         digest: &Digest,
-    ) -> anyhow::Result<Option<Component>> {
+    ) -> anyhow::Result<Option<(Component, Component)>> {
         let meta = match std::fs::symlink_metadata(cached) {
             Ok(meta) => meta,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -242,15 +268,19 @@ impl Runtime {
         unsafe_code,
         reason = "loading precompiled machine code is unsafe by nature"
     )]
-    fn deserialize(&self, compiled: &[u8]) -> anyhow::Result<Component> {
+    fn deserialize(&self, compiled: &[u8]) -> anyhow::Result<(Component, Component)> {
         // SAFETY: these bytes were produced by `Engine::precompile_component` of an
         // engine with the same compatibility hash (it is in the cache name): either just
         // now, or read back from the state dir, which is as trusted as this binary, and
         // checked against the digest recorded when this host wrote them. wasmtime
         // checks the header and the engine settings again before using them.
-        unsafe { Component::deserialize(&self.engine, compiled) }
-            .map_err(anyhow::Error::from)
-            .context("loading a compiled component")
+        let load = |engine: &Engine| unsafe { Component::deserialize(engine, compiled) };
+        let pooled = load(&self.engine).map_err(anyhow::Error::from);
+        let large = load(&self.large).map_err(anyhow::Error::from);
+        Ok((
+            pooled.context("loading a compiled component")?,
+            large.context("loading a compiled component")?,
+        ))
     }
 }
 
@@ -268,10 +298,19 @@ struct CacheRecord {
     artifact: Digest,
 }
 
+/// A hash of everything that makes code compiled by `engine` loadable.
+fn compatibility(engine: &Engine) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A component ready to be pre-instantiated.
 pub struct LoadedComponent {
-    /// The component.
+    /// The component, for the pooled engine.
     pub component: Component,
+    /// The same code, for the on-demand engine.
+    pub large: Component,
     /// Whether it came from the compile cache.
     pub from_cache: bool,
     /// How long loading (or compiling) took.

@@ -33,8 +33,13 @@ pub struct Function {
     version: u64,
     spec: FunctionSpec,
     pre: ProxyPre<InstanceState>,
+    /// The same, on the on-demand engine: used once a request's guest grew past
+    /// [`LARGE_GUEST`], so large memories are returned when each request ends.
+    large_pre: ProxyPre<InstanceState>,
+    large: std::sync::atomic::AtomicBool,
     grants: Grants,
     engine: wasmtime::Engine,
+    large_engine: wasmtime::Engine,
     long_lane: Arc<Semaphore>,
     body_budget: BodyBudget,
     slots: Arc<Semaphore>,
@@ -55,7 +60,7 @@ impl Function {
     /// whose bytes are at `component`, as version `version` of app `app`.
     pub fn load(
         runtime: &Runtime,
-        linker: &Linker<InstanceState>,
+        (linker, large_linker): (&Linker<InstanceState>, &Linker<InstanceState>),
         (app, version): (&Name, u64),
         spec: &FunctionSpec,
         component: &Path,
@@ -70,6 +75,11 @@ impl Function {
         let pre = ProxyPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .context("the component does not export `wasi:http/incoming-handler` (the wasi:http proxy world)")?;
+        let large_pre = large_linker
+            .instantiate_pre(&loaded.large)
+            .and_then(ProxyPre::new)
+            .map_err(anyhow::Error::from)
+            .context("the component does not link on the on-demand engine")?;
         tracing::info!(
             app = %app,
             version,
@@ -85,8 +95,11 @@ impl Function {
             version,
             spec: spec.clone(),
             pre,
+            large_pre,
+            large: std::sync::atomic::AtomicBool::new(false),
             grants,
             engine: runtime.engine().clone(),
+            large_engine: runtime.large_engine().clone(),
             long_lane: Arc::clone(runtime.long_lane()),
             body_budget: runtime.body_budget().clone(),
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
@@ -313,7 +326,14 @@ impl Function {
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<()> {
         let state = self.grants.instance(request_id)?;
-        let mut store = Store::new(&self.engine, state);
+        let peak = Arc::clone(&state.limits.peak);
+        let _note = NotePeak(self, peak);
+        let (engine, pre) = if self.large.load(Ordering::Relaxed) {
+            (&self.large_engine, &self.large_pre)
+        } else {
+            (&self.engine, &self.pre)
+        };
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never
         // holds a worker thread for long. Once it has run for a few ticks it is
@@ -355,7 +375,7 @@ impl Function {
             .http()
             .new_incoming_request(Scheme::Http, request)?;
         let out = store.data_mut().http().new_response_outparam(sender)?;
-        let proxy = self.pre.instantiate_async(&mut store).await?;
+        let proxy = pre.instantiate_async(&mut store).await?;
         proxy
             .wasi_http_incoming_handler()
             .call_handle(&mut store, request, out)
@@ -431,6 +451,28 @@ fn is_pool_exhausted(error: &anyhow::Error) -> bool {
     error
         .chain()
         .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
+}
+
+/// A guest memory past which the function's later requests run on the on-demand
+/// engine. Freed pool slots wait for a decommit batch of [`crate::engine::DECOMMIT_BATCH`],
+/// so at most that many × this stays resident between requests.
+pub const LARGE_GUEST: usize = 16 << 20;
+
+/// When a request ends (also dropped at its deadline): a guest that grew past
+/// [`LARGE_GUEST`] moves its function to the on-demand engine.
+struct NotePeak<'a>(&'a Function, Arc<AtomicUsize>);
+
+impl Drop for NotePeak<'_> {
+    fn drop(&mut self) {
+        let peak = self.1.load(Ordering::Relaxed);
+        if peak > LARGE_GUEST && !self.0.large.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                function = %self.0.spec.name,
+                "a request grew guest memory to {} MiB: later requests allocate memory on demand, returning it when they end",
+                peak >> 20
+            );
+        }
+    }
 }
 
 /// Whether the guest was stopped by the epoch interrupt (its hard deadline).

@@ -225,6 +225,7 @@ impl FunctionTable {
 pub struct Node {
     runtime: Runtime,
     linker: Linker<InstanceState>,
+    large_linker: Linker<InstanceState>,
     config: NodeConfig,
     blobs: BlobStore,
     models: Mutex<Option<Arc<ModelRegistry>>>,
@@ -240,6 +241,24 @@ pub struct Node {
     _lock: std::fs::File,
 }
 
+/// Everything a guest may import, linked for `engine`.
+fn new_linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<InstanceState>> {
+    let mut linker = Linker::<InstanceState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("linking WASI")?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:http")?;
+    crate::nn::add_to_linker(&mut linker, InstanceState::nn)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:nn")?;
+    crate::train::add_to_linker(&mut linker, InstanceState::train)
+        .map_err(anyhow::Error::from)
+        .context("linking lepton:nn/training")?;
+    Ok(linker)
+}
+
 impl Node {
     /// Opens the node on its state dir and serves every app that was active there
     /// (an app that no longer loads is skipped with an error in the log; the node
@@ -248,19 +267,8 @@ impl Node {
         let state_dir = &config.state_dir;
         crate::fsutil::private_dir(state_dir)?;
         let runtime = Runtime::with_limits(config.max_instances, config.body_budget)?;
-        let mut linker = Linker::<InstanceState>::new(runtime.engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(anyhow::Error::from)
-            .context("linking WASI")?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(anyhow::Error::from)
-            .context("linking wasi:http")?;
-        crate::nn::add_to_linker(&mut linker, InstanceState::nn)
-            .map_err(anyhow::Error::from)
-            .context("linking wasi:nn")?;
-        crate::train::add_to_linker(&mut linker, InstanceState::train)
-            .map_err(anyhow::Error::from)
-            .context("linking lepton:nn/training")?;
+        let linker = new_linker(runtime.engine())?;
+        let large_linker = new_linker(runtime.large_engine())?;
         let lock_path = state_dir.join("lock");
         let lock = std::fs::File::options()
             .create(true)
@@ -302,6 +310,7 @@ impl Node {
             audit: AuditLog::open(state_dir)?,
             runtime,
             linker,
+            large_linker,
             config,
             models: Mutex::new(None),
             table: ArcSwap::from_pointee(FunctionTable::default()),
@@ -928,7 +937,7 @@ impl Node {
             let grants = Grants::new(spec, mounts, granted_models, registry.clone(), train);
             let function = Function::load(
                 &self.runtime,
-                &self.linker,
+                (&self.linker, &self.large_linker),
                 (&app.name, stored.version),
                 spec,
                 &self.blobs.path(&spec.component),
