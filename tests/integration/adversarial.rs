@@ -496,12 +496,7 @@ fn guest_log_floods_share_a_node_wide_budget() {
     // The burst (4 MiB) and what refills while they run (1 MiB/s), with room for
     // the records' fields.
     assert!(logged < 12 << 20, "{} MiB of log", logged >> 20);
-    let metrics = lepton.get("/.well-known/lepton/metrics").body;
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lepton_guest_log_bytes_dropped_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("dropped counter");
+    let dropped = node_gauge(&lepton, "lepton_guest_log_bytes_dropped_total");
     assert!(dropped > 4 << 20, "{dropped} bytes dropped");
 }
 

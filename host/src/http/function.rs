@@ -19,7 +19,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::body::{BodyBudget, BodyError};
-use super::{Body, text};
+use super::{Body, text, text_with};
 use crate::caps::{Grants, InstanceState};
 use crate::engine::Runtime;
 use crate::locked::{FunctionSpec, Name};
@@ -231,15 +231,11 @@ impl Function {
             Ok(Err(BodyError::OverBudget)) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(function = %self.spec.name, request_id, "request body refused: the node holds its budget of request bodies");
-                let mut response = text(
+                return text_with(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     "the node holds as many request bodies as it may; retry later\n",
+                    (http::header::RETRY_AFTER, "1"),
                 );
-                response.headers_mut().insert(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from_static("1"),
-                );
-                return response;
             }
             Ok(Err(BodyError::Read(error))) => {
                 tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
@@ -401,18 +397,14 @@ impl Function {
 
     fn at_capacity(&self) -> hyper::Response<Body> {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        let mut response = text(
+        text_with(
             http::StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "function `{}` is at capacity; retry later\n",
                 self.spec.name
             ),
-        );
-        response.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            http::HeaderValue::from_static("1"),
-        );
-        response
+            (http::header::RETRY_AFTER, "1"),
+        )
     }
 
     fn timed_out(&self, request_id: &str) -> hyper::Response<Body> {

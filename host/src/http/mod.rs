@@ -53,15 +53,11 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
         .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     {
         if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
-            let mut response = text(
+            return text_with(
                 http::StatusCode::METHOD_NOT_ALLOWED,
                 "host paths answer GET and HEAD only\n",
+                (http::header::ALLOW, "GET, HEAD"),
             );
-            response.headers_mut().insert(
-                http::header::ALLOW,
-                http::HeaderValue::from_static("GET, HEAD"),
-            );
-            return response;
         }
         return match host_path {
             "/health" => text(http::StatusCode::OK, "ok\n"),
@@ -98,6 +94,19 @@ pub(crate) fn text(status: http::StatusCode, body: &str) -> hyper::Response<Body
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    response
+}
+
+/// [`text`] with one more header.
+pub(crate) fn text_with(
+    status: http::StatusCode,
+    body: &str,
+    (name, value): (http::HeaderName, &'static str),
+) -> hyper::Response<Body> {
+    let mut response = text(status, body);
+    response
+        .headers_mut()
+        .insert(name, http::HeaderValue::from_static(value));
     response
 }
 
