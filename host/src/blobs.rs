@@ -121,7 +121,7 @@ impl BlobStore {
     pub fn writer(&self, expected: Digest, limit: u64) -> Result<BlobWriter, BlobError> {
         let final_path = self.path(&expected);
         let temp = fsutil::temp_path(&final_path);
-        let file = std::fs::File::create(&temp)
+        let file = crate::fsutil::create_private(&temp)
             .with_context(|| format!("creating `{}`", temp.display()))?;
         Ok(BlobWriter {
             file: Some(file),

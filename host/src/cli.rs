@@ -244,6 +244,7 @@ fn default_state_dir(manifest: Option<&Path>) -> PathBuf {
 
 impl UpArgs {
     async fn run(self) -> anyhow::Result<()> {
+        let mut signals = Signals::install();
         let state_dir = self
             .state_dir
             .clone()
@@ -315,12 +316,12 @@ impl UpArgs {
             }
         }
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signals.next().await;
             let _ = stop.send(true);
             // A second signal means now: no drain, no checkpoint.
-            shutdown_signal().await;
+            signals.next().await;
             tracing::warn!("second signal: exiting at once");
-            std::process::exit(130);
+            exit_now(130);
         });
         crate::http::serve(
             listener,
@@ -531,22 +532,57 @@ fn format_time(ms: u64) -> String {
     )
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    // SIGHUP too: a closed terminal must not end the node without its checkpoints.
-    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = hangup.recv() => tracing::info!("SIGHUP received"),
+/// The signals that stop a node, installed once (before the node is ready, so that
+/// none is missed): SIGINT, SIGTERM, and SIGHUP too, since a closed terminal must not end
+/// the node without its checkpoints.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(interrupt), Ok(terminate), Ok(hangup)) => {
+                Self(Some((interrupt, terminate, hangup)))
+            }
+            _ => {
+                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                Self(None)
+            }
+        }
     }
+
+    /// Waits for the next of them.
+    async fn next(&mut self) {
+        let Some((interrupt, terminate, hangup)) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = hangup.recv() => tracing::info!("SIGHUP received"),
+        }
+    }
+}
+
+/// Ends the process at once, running no exit handlers (ONNX Runtime's static
+/// destructors would run while its threads still do).
+#[expect(
+    unsafe_code,
+    reason = "_exit has no preconditions; it is unsafe only as FFI"
+)]
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process; nothing in it depends on our state.
+    unsafe { libc::_exit(code) }
 }
 
 #[cfg(test)]

@@ -47,6 +47,10 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || a == 0 // "this network"
         || (a == 100 && (64..128).contains(&b)) // shared address space (carrier NAT)
         || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
+        || (a == 192 && b == 0 && ip.octets()[2] == 2) // documentation
+        || (a == 198 && b == 51 && ip.octets()[2] == 100) // documentation
+        || (a == 203 && b == 0 && ip.octets()[2] == 113) // documentation
+        || (a == 192 && b == 88 && ip.octets()[2] == 99) // 6to4 relay anycast
         || (a == 198 && (b == 18 || b == 19)) // benchmarking
         || a >= 240 // reserved
 }
@@ -62,6 +66,10 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16)
         // addresses embed an IPv4 address: judge that one.
         || (ip.segments()[..6] == [0; 6])
+        || (ip.segments()[..6] == [0, 0, 0, 0, 0xffff, 0]) // IPv4-translated
+        || (ip.segments()[..3] == [0x64, 0xff9b, 1]) // local-use NAT64
+        || (ip.segments()[..2] == [0x2001, 0]) // Teredo (hides an IPv4 address)
+        || (ip.segments()[..4] == [0x100, 0, 0, 0]) // discard-only
         || (ip.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
             && is_internal_v4(embedded_v4(ip, 12)))
         || (first == 0x2002 && is_internal_v4(embedded_v4(ip, 2)))

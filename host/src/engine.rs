@@ -35,7 +35,8 @@ pub const DEFAULT_POOL_INSTANCES: u32 = 1000;
 /// A Rust `wasm32-wasip2` component has 3 core modules, 2 tables and 1 memory.
 pub const POOL_SLOTS_PER_INSTANCE: u32 = 4;
 
-/// Epoch ticks a request's guest may run before it counts as long-running and
+/// Epoch ticks a request's guest may run (each counted only if the guest ran for at
+/// least half a tick since it last got a thread) before it counts as long-running and
 /// must take turns in the [`Runtime::long_lane`] (about 20–30 ms of guest code).
 pub const LONG_RUNNING_TICKS: u32 = 3;
 

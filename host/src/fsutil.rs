@@ -16,14 +16,26 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .unwrap_or(Path::new("."));
     create_dir_all_durably(dir)?;
     let temp = temp_path(path);
-    let mut file =
-        std::fs::File::create(&temp).with_context(|| format!("creating `{}`", temp.display()))?;
+    let mut file = create_private(&temp)?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing `{}`", temp.display()))?;
     drop(file);
     std::fs::rename(&temp, path).with_context(|| format!("renaming into `{}`", path.display()))?;
     sync_dir(dir)
+}
+
+/// Creates `path` (truncating it) readable and writable by its owner only, whatever
+/// the umask: nothing in the state dir is for other users to write.
+pub fn create_private(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating `{}`", path.display()))
 }
 
 /// `create_dir_all`, then a sync of the parent of every directory it made, so the new
@@ -55,11 +67,20 @@ pub fn temp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
-/// Whether `path` is a temporary file left by [`write_atomically`] (a crash mid-write).
+/// Whether `path` is a temporary file left by [`write_atomically`] (a crash mid-write):
+/// `.{name}.tmp-{pid}-{n}`.
 pub fn is_temp(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Some((stem, tail)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    !stem.is_empty()
+        && tail
+            .split_once('-')
+            .is_some_and(|(pid, n)| digits(pid) && digits(n))
 }
 
 /// Creates `dir` (and its missing parents) as `0700`, or checks the one that is there:
@@ -77,6 +98,12 @@ pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(dir).with_context(|| format!("reading `{}`", dir.display()))?;
     anyhow::ensure!(meta.is_dir(), "`{}` is not a directory", dir.display());
     let mode = meta.permissions().mode() & 0o7777;
+    anyhow::ensure!(
+        owned_by_us(&meta),
+        "state dir `{}` belongs to another user (uid {}); whoever owns it can run code in this node",
+        dir.display(),
+        std::os::unix::fs::MetadataExt::uid(&meta)
+    );
     anyhow::ensure!(
         mode & 0o022 == 0,
         "state dir `{}` is writable by its group or by others (mode {mode:04o}); whoever can \
@@ -127,10 +154,18 @@ pub fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Whether group or others may write the file `meta` describes.
+/// Whether someone other than this process's user may write the file `meta`
+/// describes: another owner, or write bits for group or others.
 pub fn writable_by_others(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    meta.permissions().mode() & 0o022 != 0
+    !owned_by_us(meta) || meta.permissions().mode() & 0o022 != 0
+}
+
+/// Whether the file `meta` describes belongs to this process's effective user
+/// (`/proc/self` belongs to it).
+fn owned_by_us(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|me| me.uid() == meta.uid())
 }
 
 /// Removes the temporary files [`write_atomically`] (or a blob upload) left behind when
@@ -148,7 +183,8 @@ pub fn remove_temporaries(root: &Path) -> usize {
             let Ok(kind) = entry.file_type() else {
                 continue;
             };
-            if kind.is_dir() && depth < 8 {
+            // Unpacked `files` trees are the operator's files, not ours to clean.
+            if kind.is_dir() && depth < 8 && !(depth == 0 && entry.file_name() == "mounts") {
                 pending.push((path, depth + 1));
             } else if kind.is_file() && is_temp(&path) && std::fs::remove_file(&path).is_ok() {
                 removed += 1;

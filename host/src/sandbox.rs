@@ -6,8 +6,10 @@
 //! `CLONE_THREAD`, so no new process either: `clone3` answers `ENOSYS`, which makes the C
 //! library use `clone`, whose flags the filter can read), tracing or reading other
 //! processes (`ptrace`, `process_vm_*`), mounts, namespaces, kernel modules, BPF, keyrings,
-//! `io_uring`, `userfaultfd`, and changing users or capabilities. Sockets are allowed:
-//! outbound HTTP is the guest's `allowed_outbound_hosts`, checked in [`crate::egress`].
+//! `io_uring`, `userfaultfd`, and changing users or capabilities. Sockets are TCP/UDP over
+//! IPv4 and IPv6 only (no Unix sockets: D-Bus, systemd or a container runtime's socket
+//! could start programs for us); outbound HTTP is the guest's `allowed_outbound_hosts`,
+//! checked in [`crate::egress`]. Signals go only to this process's own threads.
 
 use std::collections::BTreeMap;
 
@@ -41,7 +43,6 @@ fn allowed() -> Vec<libc::c_long> {
         libc::SYS_gettid,
         libc::SYS_getpid,
         libc::SYS_getppid,
-        libc::SYS_tgkill,
         libc::SYS_sched_yield,
         libc::SYS_sched_getaffinity,
         libc::SYS_sched_setaffinity,
@@ -125,7 +126,6 @@ fn allowed() -> Vec<libc::c_long> {
         libc::SYS_ppoll,
         libc::SYS_pselect6,
         libc::SYS_accept4,
-        libc::SYS_socket,
         libc::SYS_socketpair,
         libc::SYS_connect,
         libc::SYS_getsockname,
@@ -184,6 +184,28 @@ fn allow_list() -> anyhow::Result<BpfProgram> {
         .into_iter()
         .map(|call| (call, Vec::new()))
         .collect();
+    let equals = |arg: u8, value: u64| -> anyhow::Result<SeccompRule> {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            value,
+        )?])?)
+    };
+    // Sockets for TCP and UDP only: not Unix sockets (D-Bus, systemd, docker.sock
+    // could start programs), netlink, packet, vsock or the kernel's crypto API.
+    rules.insert(
+        libc::SYS_socket,
+        vec![
+            equals(0, libc::AF_INET as u64)?,
+            equals(0, libc::AF_INET6 as u64)?,
+        ],
+    );
+    // Signals to this process's own threads only.
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![equals(0, u64::from(std::process::id()))?],
+    );
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
         libc::SYS_clone,
@@ -230,7 +252,7 @@ pub fn lock_down() -> anyhow::Result<()> {
         Err(error) if error.raw_os_error() == Some(libc::EPERM) => {
             tracing::info!(
                 "seccomp on for every thread: {} system calls allowed; starting a program fails with EPERM",
-                allowed().len() + 1
+                allowed().len() + 3
             );
             Ok(())
         }

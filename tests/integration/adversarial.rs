@@ -27,7 +27,7 @@ fn twenty_spinning_guests_do_not_starve_another_function_and_time_out_as_504() {
         assert_eq!(lepton.get("/hello").status, 200);
         latencies.push(started.elapsed());
     }
-    assert!(latencies.len() >= 20, "only {} samples", latencies.len());
+    assert!(latencies.len() >= 50, "only {} samples", latencies.len());
     let p50 = quantile(&mut latencies, 0.5);
     let p99 = quantile(&mut latencies, 0.99);
     // Before the long lane: p50 ≈ 550 ms on 2 cores. The bench measures the real
@@ -147,12 +147,12 @@ fn bodies_past_the_node_wide_budget_get_503_and_the_budget_comes_back() {
         node_gauge(&lepton, "lepton_request_body_bytes_budget"),
         4 << 20
     );
-    // One upload announces 3 MiB and sends part of it: the node holds its reservation.
+    // One upload announces 3.5 MiB and sends 3 MiB of it: the node holds what arrived.
     let mut first = std::net::TcpStream::connect(&lepton.address).expect("connect");
     first
-        .write_all(b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3145728\r\n\r\n")
+        .write_all(b"POST /probe/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3670016\r\n\r\n")
         .expect("write");
-    first.write_all(&[b'a'; 1 << 20]).expect("write");
+    first.write_all(&vec![b'a'; 3 << 20]).expect("write");
     let started = Instant::now();
     while node_gauge(&lepton, "lepton_request_body_bytes_held") < 3 << 20 {
         assert!(started.elapsed() < crate::util::PATIENCE, "never reserved");
@@ -173,7 +173,7 @@ fn bodies_past_the_node_wide_budget_get_503_and_the_budget_comes_back() {
     );
     // A small one still fits.
     assert_eq!(lepton.post("/probe/echo", b"small").body, "ok: 5 bytes\n");
-    first.write_all(&vec![b'a'; 2 << 20]).expect("write");
+    first.write_all(&vec![b'a'; 512 << 10]).expect("write");
     let mut answer = [0_u8; 12];
     first.read_exact(&mut answer).expect("answer");
     assert_eq!(&answer, b"HTTP/1.1 200");
@@ -486,6 +486,7 @@ fn guest_log_floods_share_a_node_wide_budget() {
     ));
     let lepton = project.up();
     // 20 requests at once, each printing 2 MiB (its own cap is 1 MiB): 20 MiB logged before.
+    let started = Instant::now();
     let floods: Vec<_> = (0..20)
         .map(|_| lepton.get_in_background("/probe/flood?2048"))
         .collect();
@@ -493,9 +494,16 @@ fn guest_log_floods_share_a_node_wide_budget() {
         assert_eq!(flood.join().expect("thread").status, 200);
     }
     let logged = std::fs::metadata(&lepton.log_path).expect("log").len();
-    // The burst (4 MiB) and what refills while they run (1 MiB/s), with room for
-    // the records' fields.
-    assert!(logged < 12 << 20, "{} MiB of log", logged >> 20);
+    // The burst (4 MiB) and what refilled while they ran (1 MiB/s), with room for the
+    // records' fields (a third) and the node's own lines.
+    let allowed =
+        (4.0 + started.elapsed().as_secs_f64()) * 1.34 * f64::from(1 << 20) + f64::from(1 << 20);
+    assert!(
+        (logged as f64) < allowed && logged < 20 << 20,
+        "{} MiB of log in {:?}",
+        logged >> 20,
+        started.elapsed()
+    );
     let dropped = node_gauge(&lepton, "lepton_guest_log_bytes_dropped_total");
     assert!(dropped > 4 << 20, "{dropped} bytes dropped");
 }
@@ -1099,7 +1107,8 @@ fn memory_of_finished_requests_is_given_back() {
         "{} MiB still resident after the requests",
         grown >> 20
     );
-    // Small guests keep their fast path.
+    // Serving goes on, for the large guest and the small one.
+    assert!(lepton.get("/hog").body.starts_with("allocated 25"));
     for _ in 0..100 {
         assert_eq!(lepton.get("/hello").status, 200);
     }

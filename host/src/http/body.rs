@@ -1,7 +1,7 @@
 //! Request bodies: read only after admission, capped per function, and bounded node-wide.
 //!
-//! Every byte of a request body the node holds is reserved from one [`BodyBudget`] while
-//! it is read and until the request ends, so `max_connections` × `max_body_size` can
+//! Every byte of a request body the node holds is reserved from one [`BodyBudget`] as
+//! it arrives and until the request ends, so `max_connections` × `max_body_size` can
 //! never all be in memory at once: a body that would take the node past its budget is
 //! turned away with 503 while it arrives.
 
@@ -38,6 +38,11 @@ impl BodyBudget {
     /// The budget, in bytes.
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// Bytes not reserved now.
+    pub fn available(&self) -> u64 {
+        self.units.available_permits() as u64 * UNIT
     }
 
     /// Bytes reserved by bodies now held.
@@ -90,10 +95,14 @@ pub async fn read(
         reserved_units = needed;
         Ok(())
     };
-    // A declared length is reserved (and buffered) up front: one allocation, and a
-    // body that cannot fit is refused before any of it is read.
+    // A declared length that does not fit what is left is refused before any of it is
+    // read; one that fits is reserved only as its bytes arrive, so headers alone hold
+    // nothing. The buffer is allocated at its declared size once (address space: its
+    // pages are only touched as bytes land).
     let capacity = declared.unwrap_or(0).min(limit);
-    reserve(capacity)?;
+    if capacity > budget.available() {
+        return Err(BodyError::OverBudget);
+    }
     let mut buffer = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -332,36 +332,74 @@ impl Function {
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never
-        // holds a worker thread for long. Once it has run for a few ticks it is
-        // long-running: each further slice needs a turn in the long lane, which leaves
-        // a core to fresh requests and the gateway however many guests spin. Past the
-        // deadline it is interrupted (a trap, answered as a timeout); the request's own
-        // timer normally fires first and drops the guest.
+        // holds a worker thread for long. Once it has run for a few ticks since it was
+        // last resumed (time spent waiting for a thread does not count) it is
+        // long-running for the rest of the request: each further slice needs a turn in
+        // the long lane, which leaves a core to fresh requests and the gateway however
+        // many guests spin. Past the deadline it is interrupted (a trap, answered as a
+        // timeout); the request's own timer normally fires first and drops the guest.
         let hard_deadline = deadline.into_std() + crate::engine::EPOCH_TICK * 5;
         let lane = Arc::clone(&self.long_lane);
-        let turn: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
-        let mut ticks = 0_u32;
+        // The slice number and the lane turn it runs on.
+        let turn: Arc<std::sync::Mutex<(u64, Option<OwnedSemaphorePermit>)>> = Arc::default();
+        let base = Instant::now();
+        // When the guest last got a thread back, in nanoseconds after `base`.
+        let resumed = Arc::new(AtomicU64::new(0));
+        let mut running_ticks = 0_u32;
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= hard_deadline {
+            let now = Instant::now();
+            if now >= hard_deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            ticks = ticks.saturating_add(1);
-            if ticks < crate::engine::LONG_RUNNING_TICKS {
-                return Ok(UpdateDeadline::Yield(1));
+            let since = Duration::from_nanos(resumed.load(Ordering::Relaxed));
+            if now.saturating_duration_since(base + since) >= crate::engine::EPOCH_TICK / 2 {
+                running_ticks = running_ticks.saturating_add(1);
+            }
+            let resumed = Arc::clone(&resumed);
+            let mark = move || {
+                let at = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                resumed.store(at, Ordering::Relaxed);
+            };
+            if running_ticks < crate::engine::LONG_RUNNING_TICKS {
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(async move {
+                        tokio::task::yield_now().await;
+                        mark();
+                    }),
+                ));
             }
             // Give back the turn this slice ran on, and wait in line for the next.
             if let Ok(mut held) = turn.lock() {
-                held.take();
+                held.1.take();
             }
             let (lane, turn) = (Arc::clone(&lane), Arc::clone(&turn));
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {
-                    if let Ok(permit) = lane.acquire_owned().await
-                        && let Ok(mut held) = turn.lock()
-                    {
-                        *held = Some(permit);
+                    if let Ok(permit) = lane.acquire_owned().await {
+                        let slice = turn.lock().map(|mut held| {
+                            held.0 += 1;
+                            held.1 = Some(permit);
+                            held.0
+                        });
+                        // A slice that goes into a host call (inference, outbound HTTP,
+                        // a sleep) reaches no epoch check to give its turn back: it
+                        // lapses after two ticks.
+                        if let Ok(slice) = slice {
+                            let turn = Arc::downgrade(&turn);
+                            tokio::spawn(async move {
+                                tokio::time::sleep(crate::engine::EPOCH_TICK * 2).await;
+                                if let Some(turn) = turn.upgrade()
+                                    && let Ok(mut held) = turn.lock()
+                                    && held.0 == slice
+                                {
+                                    held.1.take();
+                                }
+                            });
+                        }
                     }
+                    mark();
                 }),
             ))
         });

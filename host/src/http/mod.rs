@@ -36,6 +36,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful shutdown waits for in-flight requests before exiting anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a drain with no request left in flight still waits for connections to
+/// finish writing what they hold.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
 /// The body of every response the gateway sends.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
@@ -222,9 +226,16 @@ pub async fn serve_connections(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
+    let closed = graceful.shutdown();
+    let mut closed = std::pin::pin!(closed);
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("all connections closed"),
-        () = idle => tracing::debug!("no request in flight: closing the connections left"),
+        () = &mut closed => tracing::debug!("all connections closed"),
+        () = idle => {
+            // The last responses may still be in hyper's buffers: give them a moment.
+            if tokio::time::timeout(DRAIN_GRACE, &mut closed).await.is_err() {
+                tracing::debug!("no request in flight: closing the connections left");
+            }
+        }
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout: closing remaining connections"),
     }
     Ok(())
