@@ -1113,3 +1113,28 @@ fn memory_of_finished_requests_is_given_back() {
         assert_eq!(lepton.get("/hello").status, 200);
     }
 }
+
+#[test]
+fn the_compile_cache_is_reused_under_a_group_writable_umask() {
+    let project = Project::new(&manifest(
+        "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/hello\"\n",
+    ));
+    // As on Debian for users with a private group (umask 002): files we write must
+    // still be ours alone, or the next start refuses its own cache.
+    let check = || {
+        std::process::Command::new("sh")
+            .args(["-c", "umask 002 && exec \"$0\" check lepton.toml --state-dir state"])
+            .arg(env!("CARGO_BIN_EXE_lepton"))
+            .current_dir(project.dir.path())
+            .env("LEPTON_LOG", "info")
+            .output()
+            .expect("run lepton check")
+    };
+    let first = check();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = check();
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{log}");
+    assert!(!log.contains("recompiling"), "{log}");
+    assert!(log.contains("cached=true"), "{log}");
+}

@@ -8,9 +8,10 @@
 //!   bytes) may use only the operators in [`UPLOAD_OPERATORS`] of the default ONNX
 //!   domain: none whose output size comes from a tensor's *values* or an attribute
 //!   (`ConstantOfShape`, `Expand`, `Tile`, `Range`, `Resize`, `Pad`, random generators,
-//!   `ConvTranspose`), and no control flow (`Loop`, `Scan`, `If`), so a few bytes cannot
-//!   make the host allocate gigabytes or loop for seconds. Models in the manifest are
-//!   the operator's and are not restricted.
+//!   `ConvTranspose`), and no control flow (`Loop`, `Scan`, `If`). Each allowed operator's
+//!   output is bounded by its inputs, but those bounds multiply through a graph, so this
+//!   does not bound what ONNX Runtime allocates (docs/security.md, "not bounded yet").
+//!   Models in the manifest are the operator's and are not restricted.
 
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto};
 use prost::Message as _;
