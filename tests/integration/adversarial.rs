@@ -277,10 +277,19 @@ fn cpu_time(pid: u32) -> Duration {
 
 #[test]
 fn an_inference_past_the_deadline_is_stopped_and_keeps_no_core() {
-    let project = Project::new(&manifest(
-        "[model.endless]\npath = \"endless.onnx\"\n\
-         [function.nn]\ncomponent = \"{NNPROBE}\"\nroute = \"/nn/...\"\nmodels = [\"endless\"]\ntimeout = \"1s\"\n",
-    ));
+    inference_past_the_deadline("");
+}
+
+#[test]
+fn a_batched_inference_past_the_deadline_is_stopped_too() {
+    inference_past_the_deadline("batch = { max_size = 4, max_wait = \"1ms\" }\n");
+}
+
+fn inference_past_the_deadline(model_extra: &str) {
+    let project = Project::new(&manifest(&format!(
+        "[model.endless]\npath = \"endless.onnx\"\n{model_extra}\
+         [function.nn]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/nn/...\"\nmodels = [\"endless\"]\ntimeout = \"1s\"\n",
+    )));
     std::fs::write(
         project.path("endless.onnx"),
         crate::onnx::endless_loop_model(),
@@ -1123,7 +1132,10 @@ fn the_compile_cache_is_reused_under_a_group_writable_umask() {
     // still be ours alone, or the next start refuses its own cache.
     let check = || {
         std::process::Command::new("sh")
-            .args(["-c", "umask 002 && exec \"$0\" check lepton.toml --state-dir state"])
+            .args([
+                "-c",
+                "umask 002 && exec \"$0\" check lepton.toml --state-dir state",
+            ])
             .arg(env!("CARGO_BIN_EXE_lepton"))
             .current_dir(project.dir.path())
             .env("LEPTON_LOG", "info")
@@ -1131,7 +1143,11 @@ fn the_compile_cache_is_reused_under_a_group_writable_umask() {
             .expect("run lepton check")
     };
     let first = check();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let second = check();
     let log = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{log}");

@@ -129,8 +129,42 @@ async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Rec
 }
 
 async fn run_alone(model: &Arc<OnnxModel>, jobs: Vec<Job>) {
-    for job in jobs {
-        let _ = job.reply.send(model.run_validated(job.inputs).await);
+    for Job {
+        inputs, mut reply, ..
+    } in jobs
+    {
+        // A caller that goes away stops its run (dropping it terminates it).
+        let result = tokio::select! {
+            result = model.run_validated(inputs) => Some(result),
+            () = reply.closed() => None,
+        };
+        if let Some(result) = result {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// How often a batched run checks whether all its callers have gone.
+const ABANDON_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Runs `inputs`, unless every caller of `jobs` goes away first: then the run is
+/// dropped, which terminates it, and `None` is returned.
+async fn run_unless_abandoned(
+    model: &Arc<OnnxModel>,
+    inputs: Vec<(String, Tensor)>,
+    jobs: &[Job],
+) -> Option<super::onnx::RunResult> {
+    let abandoned = async {
+        loop {
+            tokio::time::sleep(ABANDON_CHECK).await;
+            if jobs.iter().all(|job| job.reply.is_closed()) {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        result = model.run_validated(inputs) => Some(result),
+        () = abandoned => None,
     }
 }
 
@@ -163,7 +197,14 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
             },
         ));
     }
-    match model.run_validated(stacked).await {
+    let Some(result) = run_unless_abandoned(&model, stacked, &jobs).await else {
+        tracing::debug!(
+            model = model.name(),
+            "every caller of a batch went away: its run is stopped"
+        );
+        return;
+    };
+    match result {
         Ok(outputs) if outputs.iter().all(|(_, t)| t.dims.first() == Some(&total)) => {
             let mut offset = 0u32;
             for job in jobs {

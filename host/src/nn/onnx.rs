@@ -110,7 +110,7 @@ pub struct Io {
 /// Runs waiting for a free session, past which callers wait to enqueue.
 pub const MAX_QUEUED_RUNS: usize = 1024;
 
-type RunResult = Result<Vec<(String, Tensor)>, NnError>;
+pub(crate) type RunResult = Result<Vec<(String, Tensor)>, NnError>;
 
 struct Job {
     inputs: Vec<(String, Tensor)>,
