@@ -1154,3 +1154,39 @@ fn the_compile_cache_is_reused_under_a_group_writable_umask() {
     assert!(!log.contains("recompiling"), "{log}");
     assert!(log.contains("cached=true"), "{log}");
 }
+
+/// The nnprobe body for `/nn/upload-compute`: the model, then tensor lines.
+fn upload_compute_body(model: &[u8], tensors: &str) -> Vec<u8> {
+    let mut body = format!("{}\n", model.len()).into_bytes();
+    body.extend_from_slice(model);
+    body.extend_from_slice(tensors.as_bytes());
+    body
+}
+
+#[test]
+fn what_an_uploaded_model_allocates_is_capped() {
+    let project = uploader();
+    let lepton = project.up_with_ort();
+    let pid = lepton.child.id();
+    let x = crate::util::tensor_line("x", "FP32", &[64], &[0; 256]);
+    // Small: runs.
+    let small = lepton.post(
+        "/nn/upload-compute",
+        &upload_compute_body(&crate::onnx::doubling_model(4), &x),
+    );
+    assert_eq!(small.body, "ok: 1 outputs\n", "{small:?}");
+    // 2^22 × 64 floats (1 GiB) in the last Concat alone: past the 256 MiB arena.
+    reset_peak_rss(pid);
+    let before = peak_rss(pid);
+    let big = lepton.post(
+        "/nn/upload-compute",
+        &upload_compute_body(&crate::onnx::doubling_model(22), &x),
+    );
+    let grown = peak_rss(pid).saturating_sub(before);
+    assert!(
+        big.body.starts_with("error: ErrorCode::RuntimeError"),
+        "{big:?}"
+    );
+    assert!(grown < 600 << 20, "peak RSS grew by {} MiB", grown >> 20);
+    assert_eq!(lepton.get("/.well-known/lepton/health").status, 200);
+}

@@ -240,3 +240,36 @@ pub fn endless_loop_model() -> Vec<u8> {
     bytes_field(&mut graph, 12, &value_info("y", 1, &[Some(1)]));
     model_proto(&graph)
 }
+
+/// `y = ReduceSum(Concat(c, c))` with `c` doubled `levels` times from a FLOAT `[N]` input
+/// `x`: every operator is bounded by its inputs, the graph is not (2^levels × N floats).
+pub fn doubling_model(levels: usize) -> Vec<u8> {
+    let mut axis = Vec::new();
+    bytes_field(&mut axis, 1, b"axis");
+    int_field(&mut axis, 3, 0); // i
+    int_field(&mut axis, 20, 2); // type: INT
+    let mut graph = Vec::new();
+    let mut previous = "x".to_owned();
+    for level in 0..levels {
+        let next = format!("c{level}");
+        bytes_field(
+            &mut graph,
+            1,
+            &node(&[&previous, &previous], &[&next], "Concat", &[axis.clone()]),
+        );
+        previous = next;
+    }
+    let mut keepdims = Vec::new();
+    bytes_field(&mut keepdims, 1, b"keepdims");
+    int_field(&mut keepdims, 3, 0);
+    int_field(&mut keepdims, 20, 2);
+    bytes_field(
+        &mut graph,
+        1,
+        &node(&[&previous], &["y"], "ReduceSum", &[keepdims]),
+    );
+    bytes_field(&mut graph, 2, b"doubling");
+    bytes_field(&mut graph, 11, &value_info("x", 1, &[None]));
+    bytes_field(&mut graph, 12, &value_info("y", 1, &[]));
+    model_proto(&graph)
+}

@@ -4,6 +4,8 @@
 //! - `GET /nn/load/NAME`: `load-by-name`, answers `ok`.
 //! - `POST /nn/compute/NAME`: `load-by-name` + `compute`. Body and answer: one tensor
 //!   per line, `name TYPE d1,d2,... hexdata` (TYPE: FP16 FP32 FP64 BF16 U8 I32 I64).
+//! - `POST /nn/upload-compute`: `LEN\n`, an ONNX model of LEN bytes, then tensor lines:
+//!   `load` of the model from bytes and `compute` on it;
 //! - `POST /nn/upload`: `load` of the body as an ONNX graph, answers `ok`
 //!   (`/nn/upload-sdk`: the same through `lepton_sdk::nn::Graph::load_onnx`).
 //! - `POST /nn/step/TRAINER` (and `/nn/evaluate/TRAINER`): `lepton:nn/training` `open` +
@@ -81,6 +83,18 @@ fn compute(model: &str, body: &str) -> Result<String, String> {
     Ok(outputs.iter().map(|(name, t)| format_tensor(name, t)).collect())
 }
 
+fn upload_compute(body: &[u8]) -> Result<String, String> {
+    let newline = body.iter().position(|&b| b == b'\n').ok_or("no length line")?;
+    let len: usize = std::str::from_utf8(&body[..newline]).ok().and_then(|l| l.parse().ok()).ok_or("bad length")?;
+    let model = body.get(newline + 1..newline + 1 + len).ok_or("short model")?;
+    let tensors = String::from_utf8_lossy(&body[newline + 1 + len..]);
+    let graph = graph::load(&[model.to_vec()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu).map_err(failure)?;
+    let context = graph.init_execution_context().map_err(failure)?;
+    let inputs = tensors.lines().filter(|l| !l.is_empty()).map(parse_tensor).collect::<Result<Vec<_>, _>>()?;
+    let outputs = context.compute(inputs).map_err(failure)?;
+    Ok(format!("ok: {} outputs\n", outputs.len()))
+}
+
 fn train(trainer: &str, body: &str, update: bool) -> Result<String, String> {
     let trainer = training::open(trainer).map_err(failure)?;
     let mut inputs = body.lines().filter(|l| !l.is_empty()).map(parse_tensor).collect::<Result<Vec<_>, _>>()?;
@@ -116,6 +130,9 @@ fn nnprobe(request: Request) -> Response {
             .and_then(|g| g.init_execution_context())
             .map(|_| "ok\n".to_owned())
             .map_err(|e| format!("error: {e}"))
+    } else if path == "/nn/upload-compute" {
+        // The body: the model's length, a newline, the model, then tensor lines.
+        upload_compute(request.body())
     } else if path == "/nn/upload" {
         graph::load(&[request.body().clone()], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu)
             .and_then(|g| g.init_execution_context())

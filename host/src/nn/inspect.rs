@@ -9,8 +9,9 @@
 //!   domain: none whose output size comes from a tensor's *values* or an attribute
 //!   (`ConstantOfShape`, `Expand`, `Tile`, `Range`, `Resize`, `Pad`, random generators,
 //!   `ConvTranspose`), and no control flow (`Loop`, `Scan`, `If`). Each allowed operator's
-//!   output is bounded by its inputs, but those bounds multiply through a graph, so this
-//!   does not bound what ONNX Runtime allocates (docs/security.md, "not bounded yet").
+//!   output is bounded by its inputs, but those bounds multiply through a graph: what
+//!   uploaded models allocate is capped by the arena they share
+//!   ([`super::onnx::UPLOAD_ARENA_BYTES`]).
 //!   Models in the manifest are the operator's and are not restricted.
 
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto};

@@ -84,6 +84,8 @@ impl OnnxRuntime {
             .with_name("lepton")
             .build()
             .map_err(|e| anyhow::anyhow!("creating the ONNX Runtime environment: {e}"))?;
+        register_upload_arena(&env, UPLOAD_ARENA_BYTES)
+            .context("creating the arena for uploaded models")?;
         Ok(Self {
             env,
             library: path.to_owned(),
@@ -94,6 +96,62 @@ impl OnnxRuntime {
     pub fn library(&self) -> &Path {
         &self.library
     }
+}
+
+/// What all models loaded from bytes (`wasi:nn` `load`) may allocate together while
+/// they run: their sessions share one ONNX Runtime arena of this size, and a run that
+/// would need more fails (`runtime-error`) instead of taking the host's memory.
+pub const UPLOAD_ARENA_BYTES: usize = 256 << 20;
+
+/// Registers the CPU arena that sessions of uploaded models use
+/// (`session.use_env_allocators`), capped at `max_mem` bytes.
+#[expect(
+    unsafe_code,
+    reason = "ONNX Runtime's shared allocators are reachable only through its C API"
+)]
+fn register_upload_arena(
+    env: &ort::environment::Environment,
+    max_mem: usize,
+) -> anyhow::Result<()> {
+    use ort::AsPointer as _;
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    let api = ort::api();
+    let check = |status: ort::sys::OrtStatusPtr| -> anyhow::Result<()> {
+        if status.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null status from the C API, read then released once.
+        let message = unsafe {
+            let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(status.0);
+            text
+        };
+        anyhow::bail!("{message}")
+    };
+    let info = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Arena,
+        MemoryType::Default,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let keys = [c"max_mem".as_ptr(), c"arena_extend_strategy".as_ptr()];
+    // Extend by what is requested (1), not by doubling: the cap is then exact.
+    let values = [max_mem, 1];
+    let mut config = std::ptr::null_mut();
+    // SAFETY: two valid C strings and two values, as the call documents.
+    check(unsafe {
+        (api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &mut config)
+    })?;
+    // SAFETY: the environment and memory info are live; the config was just made and
+    // is released right after (the allocator copies what it needs).
+    let registered =
+        unsafe { (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info.ptr(), config) };
+    // SAFETY: made above, not used after.
+    unsafe { (api.ReleaseArenaCfg)(config) };
+    check(registered)
 }
 
 /// A model input or output as the graph declares it.
@@ -368,7 +426,11 @@ fn new_session(
     }
     let session = match source {
         Source::File(path) => builder.commit_from_file(path),
-        Source::Bytes(bytes) => builder.commit_from_memory(bytes),
+        Source::Bytes(bytes) => builder
+            // The capped arena shared by every uploaded model (`UPLOAD_ARENA_BYTES`).
+            .with_config_entry("session.use_env_allocators", "1")
+            .map_err(error)?
+            .commit_from_memory(bytes),
     }
     .map_err(|e| anyhow::anyhow!("ONNX Runtime rejected model `{name}`: {e}"))?;
     Ok((session, used))
