@@ -50,12 +50,17 @@ fn twenty_spinning_guests_do_not_starve_another_function_and_time_out_as_504() {
 
 /// `VmHWM` of process `pid` (peak resident set), in bytes.
 fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmHWM:`, `VmRSS:`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
         * 1024
 }
 
@@ -1083,13 +1088,7 @@ fn a_host_header_that_is_not_an_authority_is_a_client_error() {
 
 /// `VmRSS` of process `pid` now, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
+    status_bytes(pid, "VmRSS:")
 }
 
 #[test]
