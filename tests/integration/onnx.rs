@@ -98,6 +98,15 @@ pub fn identity_model(inputs: &[(&str, &str)], width: i64) -> Vec<u8> {
     model_proto(&graph)
 }
 
+/// An INT `AttributeProto` `name = value`.
+fn int_attribute(name: &str, value: i64) -> Vec<u8> {
+    let mut attribute = Vec::new();
+    bytes_field(&mut attribute, 1, name.as_bytes());
+    int_field(&mut attribute, 3, value as u64); // i
+    int_field(&mut attribute, 20, 2); // type: INT
+    attribute
+}
+
 /// A one-node graph `op(x) -> y` over FLOAT `[N, 4]`, with optional float
 /// initializers (name, length) appended, e.g. to test what a trainer refuses.
 pub fn one_node_model(
@@ -113,11 +122,7 @@ pub fn one_node_model(
     bytes_field(&mut node, 3, node_name.as_bytes());
     bytes_field(&mut node, 4, op.as_bytes());
     for (name, value) in int_attributes {
-        let mut attribute = Vec::new();
-        bytes_field(&mut attribute, 1, name.as_bytes());
-        int_field(&mut attribute, 3, *value as u64); // i
-        int_field(&mut attribute, 20, 2); // type: INT
-        bytes_field(&mut node, 5, &attribute);
+        bytes_field(&mut node, 5, &int_attribute(name, *value));
     }
     bytes_field(&mut graph, 1, &node);
     bytes_field(&mut graph, 2, b"one-node");
@@ -244,10 +249,7 @@ pub fn endless_loop_model() -> Vec<u8> {
 /// `y = ReduceSum(Concat(c, c))` with `c` doubled `levels` times from a FLOAT `[N]` input
 /// `x`: every operator is bounded by its inputs, the graph is not (2^levels × N floats).
 pub fn doubling_model(levels: usize) -> Vec<u8> {
-    let mut axis = Vec::new();
-    bytes_field(&mut axis, 1, b"axis");
-    int_field(&mut axis, 3, 0); // i
-    int_field(&mut axis, 20, 2); // type: INT
+    let axis = int_attribute("axis", 0);
     let mut graph = Vec::new();
     let mut previous = "x".to_owned();
     for level in 0..levels {
@@ -255,14 +257,16 @@ pub fn doubling_model(levels: usize) -> Vec<u8> {
         bytes_field(
             &mut graph,
             1,
-            &node(&[&previous, &previous], &[&next], "Concat", &[axis.clone()]),
+            &node(
+                &[&previous, &previous],
+                &[&next],
+                "Concat",
+                std::slice::from_ref(&axis),
+            ),
         );
         previous = next;
     }
-    let mut keepdims = Vec::new();
-    bytes_field(&mut keepdims, 1, b"keepdims");
-    int_field(&mut keepdims, 3, 0);
-    int_field(&mut keepdims, 20, 2);
+    let keepdims = int_attribute("keepdims", 0);
     bytes_field(
         &mut graph,
         1,
