@@ -244,18 +244,13 @@ impl OutboundPolicy {
     }
 }
 
-type SendResult = wasmtime_wasi_http::Result<(
-    http::Response<wasmtime_wasi_http::WasiBody>,
-    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-)>;
-
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> Box<dyn Future<Output = SendResult> + Send> {
+    ) -> Box<dyn Future<Output = crate::egress::Sent> + Send> {
         let Some(allowed) = self.allows(request.uri()) else {
             tracing::warn!(
                 function = %self.function,
@@ -284,10 +279,7 @@ impl WasiHttpHooks for OutboundPolicy {
             return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
         };
         let _ = fut;
-        Box::new(async move {
-            let (response, io) = crate::egress::send(request, options, literal, permit).await?;
-            Ok((response, io))
-        })
+        Box::new(crate::egress::send(request, options, literal, permit))
     }
 }
 
