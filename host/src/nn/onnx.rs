@@ -220,21 +220,24 @@ impl OnnxModel {
         threads: u32,
     ) -> anyhow::Result<Self> {
         // Checked here, on the bytes ONNX Runtime would read, for every model.
-        let checked = match source {
+        // Read once: checked here, before ONNX Runtime sees it, and every session is
+        // made from these same bytes.
+        let read;
+        let (bytes, uploaded): (&[u8], bool) = match source {
             Source::File(path) => {
-                crate::fsutil::read_regular_file(path, crate::manifest::MAX_FILE_SIZE)
-                    .with_context(|| format!("reading model `{name}`"))
-                    .and_then(|bytes| {
-                        super::inspect::check(&bytes, false).map_err(anyhow::Error::msg)
-                    })
+                read = crate::fsutil::read_regular_file(path, crate::manifest::MAX_FILE_SIZE)
+                    .with_context(|| format!("reading model `{name}`"))?;
+                (&read, false)
             }
-            Source::Bytes(bytes) => super::inspect::check(bytes, true).map_err(anyhow::Error::msg),
+            Source::Bytes(bytes) => (bytes, true),
         };
-        checked.with_context(|| format!("model `{name}` is refused"))?;
+        super::inspect::check(bytes, uploaded)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("model `{name}` is refused"))?;
         let mut pool = Vec::with_capacity(sessions as usize);
         let mut effective = target;
         for _ in 0..sessions.max(1) {
-            let (session, used) = new_session(runtime, name, source, effective, threads)?;
+            let (session, used) = new_session(runtime, name, bytes, uploaded, effective, threads)?;
             effective = used;
             pool.push(session);
         }
@@ -396,7 +399,8 @@ fn serve_session(model: &str, mut session: Session, queue: &Mutex<mpsc::Receiver
 fn new_session(
     runtime: &OnnxRuntime,
     name: &str,
-    source: &Source<'_>,
+    bytes: &[u8],
+    uploaded: bool,
     target: Target,
     threads: u32,
 ) -> anyhow::Result<(Session, Target)> {
@@ -424,15 +428,15 @@ fn new_session(
             }
         }
     }
-    let session = match source {
-        Source::File(path) => builder.commit_from_file(path),
-        Source::Bytes(bytes) => builder
-            // The capped arena shared by every uploaded model (`UPLOAD_ARENA_BYTES`).
+    if uploaded {
+        // The capped arena shared by every uploaded model (`UPLOAD_ARENA_BYTES`).
+        builder = builder
             .with_config_entry("session.use_env_allocators", "1")
-            .map_err(error)?
-            .commit_from_memory(bytes),
+            .map_err(error)?;
     }
-    .map_err(|e| anyhow::anyhow!("ONNX Runtime rejected model `{name}`: {e}"))?;
+    let session = builder
+        .commit_from_memory(bytes)
+        .map_err(|e| anyhow::anyhow!("ONNX Runtime rejected model `{name}`: {e}"))?;
     Ok((session, used))
 }
 
