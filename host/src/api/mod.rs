@@ -109,6 +109,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// The admin API of one node.
 pub struct Admin {
     node: Arc<Node>,
+    /// On `lepton control`: the cluster every change is written to.
+    cluster: Option<Arc<crate::cluster::Control>>,
     token: AdminToken,
     max_blob_size: u64,
     auth_failures: AtomicU64,
@@ -118,8 +120,20 @@ pub struct Admin {
 impl Admin {
     /// The API over `node`, accepting `token`, with blobs up to `max_blob_size`.
     pub fn new(node: Arc<Node>, token: AdminToken, max_blob_size: u64) -> Arc<Self> {
+        Self::with_cluster(node, token, max_blob_size, None)
+    }
+
+    /// The admin API of a control plane: every change is written to the cluster and
+    /// answered once its replicas serve; `/v1/status` shows nodes and replicas.
+    pub fn with_cluster(
+        node: Arc<Node>,
+        token: AdminToken,
+        max_blob_size: u64,
+        cluster: Option<Arc<crate::cluster::Control>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node,
+            cluster,
             token,
             max_blob_size,
             auth_failures: AtomicU64::new(0),
@@ -188,12 +202,18 @@ impl Admin {
             (&Method::POST, ["apps", app, "rollback"]) => self.rollback(request, app, &peer).await,
             (&Method::DELETE, ["apps", app]) => match parse_app(app) {
                 Ok(name) => match self.node.remove(&name, &peer).await {
-                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": name })),
+                    Ok(()) => {
+                        let answer = serde_json::json!({ "removed": name });
+                        self.published(&name, StatusCode::OK, answer, false).await
+                    }
                     Err(e) => deploy_error(&e),
                 },
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
-            (&Method::GET, ["status"]) => json(StatusCode::OK, &self.node.status()),
+            (&Method::GET, ["status"]) => match &self.cluster {
+                Some(cluster) => json(StatusCode::OK, &cluster.status()),
+                None => json(StatusCode::OK, &self.node.status()),
+            },
             (&Method::GET, ["audit"]) => {
                 let limit = query(&request, "limit")
                     .and_then(|v| v.parse().ok())
@@ -377,7 +397,8 @@ impl Admin {
                 } else {
                     StatusCode::CREATED
                 };
-                json(status, &deployed)
+                let answer = serde_json::to_value(&deployed).unwrap_or_default();
+                self.published(&deployed.app, status, answer, true).await
             }
             Err(e) => deploy_error(&e),
         }
@@ -412,9 +433,44 @@ impl Admin {
             }
         };
         match self.node.rollback(&name, wanted, peer).await {
-            Ok(deployed) => json(StatusCode::OK, &deployed),
+            Ok(deployed) => {
+                let answer = serde_json::to_value(&deployed).unwrap_or_default();
+                self.published(&name, StatusCode::OK, answer, true).await
+            }
             Err(e) => deploy_error(&e),
         }
+    }
+}
+
+impl Admin {
+    /// On a control plane: writes the change to the cluster before answering (and,
+    /// when `wait`, waits for its replicas to serve); elsewhere answers as it is.
+    async fn published(
+        &self,
+        app: &Name,
+        status: StatusCode,
+        mut answer: serde_json::Value,
+        wait: bool,
+    ) -> hyper::Response<Body> {
+        let Some(cluster) = &self.cluster else {
+            return json(status, &answer);
+        };
+        if let Err(e) = cluster.publish(app).await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                SpecError::new(
+                    format!("app `{app}`"),
+                    None,
+                    format!(
+                        "the control plane has the change but could not write it to the cluster (it retries): {e:#}"
+                    ),
+                ),
+            );
+        }
+        if wait {
+            answer["cluster"] = cluster.wait_serving(app).await;
+        }
+        json(status, &answer)
     }
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The node-wide budget for request bodies held at once, by default.
@@ -59,7 +58,7 @@ pub enum BodyError {
     /// The node holds as many body bytes as its budget allows.
     OverBudget,
     /// The connection failed while the body was read.
-    Read(hyper::Error),
+    Read(String),
 }
 
 /// A body read into memory, with the part of the budget it holds.
@@ -71,12 +70,17 @@ pub struct HeldBody {
 
 /// Reads `body` (at most `limit` bytes, `declared` from its content-length if any),
 /// reserving from `budget` as it arrives.
-pub async fn read(
-    mut body: Incoming,
+pub async fn read<B>(
+    body: B,
     declared: Option<u64>,
     limit: u64,
     budget: &BodyBudget,
-) -> Result<HeldBody, BodyError> {
+) -> Result<HeldBody, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
     let mut reservation: Option<OwnedSemaphorePermit> = None;
     let mut reserved_units = 0_u64;
     let mut reserve = |bytes: u64| -> Result<(), BodyError> {
@@ -105,7 +109,7 @@ pub async fn read(
     }
     let mut buffer = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Read)?;
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // Trailers: not passed on.
         };

@@ -171,22 +171,43 @@ impl Function {
         self: Arc<Self>,
         request: hyper::Request<Incoming>,
     ) -> hyper::Response<Body> {
+        self.handle_as(request, None, None).await
+    }
+
+    /// [`Function::handle`] for a request that already has an id and a deadline (one
+    /// forwarded by another node's gateway): it keeps both, and every limit applies.
+    pub(crate) async fn handle_as<B>(
+        self: Arc<Self>,
+        request: hyper::Request<B>,
+        request_id: Option<String>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> hyper::Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let request_id = next_request_id();
-        let mut response = self.handle_inner(request, &request_id).await;
+        let request_id = request_id.unwrap_or_else(next_request_id);
+        let mut response = self.handle_inner(request, &request_id, deadline).await;
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
     }
 
-    async fn handle_inner(
+    async fn handle_inner<B>(
         self: &Arc<Self>,
-        request: hyper::Request<Incoming>,
+        request: hyper::Request<B>,
         request_id: &str,
-    ) -> hyper::Response<Body> {
+        deadline: Option<tokio::time::Instant>,
+    ) -> hyper::Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.spec.timeout;
+        let own = tokio::time::Instant::now() + self.spec.timeout;
+        let deadline = deadline.map_or(own, |d| d.min(own));
         let (mut parts, body) = request.into_parts();
 
         let declared = parts
@@ -528,7 +549,7 @@ fn too_large(limit: u64) -> hyper::Response<Body> {
 }
 
 /// A process-unique request id: a per-process prefix and a counter.
-fn next_request_id() -> String {
+pub(crate) fn next_request_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let prefix = *PREFIX.get_or_init(|| {

@@ -25,7 +25,15 @@ use crate::locked::RESERVED_ROUTE_PREFIX;
 use crate::node::Node;
 
 pub use body::{BodyBudget, DEFAULT_BODY_BUDGET};
-pub use function::Function;
+pub(crate) use body::{BodyError, read as read_body};
+pub(crate) use function::next_request_id;
+pub use function::{Function, REQUEST_ID_HEADER};
+
+/// Whether `path` is one the host answers itself (under `/.well-known/lepton`).
+pub(crate) fn is_host_path(path: &str) -> bool {
+    path.strip_prefix(RESERVED_ROUTE_PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// Connections open at once, by default; past that new ones wait in the backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

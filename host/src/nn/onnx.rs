@@ -77,6 +77,12 @@ impl OnnxRuntime {
         candidates
     }
 
+    /// Whether this ONNX Runtime was built with the CUDA execution provider
+    /// (`onnxruntime-gpu`); whether a session can use it is known only when one tries.
+    pub fn has_cuda(&self) -> bool {
+        <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available().unwrap_or(false)
+    }
+
     /// Loads the library at `path` and creates the environment.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let env = ort::init_from(path)

@@ -210,6 +210,15 @@ impl FunctionTable {
         Self { apps, routes }
     }
 
+    /// Function `function` of app `app`, if it serves here.
+    pub fn function(&self, app: &Name, function: &Name) -> Option<&Arc<Function>> {
+        self.apps
+            .get(app)?
+            .functions
+            .iter()
+            .find(|f| &f.spec().name == function)
+    }
+
     /// The function serving `path` (normalized), if any.
     pub fn route(&self, path: &str) -> Option<&Arc<Function>> {
         self.routes.iter().find(|f| f.spec().route.matches(path))
@@ -338,6 +347,79 @@ impl Node {
     /// The table requests are routed through now.
     pub fn table(&self) -> Arc<FunctionTable> {
         self.table.load_full()
+    }
+
+    /// The node-wide budget for request bodies held at once.
+    pub fn body_budget(&self) -> crate::http::BodyBudget {
+        self.runtime.body_budget().clone()
+    }
+
+    /// Every app's kept versions and its active one, oldest version first.
+    pub async fn records(&self) -> Vec<(Name, Vec<StoredVersion>, Option<u64>)> {
+        let store = self.store.lock().await;
+        store
+            .apps()
+            .iter()
+            .map(|(name, record)| {
+                (
+                    name.clone(),
+                    record.versions.values().cloned().collect(),
+                    record.active,
+                )
+            })
+            .collect()
+    }
+
+    /// Makes the node's record of app `name` what the cluster says: these versions
+    /// (with their numbers) and `active` serving, built as a deploy would. What the node
+    /// had of the app and the cluster has not is dropped.
+    pub async fn import(
+        &self,
+        name: &Name,
+        versions: &[StoredVersion],
+        active: u64,
+    ) -> Result<(), DeployError> {
+        let mut store = self.store.lock().await;
+        let target = versions
+            .iter()
+            .find(|v| v.version == active)
+            .ok_or_else(|| {
+                DeployError::NotFound(format!("app `{name}` has no version {active}"))
+            })?;
+        let serving = self.table.load().apps.get(name).map(|a| a.digest.clone());
+        let local = store.app(name);
+        let same = local.is_some_and(|r| {
+            r.active == Some(active)
+                && r.versions.len() == versions.len()
+                && versions.iter().all(|v| {
+                    r.versions
+                        .get(&v.version)
+                        .is_some_and(|l| l.digest == v.digest)
+                })
+        });
+        if same && serving.as_ref() == Some(&target.digest) {
+            return Ok(());
+        }
+        target.app.validate().map_err(DeployError::Invalid)?;
+        let missing = self.blobs.missing(&target.app.blobs());
+        if !missing.is_empty() {
+            return Err(DeployError::MissingBlobs(missing));
+        }
+        let previous = self.table.load().apps.get(name).cloned();
+        let built = self.build(target, previous.as_deref()).await?;
+        tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            if store.app(name).is_some() {
+                store.remove(name)?;
+            }
+            for version in versions {
+                store.put_version(version.clone())?;
+            }
+            store.set_active(name, active)
+        })
+        .map_err(DeployError::Internal)?;
+        self.swap(Some(built), name);
+        self.collect_garbage(&store);
+        Ok(())
     }
 
     /// The blob store.

@@ -120,6 +120,22 @@ impl AppStore {
         Ok(stored)
     }
 
+    /// Writes `stored` as it is, keeping its number (a version the cluster already
+    /// numbered); not yet active.
+    pub fn put_version(&mut self, stored: StoredVersion) -> anyhow::Result<()> {
+        let path = self.version_path(&stored.app.name, stored.version);
+        fsutil::write_atomically(
+            &path,
+            &serde_json::to_vec_pretty(&stored).context("encoding the version")?,
+        )?;
+        self.apps
+            .entry(stored.app.name.clone())
+            .or_default()
+            .versions
+            .insert(stored.version, stored);
+        Ok(())
+    }
+
     /// Makes `version` of `name` the active one (durably), then drops versions past
     /// the newest `keep` (never the active one).
     pub fn set_active(&mut self, name: &Name, version: u64) -> anyhow::Result<()> {
