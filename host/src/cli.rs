@@ -137,6 +137,10 @@ struct NatsArgs {
     /// A NATS credentials file (JWT and nkey seed).
     #[arg(long)]
     nats_creds: Option<PathBuf>,
+    /// The hub's JetStream domain, for a process that dials a leaf server (an edge
+    /// site's): its KV and object store requests go to the hub's JetStream.
+    #[arg(long)]
+    jetstream_domain: Option<String>,
 }
 
 /// `lepton control`'s options.
@@ -462,7 +466,7 @@ impl ControlArgs {
             &format!("lepton-control {holder}"),
         )
         .await?;
-        let store = bus::Store::open(&client).await?;
+        let store = bus::Store::open(&client, self.nats.jetstream_domain.as_deref()).await?;
         let admin_listener = tokio::net::TcpListener::bind(self.admin)
             .await
             .with_context(|| format!("cannot listen on {}", self.admin))?;
@@ -529,7 +533,7 @@ impl NodeArgs {
             &format!("lepton-node {name}"),
         )
         .await?;
-        let store = bus::Store::open(&client).await?;
+        let store = bus::Store::open(&client, self.nats.jetstream_domain.as_deref()).await?;
         let state_dir = self
             .state_dir
             .clone()
@@ -681,6 +685,9 @@ fn status(admin: &AdminArgs) -> anyhow::Result<()> {
                 .map(|row| fields.iter().map(|f| text(&row[*f])).collect())
                 .collect()
         };
+        if answer.get("nodes").is_some() {
+            return cluster_status(out, &answer);
+        }
         let functions = ["app", "version", "function", "route", "in_flight", "served"];
         table(
             out,
@@ -719,6 +726,88 @@ fn status(admin: &AdminArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
         })
     })
+}
+
+/// `lepton status` against a control plane: nodes, replicas, and why what is not
+/// placed could not be.
+fn cluster_status(out: &mut dyn std::io::Write, answer: &serde_json::Value) -> anyhow::Result<()> {
+    let list = |key: &str| answer[key].as_array().cloned().unwrap_or_default();
+    let nodes: Vec<Vec<String>> = list("nodes")
+        .iter()
+        .map(|n| {
+            let labels = n["labels"]
+                .as_object()
+                .map(|l| {
+                    l.iter()
+                        .map(|(k, v)| format!("{k}={}", text(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let accelerators = n["accelerators"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|a| text(&a["kind"]))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            vec![
+                text(&n["name"]),
+                text(&n["status"]),
+                labels,
+                accelerators,
+                text(&n["gateway"]),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["NODE", "STATUS", "LABELS", "ACCELERATORS", "GATEWAY"],
+        &nodes,
+    )?;
+    writeln!(out)?;
+    let replicas: Vec<Vec<String>> = list("replicas")
+        .iter()
+        .map(|r| {
+            vec![
+                text(&r["app"]),
+                text(&r["function"]),
+                text(&r["version"]),
+                text(&r["node"]),
+                text(&r["state"]),
+                text(&r["error"]),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["APP", "FUNCTION", "VERSION", "NODE", "STATE", "ERROR"],
+        &replicas,
+    )?;
+    for placement in list("placements") {
+        let unplaced = &placement["unplaced"];
+        if unplaced.is_null() {
+            continue;
+        }
+        writeln!(
+            out,
+            "\n{}/{}: {} replica(s) not placed:",
+            text(&placement["app"]),
+            text(&placement["function"]),
+            unplaced["wanted"]
+        )?;
+        for rejection in unplaced["rejections"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "  {}: {}",
+                text(&rejection["node"]),
+                text(&rejection["reason"])
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn print_or_json(

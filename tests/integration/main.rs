@@ -7,6 +7,7 @@ mod util;
 mod adversarial;
 mod caps;
 mod cli;
+mod cluster;
 mod deploy;
 mod detect;
 mod limits;

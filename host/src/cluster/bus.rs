@@ -241,9 +241,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating what is missing) every bucket.
-    pub async fn open(client: &async_nats::Client) -> anyhow::Result<Self> {
-        let js = jetstream::new(client.clone());
+    /// Opens (creating what is missing) every bucket; `domain` is the hub's JetStream
+    /// domain, for a process connected to a leaf server.
+    pub async fn open(client: &async_nats::Client, domain: Option<&str>) -> anyhow::Result<Self> {
+        let js = match domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
         let bucket = |name: &'static str, history: i64, max_age: Duration| {
             let js = js.clone();
             async move {

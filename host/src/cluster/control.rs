@@ -295,11 +295,22 @@ impl Control {
     pub async fn wait_serving(&self, name: &Name) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + DEPLOY_WAIT;
         let mut reconciled = self.reconciled.subscribe();
+        reconciled.borrow_and_update();
+        // A pass that saw the change first.
+        let _ = tokio::time::timeout_at(deadline, reconciled.changed()).await;
         loop {
-            // Two passes at least: the first one places, later ones see heartbeats.
             let (done, replicas) = self.serving(name).await;
-            if done || tokio::time::Instant::now() >= deadline {
-                return serde_json::json!({ "serving": done, "replicas": replicas });
+            // Replicas no node can take now: answer with why, rather than wait.
+            let prefix = format!("{name}.");
+            let unplaced: BTreeMap<String, Unplaced> = lock(&self.unplaced)
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, u)| (k.clone(), u.clone()))
+                .collect();
+            if done || !unplaced.is_empty() || tokio::time::Instant::now() >= deadline {
+                return serde_json::json!({
+                    "serving": done, "replicas": replicas, "unplaced": unplaced,
+                });
             }
             let _ = tokio::time::timeout_at(deadline, reconciled.changed()).await;
         }
