@@ -480,6 +480,15 @@ impl ControlArgs {
             lease = Leadership::acquire(&store, &holder, &admin_url) => lease?,
             () = signals.next() => return Ok(()),
         };
+        // Renewed from now on, while the apps are taken over too; once it is lost this
+        // process must not act as leader for another moment: it exits.
+        let keeper = tokio::spawn(leadership.clone().keep());
+        tokio::spawn(async move {
+            if let Ok(error) = keeper.await {
+                tracing::error!("{error}; exiting");
+                exit_now(1);
+            }
+        });
         let config = NodeConfig::new(self.state_dir.clone())
             .keep_versions(self.keep_versions)
             .ort_dir(PathBuf::from(".cache/onnxruntime"));
@@ -504,19 +513,10 @@ impl ControlArgs {
             64,
         ));
         ready(&[format!("lepton: admin on {admin_url}")]);
-        let release = leadership.clone();
-        tokio::select! {
-            error = leadership.keep() => {
-                tracing::error!("{error}; stopping");
-                let _ = stop.send(true);
-                let _ = server.await;
-                return Err(error);
-            }
-            () = signals.next() => {}
-        }
+        signals.next().await;
         let _ = stop.send(true);
         let _ = server.await;
-        release.release().await;
+        leadership.release().await;
         Ok(())
     }
 }

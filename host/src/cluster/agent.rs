@@ -86,6 +86,8 @@ pub struct Agent {
     /// Set once a heartbeat went out after the first sync.
     joined: tokio::sync::watch::Sender<bool>,
     synced: std::sync::atomic::AtomicBool,
+    /// Buckets read in full at least once (apps, placements).
+    read: std::sync::atomic::AtomicU8,
 }
 
 impl Agent {
@@ -110,15 +112,20 @@ impl Agent {
             retry_after: Mutex::new(HashMap::new()),
             joined: tokio::sync::watch::channel(false).0,
             synced: std::sync::atomic::AtomicBool::new(false),
+            read: std::sync::atomic::AtomicU8::new(0),
         });
         let a = Arc::clone(&agent);
         tokio::spawn(async move {
             a.watch(bus::APPS, |view, key, value| match value {
-                Some(v) => {
-                    if let Some(entry) = bus::parse_record::<AppEntry>(bus::APPS, key, v) {
+                Some(v) => match bus::parse_record::<AppEntry>(bus::APPS, key, v) {
+                    Some(entry) if entry.name.as_str() == key => {
                         view.apps.insert(key.to_owned(), entry);
                     }
-                }
+                    Some(_) => {
+                        tracing::warn!(key, "skipping an app record under another app's key")
+                    }
+                    None => {}
+                },
                 None => {
                     view.apps.remove(key);
                 }
@@ -176,7 +183,18 @@ impl Agent {
         apply: impl Fn(&mut View, &str, Option<&Bytes>),
     ) {
         let store = self.bucket(bucket);
+        let mut first = true;
         loop {
+            // The watch first, then the full read: nothing written in between is missed
+            // (an update seen twice is applied twice, to the same end).
+            let mut watch = match store.watch(">").await {
+                Ok(watch) => watch,
+                Err(error) => {
+                    tracing::warn!("watching `{bucket}`: {error}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
             match bus::read_all::<serde_json::Value>(&store, bucket).await {
                 Ok(all) => {
                     let mut view = Self::lock(&self.view);
@@ -189,18 +207,17 @@ impl Agent {
                         apply(&mut view, &key, Some(&bytes));
                     }
                     drop(view);
+                    if std::mem::take(&mut first) {
+                        self.read.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
                     self.changed.notify_one();
                 }
-                Err(error) => tracing::warn!("reading `{bucket}`: {error:#}"),
-            }
-            let mut watch = match store.watch(">").await {
-                Ok(watch) => watch,
                 Err(error) => {
-                    tracing::warn!("watching `{bucket}`: {error}");
+                    tracing::warn!("reading `{bucket}`: {error:#}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
-            };
+            }
             let resync = tokio::time::sleep(Duration::from_secs(5));
             tokio::pin!(resync);
             loop {
@@ -296,6 +313,18 @@ impl Agent {
             let failed_recently = Self::lock(&self.retry_after)
                 .get(&key)
                 .is_some_and(|t| *t > tokio::time::Instant::now());
+            if serving.as_ref() == Some(&digest) {
+                // The same functions of a newer version: nothing to build, but the
+                // replicas now serve that version.
+                let mut reports = Self::lock(&self.reports);
+                for function in functions {
+                    if let Some(report) = reports.get_mut(&bus::function_key(app, function))
+                        && report.state == "running"
+                    {
+                        report.version = *version;
+                    }
+                }
+            }
             if serving.as_ref() != Some(&digest) && !failed_recently {
                 let outcome = self.deploy(&subset).await;
                 let mut reports = Self::lock(&self.reports);
@@ -334,8 +363,10 @@ impl Agent {
             }
         }
         self.resubscribe().await;
-        self.synced
-            .store(true, std::sync::atomic::Ordering::Release);
+        if self.read.load(std::sync::atomic::Ordering::Acquire) >= 2 {
+            self.synced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Fetches what `app` lacks and deploys it locally.
@@ -412,11 +443,15 @@ impl Agent {
                 answer(http::StatusCode::BAD_REQUEST, &error.to_string(), None)
             }
             Ok(forwarded) => match self.node.table().function(app, function) {
-                None => answer(
-                    http::StatusCode::SERVICE_UNAVAILABLE,
-                    "the function no longer runs on this node; retry\n",
-                    Some(&forwarded.id),
-                ),
+                None => {
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert(NOT_HERE, http::HeaderValue::from_static("1"));
+                    wire::encode_response(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        &headers,
+                        b"the function no longer runs on this node; retry\n",
+                    )
+                }
                 Some(f) => {
                     let deadline = tokio::time::Instant::now() + forwarded.left;
                     let (parts, body) = forwarded.request.into_parts();
@@ -429,7 +464,8 @@ impl Agent {
                         .handle_as(request, Some(forwarded.id.clone()), Some(deadline))
                         .await;
                     let (parts, body) = response.into_parts();
-                    let limit = usize::try_from(self.config.forward_max_body).unwrap_or(usize::MAX);
+                    let cap = self.forward_cap();
+                    let limit = usize::try_from(cap).unwrap_or(usize::MAX);
                     match http_body_util::Limited::new(body, limit).collect().await {
                         Ok(collected) => wire::encode_response(
                             parts.status,
@@ -439,8 +475,7 @@ impl Agent {
                         Err(_) => answer(
                             http::StatusCode::BAD_GATEWAY,
                             &format!(
-                                "the response is larger than the forwarding cap of {} bytes\n",
-                                self.config.forward_max_body
+                                "the response is larger than the forwarding cap of {cap} bytes\n"
                             ),
                             Some(&forwarded.id),
                         ),
@@ -448,8 +483,19 @@ impl Agent {
                 }
             },
         };
-        if let Err(error) = self.client.publish(reply, response).await {
+        if let Err(error) = self.client.publish(reply.clone(), response).await {
             tracing::warn!("cannot answer a forwarded request: {error}");
+            let _ = self
+                .client
+                .publish(
+                    reply,
+                    answer(
+                        http::StatusCode::BAD_GATEWAY,
+                        "the answer could not be sent back\n",
+                        None,
+                    ),
+                )
+                .await;
         }
     }
 
@@ -527,14 +573,14 @@ impl Agent {
         request: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<Body> {
         let path = request.uri().path();
+        if crate::http::has_dot_segment(path) || crate::http::is_host_path(path) {
+            return crate::http::dispatch(&self.node, request).await;
+        }
         let routes = self.routes.load();
         let Some(route) = routes.iter().find(|r| r.route.matches(path)) else {
             // Host paths, bad paths and unknown routes: as a single node answers them.
             return crate::http::dispatch(&self.node, request).await;
         };
-        if crate::http::is_host_path(path) {
-            return crate::http::dispatch(&self.node, request).await;
-        }
         if let Some(function) = self.node.table().function(&route.app, &route.function) {
             return Arc::clone(function).handle(request).await;
         }
@@ -589,7 +635,7 @@ impl Agent {
         };
         let subject = bus::function_subject(&route.app, &route.function);
         let key = bus::function_key(&route.app, &route.function);
-        let mut held_for_activation = false;
+        let mut held_for_activation: Option<Waiting<'_>> = None;
         let mut asked_at: Option<tokio::time::Instant> = None;
         let result = loop {
             let now = tokio::time::Instant::now();
@@ -602,12 +648,15 @@ impl Agent {
                 .payload(payload)
                 .timeout(Some(left + Duration::from_millis(250)));
             match self.client.send_request(subject.clone(), request).await {
+                // A node that stopped running it since: another may have it.
+                Ok(message) if message.payload.len() < 4096 && not_here(&message.payload) => {
+                    tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+                }
                 Ok(message) => break Ok(message),
                 Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
                     // No replica anywhere: hold the request and ask for one.
-                    if !held_for_activation {
-                        held_for_activation = true;
-                        *Self::lock(&self.waiting).entry(key.clone()).or_default() += 1;
+                    if held_for_activation.is_none() {
+                        held_for_activation = Some(Waiting::new(&self.waiting, &key));
                     }
                     if asked_at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
                         asked_at = Some(now);
@@ -626,15 +675,7 @@ impl Agent {
                 Err(error) => break Err(Some(error.to_string())),
             }
         };
-        if held_for_activation {
-            let mut waiting = Self::lock(&self.waiting);
-            if let Some(n) = waiting.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    waiting.remove(&key);
-                }
-            }
-        }
+        let held_for_activation = held_for_activation.is_some();
         match result {
             Ok(message) => match wire::decode_response(&message.payload) {
                 Ok(response) => {
@@ -691,6 +732,44 @@ impl Agent {
         self.config
             .forward_max_body
             .min(server.saturating_sub(bus::FORWARD_OVERHEAD))
+    }
+}
+
+/// Marks a forwarded answer that means "not here any more: try another replica".
+const NOT_HERE: &str = "x-lepton-not-here";
+
+fn not_here(payload: &Bytes) -> bool {
+    wire::decode_response(payload).is_ok_and(|r| {
+        r.status() == http::StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key(NOT_HERE)
+    })
+}
+
+/// One request held for a function with no replica: counted in the heartbeat while it
+/// waits, however the wait ends (an answer, the timeout, the client going away).
+struct Waiting<'a> {
+    counts: &'a Mutex<BTreeMap<String, u64>>,
+    key: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(counts: &'a Mutex<BTreeMap<String, u64>>, key: &str) -> Self {
+        *Agent::lock(counts).entry(key.to_owned()).or_default() += 1;
+        Self {
+            counts,
+            key: key.to_owned(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut counts = Agent::lock(self.counts);
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 

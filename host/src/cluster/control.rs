@@ -40,7 +40,11 @@ const DEPLOY_WAIT: Duration = Duration::from_secs(60);
 
 struct Seen {
     beat: Heartbeat,
+    /// When this leader last received a new heartbeat from the node.
     at: Instant,
+    /// The heartbeat's revision in `lepton_nodes`: one delivered again (after a
+    /// watch is made anew) does not count as a sign of life.
+    revision: u64,
 }
 
 #[derive(Default)]
@@ -61,7 +65,7 @@ struct Unplaced {
 pub struct Leadership {
     store: kv::Store,
     holder: String,
-    revision: u64,
+    revision: Arc<std::sync::atomic::AtomicU64>,
     value: Bytes,
 }
 
@@ -80,7 +84,7 @@ impl Leadership {
                     return Ok(Self {
                         store: store.leader.clone(),
                         holder: holder.to_owned(),
-                        revision,
+                        revision: Arc::new(revision.into()),
                         value,
                     });
                 }
@@ -107,32 +111,67 @@ impl Leadership {
         }
     }
 
-    /// Renews the lease every third of its lifetime; returns when it was lost (another
-    /// process holds it), so the caller stops acting as leader.
-    pub async fn keep(mut self) -> anyhow::Error {
+    /// Renews the lease every third of its lifetime, from the moment it is held;
+    /// returns when it is lost (another process holds it, or no renewal went through
+    /// for a lease's lifetime), and the caller must stop acting as leader at once.
+    pub async fn keep(self) -> anyhow::Error {
+        use std::sync::atomic::Ordering;
         let mut tick = tokio::time::interval(LEASE_TTL / 3);
+        let mut renewed = Instant::now();
         loop {
             tick.tick().await;
-            match self
-                .store
-                .update("leader", self.value.clone(), self.revision)
-                .await
-            {
-                Ok(revision) => self.revision = revision,
-                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    return anyhow::anyhow!(
-                        "lost the leader lease (`{}` no longer holds it)",
-                        self.holder
-                    );
+            let revision = self.revision.load(Ordering::Acquire);
+            let renewal = tokio::time::timeout(
+                LEASE_TTL / 3,
+                self.store.update("leader", self.value.clone(), revision),
+            )
+            .await;
+            match renewal {
+                Ok(Ok(next)) => {
+                    self.revision.store(next, Ordering::Release);
+                    renewed = Instant::now();
+                    continue;
                 }
-                Err(error) => tracing::warn!("renewing the lease: {error}"),
+                Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // A renewal that went through but whose answer was lost moved the
+                    // revision on: still ours if the entry names us.
+                    match self.store.entry("leader").await {
+                        Ok(Some(entry))
+                            if entry.operation == kv::Operation::Put
+                                && entry.value == self.value =>
+                        {
+                            self.revision.store(entry.revision, Ordering::Release);
+                            renewed = Instant::now();
+                            continue;
+                        }
+                        Ok(_) => {
+                            return anyhow::anyhow!(
+                                "lost the leader lease (`{}` no longer holds it)",
+                                self.holder
+                            );
+                        }
+                        Err(error) => tracing::warn!("reading the lease: {error}"),
+                    }
+                }
+                Ok(Err(error)) => tracing::warn!("renewing the lease: {error}"),
+                Err(_) => tracing::warn!("renewing the lease: no answer"),
+            }
+            if renewed.elapsed() >= LEASE_TTL {
+                return anyhow::anyhow!(
+                    "could not renew the leader lease for {LEASE_TTL:?}; another control plane may lead now"
+                );
             }
         }
     }
 
-    /// Gives the lease up (at shutdown), so a standby takes over at once.
+    /// Gives the lease up (at shutdown), so a standby takes over at once; only if it
+    /// is still ours.
     pub async fn release(&self) {
-        let _ = self.store.delete("leader").await;
+        let revision = self.revision.load(std::sync::atomic::Ordering::Acquire);
+        let _ = self
+            .store
+            .delete_expect_revision("leader", Some(revision))
+            .await;
     }
 }
 
@@ -153,6 +192,21 @@ pub struct Control {
     reconciled: tokio::sync::watch::Sender<u64>,
     /// Apps changed here but not yet written to the cluster (retried each pass).
     dirty: Mutex<BTreeSet<Name>>,
+    /// What `lepton_apps` holds, as far as this leader knows: what it read at takeover
+    /// and what it wrote since. Placements are made from this, never from a version
+    /// not yet in the cluster.
+    published: Mutex<BTreeMap<Name, AppEntry>>,
+}
+
+/// Whether an app record is what its key says: the same app name in the record and in
+/// every version, each version's digest its app's, and the active version kept.
+fn entry_is_consistent(key: &str, entry: &AppEntry) -> bool {
+    entry.name.as_str() == key
+        && entry.active_version().is_some()
+        && entry
+            .versions
+            .iter()
+            .all(|v| v.app.name == entry.name && v.digest == v.app.digest())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -185,6 +239,7 @@ impl Control {
             kick: Notify::new(),
             reconciled: tokio::sync::watch::channel(0).0,
             dirty: Mutex::new(BTreeSet::new()),
+            published: Mutex::new(BTreeMap::new()),
         });
         control.import().await?;
         let placements: BTreeMap<String, PlacementEntry> =
@@ -198,6 +253,7 @@ impl Control {
                 Seen {
                     beat,
                     at: Instant::now(),
+                    revision: 0,
                 },
             );
         }
@@ -219,8 +275,22 @@ impl Control {
 
     /// Makes the node's store what the cluster's is.
     async fn import(&self) -> anyhow::Result<()> {
-        let entries: BTreeMap<String, AppEntry> =
+        let mut entries: BTreeMap<String, AppEntry> =
             bus::read_all(&self.store.apps, bus::APPS).await?;
+        entries.retain(|key, entry| {
+            let ok = entry_is_consistent(key, entry);
+            if !ok {
+                tracing::error!(
+                    key,
+                    "skipping an app record whose names or digests do not match"
+                );
+            }
+            ok
+        });
+        *lock(&self.published) = entries
+            .values()
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect();
         for entry in entries.values() {
             for version in &entry.versions {
                 for digest in version.app.blobs() {
@@ -283,8 +353,12 @@ impl Control {
                     .apps
                     .put(name.as_str(), Bytes::from(serde_json::to_vec(&entry)?))
                     .await?;
+                lock(&self.published).insert(name, entry);
             }
-            _ => self.store.apps.delete(name.as_str()).await?,
+            _ => {
+                self.store.apps.delete(name.as_str()).await?;
+                lock(&self.published).remove(name);
+            }
         }
         self.kick.notify_one();
         Ok(())
@@ -317,13 +391,7 @@ impl Control {
     }
 
     async fn serving(&self, name: &Name) -> (bool, Vec<serde_json::Value>) {
-        let active = self
-            .node
-            .records()
-            .await
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .and_then(|(_, _, active)| active);
+        let active = lock(&self.published).get(name).map(|e| e.active);
         let Some(active) = active else {
             return (true, Vec::new());
         };
@@ -370,7 +438,7 @@ impl Control {
 
     async fn follow_heartbeats(self: &Arc<Self>) {
         loop {
-            let mut watch = match self.store.nodes.watch(">").await {
+            let mut watch = match self.store.nodes.watch_with_history(">").await {
                 Ok(watch) => watch,
                 Err(error) => {
                     tracing::warn!("watching heartbeats: {error}");
@@ -397,6 +465,12 @@ impl Control {
                 }
                 let new = {
                     let mut nodes = lock(&self.nodes);
+                    if nodes
+                        .get(&entry.key)
+                        .is_some_and(|s| s.revision >= entry.revision)
+                    {
+                        continue; // Delivered again: nothing new from the node.
+                    }
                     let lost_before = nodes
                         .get(&entry.key)
                         .is_none_or(|s| s.at.elapsed() > NODE_LOST_AFTER);
@@ -408,6 +482,7 @@ impl Control {
                         Seen {
                             beat,
                             at: Instant::now(),
+                            revision: entry.revision,
                         },
                     );
                     lost_before || changed
@@ -433,6 +508,14 @@ impl Control {
                         let Ok(ask) = serde_json::from_slice::<Ask>(&message.payload) else {
                             continue;
                         };
+                        let known = lock(&self.published).get(&ask.app).is_some_and(|e| {
+                            e.active_version().is_some_and(|v| {
+                                v.app.functions.iter().any(|f| f.name == ask.function)
+                            })
+                        });
+                        if !known {
+                            continue;
+                        }
                         let key = bus::function_key(&ask.app, &ask.function);
                         lock(&self.scaling).entry(key).or_default().activated =
                             Some(Instant::now());
@@ -453,14 +536,9 @@ impl Control {
                 tracing::warn!(app = %name, "writing the app to the cluster: {error:#}");
             }
         }
-        let apps: Vec<StoredVersion> = self
-            .node
-            .records()
-            .await
-            .into_iter()
-            .filter_map(|(_, versions, active)| {
-                versions.into_iter().find(|v| Some(v.version) == active)
-            })
+        let apps: Vec<StoredVersion> = lock(&self.published)
+            .values()
+            .filter_map(|e| e.active_version().cloned())
             .collect();
         let now = Instant::now();
         let (snapshot, in_flight) = self.snapshot(now);
@@ -568,6 +646,7 @@ impl Control {
             self.store.placements.delete(key.as_str()).await?;
         }
         *lock(&self.placements) = wanted;
+        lock(&self.scaling).retain(|key, _| counts.contains_key(key));
         let previous = std::mem::replace(&mut *lock(&self.desired), counts.clone());
         for (key, n) in &counts {
             if previous.get(key) != Some(n) {
@@ -590,13 +669,19 @@ impl Control {
     fn snapshot(&self, now: Instant) -> (sched::ClusterSnapshot, BTreeMap<String, f64>) {
         let mut nodes_seen = lock(&self.nodes);
         nodes_seen.retain(|_, s| now.duration_since(s.at) < FORGET_LOST_AFTER);
+        // No heartbeat from anyone for a while: this process is cut off or starved, not
+        // every node dead at once. Judge no node lost until heartbeats arrive again.
+        let judging = nodes_seen
+            .values()
+            .any(|s| now.duration_since(s.at) <= NODE_LOST_AFTER);
         let placements = lock(&self.placements);
         let mut in_flight: BTreeMap<String, f64> = BTreeMap::new();
         let mut snapshot = sched::ClusterSnapshot::default();
         let mut reserved: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for placement in placements.values() {
             let key = bus::function_key(&placement.app, &placement.function);
-            for node in &placement.nodes {
+            let unique: BTreeSet<&String> = placement.nodes.iter().collect();
+            for node in unique {
                 let Some(seen) = nodes_seen.get(node) else {
                     continue;
                 };
@@ -639,7 +724,7 @@ impl Control {
                 *in_flight.entry(key.clone()).or_default() += *n as f64;
             }
             let (cpu, memory) = reserved.get(name.as_str()).copied().unwrap_or_default();
-            let status = if now.duration_since(seen.at) > NODE_LOST_AFTER {
+            let status = if judging && now.duration_since(seen.at) > NODE_LOST_AFTER {
                 sched::NodeStatus::Lost
             } else {
                 sched::NodeStatus::Ready

@@ -91,7 +91,7 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded (`%2e`): such a path
 /// is refused rather than routed on its raw text.
-fn has_dot_segment(path: &str) -> bool {
+pub(crate) fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         let decoded = segment.replace("%2e", ".").replace("%2E", ".");
         decoded == "." || decoded == ".."
