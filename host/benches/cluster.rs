@@ -19,6 +19,10 @@
     reason = "a benchmark may stop at the first failure"
 )]
 
+#[allow(
+    dead_code,
+    reason = "this bench starts its own processes; it uses only the load generator"
+)]
 mod support;
 
 use std::io::{BufRead as _, BufReader};

@@ -29,6 +29,10 @@ struct Nats {
 
 impl Nats {
     /// Starts a server with `config` (its `listen` is added) and waits for its ports.
+    #[expect(
+        clippy::zombie_processes,
+        reason = "the child is kept in `Nats`, whose drop kills and waits for it"
+    )]
     fn start(dir: &Path, name: &str, config: &str, wants_leaf: bool) -> Self {
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(&conf, format!("listen: 127.0.0.1:-1\n{config}")).expect("write conf");
@@ -63,10 +67,12 @@ impl Nats {
                     leaf,
                 };
             }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "nats-server did not start:\n{text}"
-            );
+            if started.elapsed() > PATIENCE {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server did not start:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -518,7 +524,6 @@ fn control_plane_restarts_standby_takes_over_and_functions_scale_to_zero() {
     std::fs::create_dir_all(&standby_dir).expect("mkdir");
     let standby = {
         let dir = dir.to_owned();
-        let url = url.clone();
         let token_file = token_file.to_owned();
         std::thread::spawn(move || {
             control(

@@ -122,7 +122,7 @@ impl Agent {
                         view.apps.insert(key.to_owned(), entry);
                     }
                     Some(_) => {
-                        tracing::warn!(key, "skipping an app record under another app's key")
+                        tracing::warn!(key, "skipping an app record under another app's key");
                     }
                     None => {}
                 },
