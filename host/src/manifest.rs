@@ -698,6 +698,12 @@ mod tests {
         // Packing is deterministic: the same directory gives the same digest.
         let again = Manifest::from_toml(text, &path).expect("valid");
         assert_eq!(again.app.digest(), manifest.app.digest());
+        // Apps without cluster keys keep the digest they had before those keys existed.
+        let json = serde_json::to_string(&manifest.app).expect("json");
+        assert!(
+            !json.contains("scale") && !json.contains("placement"),
+            "{json}"
+        );
         let error =
             Manifest::from_toml(&text.replace("/f/...", "/f/*"), &path).expect_err("wildcard");
         assert!(
@@ -706,5 +712,63 @@ mod tests {
             ),
             "{error}"
         );
+    }
+
+    #[test]
+    fn replicas_scale_and_placement_are_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("f.wasm"), b"bytes").expect("write");
+        let path = dir.path().join("lepton.toml");
+        let with = |keys: &str| {
+            Manifest::from_toml(
+                &format!(
+                    "manifest_version = 1\n[function.f]\ncomponent = \"f.wasm\"\nroute = \"/f\"\n{keys}\n"
+                ),
+                &path,
+            )
+        };
+        let scaled = with(
+            "scale = { min = 0, max = 8, target_concurrency = 4, scale_to_zero_after = \"2s\" }\n\
+             placement = { tier = \"edge\", accelerator = \"preferred\", labels = { zone = \"a\" }, near_region = \"eu-west\" }",
+        )
+        .expect("valid");
+        let f = &scaled.app.functions[0];
+        assert_eq!(
+            f.scale,
+            Scale::Auto {
+                min: 0,
+                max: 8,
+                target_concurrency: 4,
+                scale_to_zero_after: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(f.placement.tier.as_deref(), Some("edge"));
+        assert_eq!(
+            f.placement.accelerator,
+            crate::locked::AcceleratorUse::Preferred
+        );
+        assert_eq!(
+            with("replicas = 3").expect("valid").app.functions[0].scale,
+            Scale::Fixed(3)
+        );
+        for (keys, says) in [
+            ("replicas = 2\nscale = { max = 2 }", "not both"),
+            ("scale = { min = 3, max = 2 }", "min <= max"),
+            ("scale = { max = 0 }", "min <= max"),
+            ("replicas = 100000", "at most 1000"),
+            (
+                "placement = { tier = \"moon\" }",
+                "not \"cloud\" or \"edge\"",
+            ),
+            (
+                "placement = { labels = { \"a b\" = \"c\" } }",
+                "labels and regions",
+            ),
+            ("placement = { accelerator = \"maybe\" }", "maybe"),
+            ("placement = { gpus = 2 }", "gpus"),
+        ] {
+            let error = with(keys).expect_err(keys).to_string();
+            assert!(error.contains(says), "{keys}: {error}");
+        }
     }
 }
