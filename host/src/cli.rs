@@ -493,7 +493,14 @@ impl ControlArgs {
             .keep_versions(self.keep_versions)
             .ort_dir(PathBuf::from(".cache/onnxruntime"));
         let node = Node::open(config).await?;
-        let control = Control::start(std::sync::Arc::clone(&node), client, store, holder).await?;
+        let control = Control::start(
+            std::sync::Arc::clone(&node),
+            client,
+            store,
+            holder,
+            leadership.clone(),
+        )
+        .await?;
         let (token, token_path) =
             AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
         crate::fsutil::write_atomically(

@@ -21,6 +21,8 @@ fn nats_server() -> PathBuf {
 /// A `nats-server` on a random port; killed when dropped.
 struct Nats {
     child: Child,
+    conf: PathBuf,
+    log: PathBuf,
     /// `host:port` for clients.
     client: String,
     /// `host:port` for leaf connections, when it listens for them.
@@ -63,6 +65,8 @@ impl Nats {
             {
                 return Self {
                     child,
+                    conf,
+                    log,
                     client,
                     leaf,
                 };
@@ -75,6 +79,39 @@ impl Nats {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl Nats {
+    /// Stops the server (as a crash would).
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same client port and store.
+    fn start_again(&mut self) {
+        let conf = std::fs::read_to_string(&self.conf).expect("conf");
+        let conf = conf.replacen(
+            "listen: 127.0.0.1:-1",
+            &format!("listen: {}", self.client),
+            1,
+        );
+        std::fs::write(&self.conf, conf).expect("write conf");
+        let _ = std::fs::remove_file(&self.log);
+        self.child = Command::new(nats_server())
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-l")
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server again");
+        eventually(PATIENCE, "nats-server is ready again", || {
+            std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains("Server is ready"))
+        });
     }
 }
 
@@ -483,7 +520,7 @@ route = "/always"
 fn control_plane_restarts_standby_takes_over_and_functions_scale_to_zero() {
     let project = Project::new(&manifest(SCALED));
     let dir = project.dir.path();
-    let hub = hub(dir);
+    let mut hub = hub(dir);
     let url = hub_url(&hub);
     let mut first = control(dir, "control-a", &url, &[]);
     let token = token(dir, "control-a");
@@ -561,6 +598,42 @@ fn control_plane_restarts_standby_takes_over_and_functions_scale_to_zero() {
             .any(|r| r["function"] == "always" && r["version"] == 2 && r["state"] == "running")
     });
     assert_eq!(gateway.get("/always").status, 200);
+
+    // NATS down (longer than the lease lasts): the node serves what it runs; when the
+    // server is back everyone reconnects, the leader holds its lease again, and deploys
+    // go on.
+    hub.stop();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(4) {
+        assert_eq!(gateway.get("/always").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hub.start_again();
+    std::fs::write(
+        project.manifest(),
+        manifest(&SCALED.replace(
+            "route = \"/always\"",
+            "route = \"/always\"\nenvironment = { V = \"3\" }",
+        )),
+    )
+    .expect("write manifest");
+    eventually(PATIENCE, "a deploy goes through after NATS is back", || {
+        let admin = format!("http://{}", standby.address);
+        let (status, out, _) = run_lepton(
+            dir,
+            &["deploy", "--admin", &admin],
+            &[("LEPTON_ADMIN_TOKEN", token.as_str())],
+        );
+        status.success() && out.contains("deployed lazy version 3")
+    });
+    eventually(PATIENCE, "the node serves version 3", || {
+        admin_get(&standby, &token, "/v1/status")["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["function"] == "always" && r["version"] == 3 && r["state"] == "running")
+    });
+    assert!(standby.log().contains("holding it again") || standby.log().contains("renewed again"));
 }
 
 /// A node with the wrong NATS password is refused and says why; a blob changed in

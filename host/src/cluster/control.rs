@@ -67,6 +67,8 @@ pub struct Leadership {
     holder: String,
     revision: Arc<std::sync::atomic::AtomicU64>,
     value: Bytes,
+    /// When the lease was last made or renewed.
+    renewed: Arc<Mutex<Instant>>,
 }
 
 impl Leadership {
@@ -86,6 +88,7 @@ impl Leadership {
                         holder: holder.to_owned(),
                         revision: Arc::new(revision.into()),
                         value,
+                        renewed: Arc::new(Mutex::new(Instant::now())),
                     });
                 }
                 Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -111,13 +114,20 @@ impl Leadership {
         }
     }
 
+    /// Whether the lease is held now: renewed within its lifetime. While it is not
+    /// (NATS unreachable, renewals failing), the leader changes nothing.
+    pub fn is_current(&self) -> bool {
+        lock(&self.renewed).elapsed() < LEASE_TTL
+    }
+
     /// Renews the lease every third of its lifetime, from the moment it is held;
-    /// returns when it is lost (another process holds it, or no renewal went through
-    /// for a lease's lifetime), and the caller must stop acting as leader at once.
+    /// returns when another process holds it, and the caller must stop at once. A
+    /// leader cut off from NATS pauses ([`Leadership::is_current`]) and goes on when
+    /// its renewals go through again with its own revision.
     pub async fn keep(self) -> anyhow::Error {
         use std::sync::atomic::Ordering;
         let mut tick = tokio::time::interval(LEASE_TTL / 3);
-        let mut renewed = Instant::now();
+        let mut paused = false;
         loop {
             tick.tick().await;
             let revision = self.revision.load(Ordering::Acquire);
@@ -129,7 +139,10 @@ impl Leadership {
             match renewal {
                 Ok(Ok(next)) => {
                     self.revision.store(next, Ordering::Release);
-                    renewed = Instant::now();
+                    *lock(&self.renewed) = Instant::now();
+                    if std::mem::take(&mut paused) {
+                        tracing::info!("the lease is renewed again: leading");
+                    }
                     continue;
                 }
                 Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -141,24 +154,45 @@ impl Leadership {
                                 && entry.value == self.value =>
                         {
                             self.revision.store(entry.revision, Ordering::Release);
-                            renewed = Instant::now();
+                            *lock(&self.renewed) = Instant::now();
+                            if std::mem::take(&mut paused) {
+                                tracing::info!("the lease is renewed again: leading");
+                            }
                             continue;
                         }
-                        Ok(_) => {
+                        Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                             return anyhow::anyhow!(
                                 "lost the leader lease (`{}` no longer holds it)",
                                 self.holder
                             );
                         }
+                        // Expired while NATS was away, and nobody took it: take it again.
+                        Ok(_) => match self.store.create("leader", self.value.clone()).await {
+                            Ok(next) => {
+                                self.revision.store(next, Ordering::Release);
+                                *lock(&self.renewed) = Instant::now();
+                                paused = false;
+                                tracing::info!("the lease had expired; holding it again");
+                                continue;
+                            }
+                            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                                return anyhow::anyhow!(
+                                    "lost the leader lease (`{}` no longer holds it)",
+                                    self.holder
+                                );
+                            }
+                            Err(error) => tracing::warn!("taking the lease again: {error}"),
+                        },
                         Err(error) => tracing::warn!("reading the lease: {error}"),
                     }
                 }
                 Ok(Err(error)) => tracing::warn!("renewing the lease: {error}"),
                 Err(_) => tracing::warn!("renewing the lease: no answer"),
             }
-            if renewed.elapsed() >= LEASE_TTL {
-                return anyhow::anyhow!(
-                    "could not renew the leader lease for {LEASE_TTL:?}; another control plane may lead now"
+            if !self.is_current() && !paused {
+                paused = true;
+                tracing::warn!(
+                    "could not renew the leader lease for {LEASE_TTL:?}: changing nothing until it is renewed"
                 );
             }
         }
@@ -178,6 +212,7 @@ impl Leadership {
 /// The control plane.
 pub struct Control {
     node: Arc<Node>,
+    leadership: Leadership,
     store: Store,
     client: async_nats::Client,
     holder: String,
@@ -223,9 +258,11 @@ impl Control {
         client: async_nats::Client,
         store: Store,
         holder: String,
+        leadership: Leadership,
     ) -> anyhow::Result<Arc<Self>> {
         let control = Arc::new(Self {
             node,
+            leadership,
             store,
             client,
             holder,
@@ -331,6 +368,10 @@ impl Control {
     }
 
     async fn write_app(&self, name: &Name) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.leadership.is_current(),
+            "this control plane cannot renew its lease (is NATS reachable?)"
+        );
         let record = self
             .node
             .records()
@@ -530,6 +571,9 @@ impl Control {
 
     /// One pass: snapshot, desired counts, plan, placements written.
     async fn reconcile(&self) -> anyhow::Result<()> {
+        if !self.leadership.is_current() {
+            return Ok(());
+        }
         let dirty: Vec<Name> = lock(&self.dirty).iter().cloned().collect();
         for name in dirty {
             if let Err(error) = self.publish(&name).await {
