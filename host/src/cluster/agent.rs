@@ -68,6 +68,12 @@ struct View {
     placements: BTreeMap<String, PlacementEntry>,
 }
 
+/// A function's subscription on its subject.
+struct Subscription {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
 /// The agent of one node.
 pub struct Agent {
     config: AgentConfig,
@@ -78,7 +84,7 @@ pub struct Agent {
     routes: ArcSwap<Vec<ClusterRoute>>,
     changed: Notify,
     reports: Mutex<BTreeMap<String, ReplicaReport>>,
-    subscriptions: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    subscriptions: Mutex<HashMap<String, Subscription>>,
     /// Requests held per function waiting for a replica.
     waiting: Mutex<BTreeMap<String, u64>>,
     /// When a failed deploy of an app (version digest) may be tried again.
@@ -353,7 +359,15 @@ impl Agent {
                 }
             }
         }
-        // What is no longer placed here goes.
+        // What is no longer placed here goes: its subscriptions first (drained), then
+        // the app.
+        let keep: BTreeSet<String> = wanted
+            .iter()
+            .flat_map(|(app, (_, _, functions))| {
+                functions.iter().map(move |f| bus::function_subject(app, f))
+            })
+            .collect();
+        self.resubscribe(&keep).await;
         for (name, _, _) in self.node.records().await {
             if !wanted.contains_key(&name) {
                 if let Err(error) = self.node.remove(&name, "cluster").await {
@@ -362,7 +376,6 @@ impl Agent {
                 Self::lock(&self.reports).retain(|_, r| r.app != name);
             }
         }
-        self.resubscribe().await;
         if self.read.load(std::sync::atomic::Ordering::Acquire) >= 2 {
             self.synced
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -387,26 +400,44 @@ impl Agent {
     }
 
     /// Subscribes every local function on its subject, and unsubscribes the others.
-    async fn resubscribe(self: &Arc<Self>) {
+    /// Subscribes every local function in `keep`; the other subscriptions end, and
+    /// what NATS had delivered to them already is still answered.
+    async fn resubscribe(self: &Arc<Self>, keep: &BTreeSet<String>) {
         let table = self.node.table();
         let local: BTreeSet<String> = table
             .functions()
             .iter()
             .map(|f| bus::function_subject(f.app(), &f.spec().name))
+            .filter(|s| keep.contains(s))
             .collect();
-        let mut subscriptions = Self::lock(&self.subscriptions);
-        subscriptions.retain(|subject, task| {
-            let keep = local.contains(subject) && !task.is_finished();
-            if !keep {
+        let ending: Vec<Subscription> = {
+            let mut subscriptions = Self::lock(&self.subscriptions);
+            let gone: Vec<String> = subscriptions
+                .iter()
+                .filter(|(subject, sub)| !local.contains(*subject) || sub.task.is_finished())
+                .map(|(subject, _)| subject.clone())
+                .collect();
+            gone.iter()
+                .filter_map(|subject| subscriptions.remove(subject))
+                .collect()
+        };
+        for subscription in ending {
+            let _ = subscription.stop.send(());
+            let mut task = subscription.task;
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
             }
-            keep
-        });
+        }
+        let mut subscriptions = Self::lock(&self.subscriptions);
         for function in table.functions() {
             let subject = bus::function_subject(function.app(), &function.spec().name);
-            if subscriptions.contains_key(&subject) {
+            if subscriptions.contains_key(&subject) || !local.contains(&subject) {
                 continue;
             }
+            let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
             let agent = Arc::clone(self);
             let (app, name) = (function.app().clone(), function.spec().name.clone());
             let s = subject.clone();
@@ -422,13 +453,27 @@ impl Agent {
                         return;
                     }
                 };
-                while let Some(message) = subscriber.next().await {
+                let serve = |message: async_nats::Message| {
                     let agent = Arc::clone(&agent);
                     let (app, name) = (app.clone(), name.clone());
                     tokio::spawn(async move { agent.serve_forwarded(&app, &name, message).await });
+                };
+                loop {
+                    tokio::select! {
+                        message = subscriber.next() => match message {
+                            Some(message) => serve(message),
+                            None => return,
+                        },
+                        _ = &mut stopped => break,
+                    }
+                }
+                // Ended: no new requests come; those NATS delivered already are answered.
+                let _ = subscriber.unsubscribe().await;
+                while let Some(message) = subscriber.next().await {
+                    serve(message);
                 }
             });
-            subscriptions.insert(subject, task);
+            subscriptions.insert(subject, Subscription { task, stop });
         }
     }
 
