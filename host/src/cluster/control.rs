@@ -244,6 +244,27 @@ fn entry_is_consistent(key: &str, entry: &AppEntry) -> bool {
             .all(|v| v.app.name == entry.name && v.digest == v.app.digest())
 }
 
+/// What `node` reports of its replica of `placement`'s function, and its state for
+/// the placed version (`pending` until it reports that version).
+fn replica_state(
+    nodes: &BTreeMap<String, Seen>,
+    placement: &PlacementEntry,
+    node: &str,
+) -> (Option<bus::ReplicaReport>, String) {
+    let report = nodes.get(node).and_then(|s| {
+        s.beat
+            .replicas
+            .iter()
+            .find(|r| r.app == placement.app && r.function == placement.function)
+            .cloned()
+    });
+    let state = match &report {
+        Some(r) if r.version == placement.version => r.state.clone(),
+        _ => "pending".to_owned(),
+    };
+    (report, state)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -449,17 +470,7 @@ impl Control {
                 all = false;
             }
             for node in &placement.nodes {
-                let report = nodes.get(node).and_then(|s| {
-                    s.beat
-                        .replicas
-                        .iter()
-                        .find(|r| r.app == placement.app && r.function == placement.function)
-                        .cloned()
-                });
-                let state = match &report {
-                    Some(r) if r.version == placement.version => r.state.clone(),
-                    _ => "pending".to_owned(),
-                };
+                let (report, state) = replica_state(&nodes, placement, node);
                 all &= state == "running";
                 replicas.push(serde_json::json!({
                     "function": placement.function, "node": node, "state": state,
@@ -878,17 +889,7 @@ impl Control {
         let mut replica_rows = Vec::new();
         for (key, placement) in &placements {
             for node in &placement.nodes {
-                let report = nodes.get(node).and_then(|s| {
-                    s.beat
-                        .replicas
-                        .iter()
-                        .find(|r| r.app == placement.app && r.function == placement.function)
-                        .cloned()
-                });
-                let state = match &report {
-                    Some(r) if r.version == placement.version => r.state.clone(),
-                    _ => "pending".to_owned(),
-                };
+                let (report, state) = replica_state(&nodes, placement, node);
                 replica_rows.push(serde_json::json!({
                     "app": placement.app, "function": placement.function, "key": key,
                     "version": placement.version, "node": node, "state": state,

@@ -107,16 +107,7 @@ impl AppStore {
             digest: app.digest(),
             app,
         };
-        let path = self.version_path(&stored.app.name, version);
-        fsutil::write_atomically(
-            &path,
-            &serde_json::to_vec_pretty(&stored).context("encoding the version")?,
-        )?;
-        self.apps
-            .entry(stored.app.name.clone())
-            .or_default()
-            .versions
-            .insert(version, stored.clone());
+        self.put_version(stored.clone())?;
         Ok(stored)
     }
 
