@@ -124,11 +124,14 @@ impl Agent {
         tokio::spawn(async move {
             a.watch(bus::APPS, |view, key, value| match value {
                 Some(v) => match bus::parse_record::<AppEntry>(bus::APPS, key, v) {
-                    Some(entry) if entry.name.as_str() == key => {
+                    Some(entry) if entry.is_consistent(key) => {
                         view.apps.insert(key.to_owned(), entry);
                     }
                     Some(_) => {
-                        tracing::warn!(key, "skipping an app record under another app's key");
+                        tracing::warn!(
+                            key,
+                            "skipping an app record whose names or digests do not match its key"
+                        );
                     }
                     None => {}
                 },

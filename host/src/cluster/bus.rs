@@ -80,6 +80,17 @@ impl AppEntry {
         self.versions.iter().find(|v| v.version == self.active)
     }
 
+    /// Whether the record is what its key says: the same app name in the record and in
+    /// every version, each version's digest its app's, and the active version kept.
+    pub fn is_consistent(&self, key: &str) -> bool {
+        self.name.as_str() == key
+            && self.active_version().is_some()
+            && self
+                .versions
+                .iter()
+                .all(|v| v.app.name == self.name && v.digest == v.app.digest())
+    }
+
     /// Version `version`, if kept.
     pub fn version(&self, version: u64) -> Option<&StoredVersion> {
         self.versions.iter().find(|v| v.version == version)

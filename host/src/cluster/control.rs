@@ -233,17 +233,6 @@ pub struct Control {
     published: Mutex<BTreeMap<Name, AppEntry>>,
 }
 
-/// Whether an app record is what its key says: the same app name in the record and in
-/// every version, each version's digest its app's, and the active version kept.
-fn entry_is_consistent(key: &str, entry: &AppEntry) -> bool {
-    entry.name.as_str() == key
-        && entry.active_version().is_some()
-        && entry
-            .versions
-            .iter()
-            .all(|v| v.app.name == entry.name && v.digest == v.app.digest())
-}
-
 /// What `node` reports of its replica of `placement`'s function, and its state for
 /// the placed version (`pending` until it reports that version).
 fn replica_state(
@@ -336,7 +325,7 @@ impl Control {
         let mut entries: BTreeMap<String, AppEntry> =
             bus::read_all(&self.store.apps, bus::APPS).await?;
         entries.retain(|key, entry| {
-            let ok = entry_is_consistent(key, entry);
+            let ok = entry.is_consistent(key);
             if !ok {
                 tracing::error!(
                     key,

@@ -188,7 +188,9 @@ pub fn decode_request(payload: &Bytes) -> Result<Forwarded, WireError> {
     Ok(Forwarded {
         request,
         id: head.id,
-        left: Duration::from_millis(head.left_ms),
+        // No function runs longer than the longest timeout: a larger figure (from a
+        // hostile bus member) must not overflow a deadline.
+        left: Duration::from_millis(head.left_ms).min(crate::locked::MAX_TIMEOUT),
     })
 }
 
@@ -302,6 +304,13 @@ mod tests {
             ))
             .is_err()
         );
+        let forever = frame(
+            &serde_json::json!({"method": "GET", "uri": "/", "id": "a", "left_ms": u64::MAX, "headers": []}),
+            b"",
+        );
+        let forwarded = decode_request(&forever).expect("decodes");
+        assert_eq!(forwarded.left, crate::locked::MAX_TIMEOUT);
+        let _ = tokio::time::Instant::now() + forwarded.left; // no overflow
     }
 
     proptest::proptest! {
