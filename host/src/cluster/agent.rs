@@ -264,6 +264,7 @@ impl Agent {
         let me = self.config.name.as_str();
         // app -> (version, functions placed here)
         let mut wanted: BTreeMap<Name, (AppEntry, u64, BTreeSet<Name>)> = BTreeMap::new();
+        let mut unsettled: BTreeSet<Name> = BTreeSet::new();
         let mut routes = Vec::new();
         {
             let view = Self::lock(&self.view);
@@ -284,10 +285,14 @@ impl Agent {
                 if !placement.nodes.iter().any(|n| n == me) {
                     continue;
                 }
+                // A placement may arrive before the app record it was made from (two
+                // buckets, two watches): the app stays as it is until both agree.
                 let Some(entry) = view.apps.get(placement.app.as_str()) else {
+                    unsettled.insert(placement.app.clone());
                     continue;
                 };
                 if entry.version(placement.version).is_none() {
+                    unsettled.insert(placement.app.clone());
                     continue;
                 }
                 wanted
@@ -296,6 +301,9 @@ impl Agent {
                     .2
                     .insert(placement.function.clone());
             }
+        }
+        for app in &unsettled {
+            wanted.remove(app);
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.route.specificity()));
         self.routes.store(Arc::new(routes));
@@ -370,9 +378,20 @@ impl Agent {
                 functions.iter().map(move |f| bus::function_subject(app, f))
             })
             .collect();
+        let keep: BTreeSet<String> = keep
+            .into_iter()
+            .chain(
+                self.node
+                    .table()
+                    .functions()
+                    .iter()
+                    .filter(|f| unsettled.contains(f.app()))
+                    .map(|f| bus::function_subject(f.app(), &f.spec().name)),
+            )
+            .collect();
         self.resubscribe(&keep).await;
         for (name, _, _) in self.node.records().await {
-            if !wanted.contains_key(&name) {
+            if !wanted.contains_key(&name) && !unsettled.contains(&name) {
                 if let Err(error) = self.node.remove(&name, "cluster").await {
                     tracing::warn!(app = %name, "removing: {error}");
                 }
