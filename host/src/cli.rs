@@ -493,14 +493,20 @@ impl ControlArgs {
             .keep_versions(self.keep_versions)
             .ort_dir(PathBuf::from(".cache/onnxruntime"));
         let node = Node::open(config).await?;
-        let control = Control::start(
+        let start = Control::start(
             std::sync::Arc::clone(&node),
             client,
             store,
             holder,
             leadership.clone(),
-        )
-        .await?;
+        );
+        let control = tokio::select! {
+            control = start => control?,
+            () = signals.next() => {
+                leadership.release().await;
+                return Ok(());
+            }
+        };
         let (token, token_path) =
             AdminToken::load_or_create(self.admin_token_file.as_deref(), &self.state_dir)?;
         crate::fsutil::write_atomically(
@@ -581,12 +587,18 @@ impl NodeArgs {
             client,
             store,
         );
-        agent.joined().await;
+        tokio::select! {
+            () = agent.joined() => {}
+            () = signals.next() => return Ok(()),
+        }
         lock_down(self.no_seccomp)?;
         ready(&[format!("lepton: listening on http://{address}")]);
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let leaving = std::sync::Arc::clone(&agent);
         tokio::spawn(async move {
             signals.next().await;
+            // Other gateways stop sending here first; then local requests drain.
+            leaving.leave().await;
             let _ = stop.send(true);
             signals.next().await;
             tracing::warn!("second signal: exiting at once");

@@ -201,13 +201,17 @@ impl Admin {
             },
             (&Method::POST, ["apps", app, "rollback"]) => self.rollback(request, app, &peer).await,
             (&Method::DELETE, ["apps", app]) => match parse_app(app) {
-                Ok(name) => match self.node.remove(&name, &peer).await {
-                    Ok(()) => {
-                        let answer = serde_json::json!({ "removed": name });
-                        self.published(&name, StatusCode::OK, answer, false).await
+                Ok(name) => {
+                    let guard = self.change_guard().await;
+                    match self.node.remove(&name, &peer).await {
+                        Ok(()) => {
+                            let answer = serde_json::json!({ "removed": name });
+                            self.published(&name, StatusCode::OK, answer, false, guard)
+                                .await
+                        }
+                        Err(e) => deploy_error(&e),
                     }
-                    Err(e) => deploy_error(&e),
-                },
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
             (&Method::GET, ["status"]) => match &self.cluster {
@@ -390,6 +394,7 @@ impl Admin {
                 ),
             );
         }
+        let guard = self.change_guard().await;
         match self.node.deploy(locked, peer).await {
             Ok(deployed) => {
                 let status = if deployed.unchanged {
@@ -398,7 +403,8 @@ impl Admin {
                     StatusCode::CREATED
                 };
                 let answer = serde_json::to_value(&deployed).unwrap_or_default();
-                self.published(&deployed.app, status, answer, true).await
+                self.published(&deployed.app, status, answer, true, guard)
+                    .await
             }
             Err(e) => deploy_error(&e),
         }
@@ -432,10 +438,12 @@ impl Admin {
                 }
             }
         };
+        let guard = self.change_guard().await;
         match self.node.rollback(&name, wanted, peer).await {
             Ok(deployed) => {
                 let answer = serde_json::to_value(&deployed).unwrap_or_default();
-                self.published(&name, StatusCode::OK, answer, true).await
+                self.published(&name, StatusCode::OK, answer, true, guard)
+                    .await
             }
             Err(e) => deploy_error(&e),
         }
@@ -445,17 +453,29 @@ impl Admin {
 impl Admin {
     /// On a control plane: writes the change to the cluster before answering (and,
     /// when `wait`, waits for its replicas to serve); elsewhere answers as it is.
+    /// On a control plane: one change at a time, and none while a takeover reads the
+    /// cluster's state (which would undo it).
+    async fn change_guard(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.cluster {
+            Some(cluster) => Some(cluster.lock_changes().await),
+            None => None,
+        }
+    }
+
     async fn published(
         &self,
         app: &Name,
         status: StatusCode,
         mut answer: serde_json::Value,
         wait: bool,
+        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> hyper::Response<Body> {
         let Some(cluster) = &self.cluster else {
             return json(status, &answer);
         };
-        if let Err(e) = cluster.publish(app).await {
+        let written = cluster.publish(app).await;
+        drop(guard);
+        if let Err(e) = written {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 SpecError::new(

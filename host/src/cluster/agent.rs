@@ -94,6 +94,8 @@ pub struct Agent {
     synced: std::sync::atomic::AtomicBool,
     /// Buckets read in full at least once (apps, placements).
     read: std::sync::atomic::AtomicU8,
+    /// Set at shutdown: no subscription is made any more.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -119,6 +121,7 @@ impl Agent {
             joined: tokio::sync::watch::channel(false).0,
             synced: std::sync::atomic::AtomicBool::new(false),
             read: std::sync::atomic::AtomicU8::new(0),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         });
         let a = Arc::clone(&agent);
         tokio::spawn(async move {
@@ -314,19 +317,11 @@ impl Agent {
             };
             let subset = only_functions(&stored.app, functions);
             let digest = subset.digest();
-            let serving = self
-                .node
-                .records()
-                .await
-                .into_iter()
-                .find(|(name, _, _)| name == app)
-                .and_then(|(_, versions, active)| {
-                    versions
-                        .into_iter()
-                        .find(|v| Some(v.version) == active)
-                        .map(|v| v.digest)
-                });
+            // What the table serves, not what the store on disk says: a node restarted
+            // on its state dir starts with an empty table.
+            let serving = self.node.table().app_digest(app).cloned();
             let key = format!("{app}@{digest}");
+            Self::lock(&self.retry_after).retain(|_, t| *t > tokio::time::Instant::now());
             let failed_recently = Self::lock(&self.retry_after)
                 .get(&key)
                 .is_some_and(|t| *t > tokio::time::Instant::now());
@@ -431,6 +426,7 @@ impl Agent {
             .iter()
             .map(|f| bus::function_subject(f.app(), &f.spec().name))
             .filter(|s| keep.contains(s))
+            .filter(|_| !self.leaving.load(std::sync::atomic::Ordering::Acquire))
             .collect();
         let ending: Vec<Subscription> = {
             let mut subscriptions = Self::lock(&self.subscriptions);
@@ -489,8 +485,10 @@ impl Agent {
                         _ = &mut stopped => break,
                     }
                 }
-                // Ended: no new requests come; those NATS delivered already are answered.
-                let _ = subscriber.unsubscribe().await;
+                // Ended: NATS drains the subscription (an unsubscribe, then a ping
+                // round trip), so every request it routed here before it stopped is
+                // still delivered, and answered; then the stream ends.
+                let _ = subscriber.drain().await;
                 while let Some(message) = subscriber.next().await {
                     serve(message);
                 }
@@ -624,6 +622,14 @@ impl Agent {
             waiting: Self::lock(&self.waiting).clone(),
             time_ms: now_ms(),
         }
+    }
+
+    /// At shutdown: ends every subscription (answering what NATS delivered already),
+    /// so other gateways stop sending here while local requests drain.
+    pub async fn leave(self: &Arc<Self>) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.resubscribe(&BTreeSet::new()).await;
     }
 
     /// The gateway's handler: every route of the cluster.

@@ -306,7 +306,10 @@ impl Store {
 
     /// Uploads the blob `digest` from `local` unless the object store has it.
     pub async fn upload_blob(&self, local: &BlobStore, digest: &Digest) -> anyhow::Result<()> {
-        if self.blobs.info(digest.as_str()).await.is_ok() {
+        let info = tokio::time::timeout(STORE_REQUEST_TIMEOUT, self.blobs.info(digest.as_str()))
+            .await
+            .with_context(|| format!("asking the object store for blob {digest}: no answer"))?;
+        if info.is_ok() {
             return Ok(());
         }
         let path = local.path(digest);
@@ -325,19 +328,19 @@ impl Store {
         if local.touch(digest) {
             return Ok(());
         }
-        let mut object = self
-            .blobs
-            .get(digest.as_str())
-            .await
-            .with_context(|| format!("blob {digest} is not in the object store"))?;
+        let mut object =
+            tokio::time::timeout(STORE_REQUEST_TIMEOUT, self.blobs.get(digest.as_str()))
+                .await
+                .with_context(|| format!("asking the object store for blob {digest}: no answer"))?
+                .with_context(|| format!("blob {digest} is not in the object store"))?;
         let mut writer = local
             .writer(digest.clone(), MAX_BLOB)
             .with_context(|| format!("storing blob {digest}"))?;
         let mut buffer = vec![0u8; 256 << 10];
         loop {
-            let n = object
-                .read(&mut buffer)
+            let n = tokio::time::timeout(STORE_REQUEST_TIMEOUT, object.read(&mut buffer))
                 .await
+                .with_context(|| format!("reading blob {digest} from the object store: stalled"))?
                 .with_context(|| format!("reading blob {digest} from the object store"))?;
             if n == 0 {
                 break;
@@ -379,6 +382,21 @@ pub fn parse_record<T: serde::de::DeserializeOwned>(
 
 /// Reads every record of `store` that parses.
 pub async fn read_all<T: serde::de::DeserializeOwned>(
+    store: &kv::Store,
+    bucket: &str,
+) -> anyhow::Result<BTreeMap<String, T>> {
+    tokio::time::timeout(READ_ALL_TIMEOUT, read_all_inner(store, bucket))
+        .await
+        .map_err(|_| anyhow::anyhow!("reading `{bucket}` took more than {READ_ALL_TIMEOUT:?}"))?
+}
+
+/// How long one request to JetStream (or one chunk of a blob) may take.
+const STORE_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long reading a whole bucket may take before it is tried again.
+const READ_ALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn read_all_inner<T: serde::de::DeserializeOwned>(
     store: &kv::Store,
     bucket: &str,
 ) -> anyhow::Result<BTreeMap<String, T>> {

@@ -67,8 +67,10 @@ pub struct Leadership {
     holder: String,
     revision: Arc<std::sync::atomic::AtomicU64>,
     value: Bytes,
-    /// When the lease was last made or renewed.
+    /// When the lease was last made or renewed (when the request went out).
     renewed: Arc<Mutex<Instant>>,
+    /// Times the lease was taken again after it expired.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Leadership {
@@ -80,6 +82,7 @@ impl Leadership {
         })?);
         let mut told = None;
         loop {
+            let sent = Instant::now();
             match store.leader.create("leader", value.clone()).await {
                 Ok(revision) => {
                     tracing::info!(holder, "leading the cluster");
@@ -88,7 +91,8 @@ impl Leadership {
                         holder: holder.to_owned(),
                         revision: Arc::new(revision.into()),
                         value,
-                        renewed: Arc::new(Mutex::new(Instant::now())),
+                        renewed: Arc::new(Mutex::new(sent)),
+                        epoch: Arc::new(0.into()),
                     });
                 }
                 Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -117,7 +121,15 @@ impl Leadership {
     /// Whether the lease is held now: renewed within its lifetime. While it is not
     /// (NATS unreachable, renewals failing), the leader changes nothing.
     pub fn is_current(&self) -> bool {
-        lock(&self.renewed).elapsed() < LEASE_TTL
+        // A margin: the server counts the lease from when it got the renewal, which
+        // is after this process sent it.
+        lock(&self.renewed).elapsed() < LEASE_TTL.saturating_sub(Duration::from_millis(500))
+    }
+
+    /// How many times the lease was taken again after it had expired: state read
+    /// before then may be stale.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Renews the lease every third of its lifetime, from the moment it is held;
@@ -131,6 +143,7 @@ impl Leadership {
         loop {
             tick.tick().await;
             let revision = self.revision.load(Ordering::Acquire);
+            let sent = Instant::now();
             let renewal = tokio::time::timeout(
                 LEASE_TTL / 3,
                 self.store.update("leader", self.value.clone(), revision),
@@ -139,7 +152,7 @@ impl Leadership {
             match renewal {
                 Ok(Ok(next)) => {
                     self.revision.store(next, Ordering::Release);
-                    *lock(&self.renewed) = Instant::now();
+                    *lock(&self.renewed) = sent;
                     if std::mem::take(&mut paused) {
                         tracing::info!("the lease is renewed again: leading");
                     }
@@ -153,11 +166,10 @@ impl Leadership {
                             if entry.operation == kv::Operation::Put
                                 && entry.value == self.value =>
                         {
+                            // Ours: a renewal went through. Renew again at once with
+                            // the revision it made, rather than count it as renewed now.
                             self.revision.store(entry.revision, Ordering::Release);
-                            *lock(&self.renewed) = Instant::now();
-                            if std::mem::take(&mut paused) {
-                                tracing::info!("the lease is renewed again: leading");
-                            }
+                            tick.reset_immediately();
                             continue;
                         }
                         Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
@@ -170,7 +182,8 @@ impl Leadership {
                         Ok(_) => match self.store.create("leader", self.value.clone()).await {
                             Ok(next) => {
                                 self.revision.store(next, Ordering::Release);
-                                *lock(&self.renewed) = Instant::now();
+                                *lock(&self.renewed) = sent;
+                                self.epoch.fetch_add(1, Ordering::AcqRel);
                                 paused = false;
                                 tracing::info!("the lease had expired; holding it again");
                                 continue;
@@ -231,6 +244,13 @@ pub struct Control {
     /// and what it wrote since. Placements are made from this, never from a version
     /// not yet in the cluster.
     published: Mutex<BTreeMap<Name, AppEntry>>,
+    /// When heartbeats resumed after a silence from every node.
+    resumed: Mutex<Option<Instant>>,
+    /// Held by each admin change (from the node's change to its write to the
+    /// cluster), by retries of those writes, and by a re-read of the cluster's state.
+    changes: Arc<tokio::sync::Mutex<()>>,
+    /// The lease epoch the state here was read at (see [`Leadership::epoch`]).
+    synced_epoch: std::sync::atomic::AtomicU64,
 }
 
 /// What `node` reports of its replica of `placement`'s function, and its state for
@@ -287,6 +307,9 @@ impl Control {
             reconciled: tokio::sync::watch::channel(0).0,
             dirty: Mutex::new(BTreeSet::new()),
             published: Mutex::new(BTreeMap::new()),
+            resumed: Mutex::new(None),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
+            synced_epoch: std::sync::atomic::AtomicU64::new(0),
         });
         control.import().await?;
         let placements: BTreeMap<String, PlacementEntry> =
@@ -308,11 +331,32 @@ impl Control {
         tokio::spawn(async move { c.follow_heartbeats().await });
         let c = Arc::clone(&control);
         tokio::spawn(async move { c.follow_activations().await });
+        // Changes this leader has but could not write to the cluster, retried apart
+        // from reconciling (an upload may take long).
         let c = Arc::clone(&control);
         tokio::spawn(async move {
             loop {
-                if let Err(error) = c.reconcile().await {
-                    tracing::warn!("reconciling: {error:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let dirty: Vec<Name> = lock(&c.dirty).iter().cloned().collect();
+                for name in dirty {
+                    let _changes = c.lock_changes().await;
+                    if let Err(error) = c.publish(&name).await {
+                        tracing::warn!(app = %name, "writing the app to the cluster: {error:#}");
+                    }
+                }
+            }
+        });
+        let c = Arc::clone(&control);
+        tokio::spawn(async move {
+            loop {
+                // Bounded: a JetStream request that never answers must not stop
+                // the control plane from reconciling for good.
+                match tokio::time::timeout(Duration::from_secs(30), c.reconcile()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!("reconciling: {error:#}"),
+                    Err(_) => {
+                        tracing::warn!("reconciling: a pass took more than 30 s; starting again");
+                    }
                 }
                 let _ = tokio::time::timeout(RECONCILE_EVERY, c.kick.notified()).await;
             }
@@ -363,6 +407,11 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Waits for the right to change apps (see `changes`).
+    pub async fn lock_changes(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        Arc::clone(&self.changes).lock_owned().await
     }
 
     /// Writes app `name` as the node's store has it (blobs first), or deletes it.
@@ -512,6 +561,11 @@ impl Control {
                     {
                         continue; // Delivered again: nothing new from the node.
                     }
+                    // The first heartbeat after a silence from every node (this process
+                    // was cut off): the others get their usual time from now.
+                    if !nodes.values().any(|s| s.at.elapsed() <= NODE_LOST_AFTER) {
+                        *lock(&self.resumed) = Some(Instant::now());
+                    }
                     let lost_before = nodes
                         .get(&entry.key)
                         .is_none_or(|s| s.at.elapsed() > NODE_LOST_AFTER);
@@ -574,11 +628,17 @@ impl Control {
         if !self.leadership.is_current() {
             return Ok(());
         }
-        let dirty: Vec<Name> = lock(&self.dirty).iter().cloned().collect();
-        for name in dirty {
-            if let Err(error) = self.publish(&name).await {
-                tracing::warn!(app = %name, "writing the app to the cluster: {error:#}");
-            }
+        // The lease was taken again after it expired: another leader may have changed
+        // the cluster meanwhile. Read it again before changing anything.
+        let epoch = self.leadership.epoch();
+        if self.synced_epoch.load(std::sync::atomic::Ordering::Acquire) != epoch {
+            let _changes = self.lock_changes().await;
+            self.import().await?;
+            let placements: BTreeMap<String, PlacementEntry> =
+                bus::read_all(&self.store.placements, bus::PLACEMENTS).await?;
+            *lock(&self.placements) = placements;
+            self.synced_epoch
+                .store(epoch, std::sync::atomic::Ordering::Release);
         }
         let apps: Vec<StoredVersion> = lock(&self.published)
             .values()
@@ -676,6 +736,16 @@ impl Control {
                 },
             );
         }
+        // With no node ready there is nothing to judge by: leave the placements as
+        // they are (they come back as nodes heartbeat).
+        if !next
+            .nodes
+            .iter()
+            .any(|n| n.status == sched::NodeStatus::Ready)
+        {
+            self.reconciled.send_modify(|n| *n += 1);
+            return Ok(());
+        }
         let current = lock(&self.placements).clone();
         for (key, entry) in &wanted {
             if current.get(key) != Some(entry) {
@@ -712,12 +782,20 @@ impl Control {
     /// requests per function (replicas and gateways holding requests together).
     fn snapshot(&self, now: Instant) -> (sched::ClusterSnapshot, BTreeMap<String, f64>) {
         let mut nodes_seen = lock(&self.nodes);
-        nodes_seen.retain(|_, s| now.duration_since(s.at) < FORGET_LOST_AFTER);
         // No heartbeat from anyone for a while: this process is cut off or starved, not
-        // every node dead at once. Judge no node lost until heartbeats arrive again.
+        // every node dead at once. Judge no node lost (and forget none) until heartbeats
+        // arrive again, and then give each node its usual time from then.
         let judging = nodes_seen
             .values()
             .any(|s| now.duration_since(s.at) <= NODE_LOST_AFTER);
+        let resumed = *lock(&self.resumed);
+        let silent = |s: &Seen| {
+            let since = resumed.map_or(s.at, |r| r.max(s.at));
+            now.duration_since(since)
+        };
+        if judging {
+            nodes_seen.retain(|_, s| silent(s) < FORGET_LOST_AFTER);
+        }
         let placements = lock(&self.placements);
         let mut in_flight: BTreeMap<String, f64> = BTreeMap::new();
         let mut snapshot = sched::ClusterSnapshot::default();
@@ -768,7 +846,7 @@ impl Control {
                 *in_flight.entry(key.clone()).or_default() += *n as f64;
             }
             let (cpu, memory) = reserved.get(name.as_str()).copied().unwrap_or_default();
-            let status = if judging && now.duration_since(seen.at) > NODE_LOST_AFTER {
+            let status = if judging && silent(seen) > NODE_LOST_AFTER {
                 sched::NodeStatus::Lost
             } else {
                 sched::NodeStatus::Ready

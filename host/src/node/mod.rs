@@ -210,6 +210,11 @@ impl FunctionTable {
         Self { apps, routes }
     }
 
+    /// The digest of the version of `app` that serves, if any.
+    pub fn app_digest(&self, app: &Name) -> Option<&Digest> {
+        self.apps.get(app).map(|a| &a.digest)
+    }
+
     /// Function `function` of app `app`, if it serves here.
     pub fn function(&self, app: &Name, function: &Name) -> Option<&Arc<Function>> {
         self.apps
