@@ -721,11 +721,13 @@ impl Agent {
                 .payload(payload)
                 .timeout(Some(left + Duration::from_millis(250)));
             match self.client.send_request(subject.clone(), request).await {
-                // A node that stopped running it since: another may have it.
-                Ok(message) if message.payload.len() < 4096 && not_here(&message.payload) => {
-                    tokio::time::sleep(Duration::from_millis(20).min(left)).await;
-                }
-                Ok(message) => break Ok(message),
+                Ok(message) => match wire::decode_response(&message.payload) {
+                    // A node that stopped running it since: another may have it.
+                    Ok(response) if not_here(&response) => {
+                        tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+                    }
+                    decoded => break Ok(decoded),
+                },
                 Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
                     // No replica anywhere: hold the request and ask for one.
                     if held_for_activation.is_none() {
@@ -750,7 +752,7 @@ impl Agent {
         };
         let held_for_activation = held_for_activation.is_some();
         match result {
-            Ok(message) => match wire::decode_response(&message.payload) {
+            Ok(decoded) => match decoded {
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
                     let mut response = hyper::Response::from_parts(parts, full(body));
@@ -811,10 +813,9 @@ impl Agent {
 /// Marks a forwarded answer that means "not here any more: try another replica".
 const NOT_HERE: &str = "x-lepton-not-here";
 
-fn not_here(payload: &Bytes) -> bool {
-    wire::decode_response(payload).is_ok_and(|r| {
-        r.status() == http::StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key(NOT_HERE)
-    })
+fn not_here(response: &http::Response<Bytes>) -> bool {
+    response.status() == http::StatusCode::SERVICE_UNAVAILABLE
+        && response.headers().contains_key(NOT_HERE)
 }
 
 /// One request held for a function with no replica: counted in the heartbeat while it
