@@ -6,6 +6,21 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 ./setup.sh
 
+# The ops tests read the metrics page with Prometheus' own Python parser
+# (prometheus-client, in the venv setup.sh made) and drive the status page in
+# Debian's Chromium, headless.
+if ! .cache/venv/bin/python -c 'import prometheus_client' 2>/dev/null; then
+    echo "test: installing prometheus-client into .cache/venv" >&2
+    .cache/venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        --only-binary=:all: prometheus-client==0.21.1
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "test: installing Debian's chromium (headless browser tests)" >&2
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 # Benchmarks are compiled (dev profile: no second, release build of wasmtime), not run.
 cargo build --workspace --benches
 cargo test --workspace

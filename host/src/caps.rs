@@ -45,6 +45,7 @@ pub struct Grants {
     upload: Option<(Arc<ModelRegistry>, u64)>,
     tensor_budget: u64,
     train: TrainCtx,
+    logs: Arc<crate::ops::logs::LogRing>,
 }
 
 impl Grants {
@@ -56,6 +57,7 @@ impl Grants {
         models: HashMap<String, Arc<ModelSlot>>,
         upload: Option<Arc<ModelRegistry>>,
         train: TrainCtx,
+        logs: Arc<crate::ops::logs::LogRing>,
     ) -> Self {
         Self {
             function: Arc::from(spec.name.as_str()),
@@ -75,6 +77,7 @@ impl Grants {
                 .map(|r| (r, spec.max_model_upload_size)),
             tensor_budget: spec.memory_limit,
             train,
+            logs,
         }
     }
 
@@ -91,12 +94,14 @@ impl Grants {
                 &self.function,
                 &request_id,
                 &budget,
+                &self.logs,
             ))
             .stderr(GuestLog::new(
                 "stderr",
                 &self.function,
                 &request_id,
                 &budget,
+                &self.logs,
             ));
         for (key, value) in &self.environment {
             wasi.env(key, value);
@@ -292,6 +297,8 @@ struct GuestLog {
     request_id: Arc<str>,
     /// Bytes left to log for this request, shared by stdout and stderr.
     budget: Arc<AtomicUsize>,
+    /// The function's log ring.
+    ring: Arc<crate::ops::logs::LogRing>,
 }
 
 impl GuestLog {
@@ -300,12 +307,14 @@ impl GuestLog {
         function: &Arc<str>,
         request_id: &Arc<str>,
         budget: &Arc<AtomicUsize>,
+        ring: &Arc<crate::ops::logs::LogRing>,
     ) -> Self {
         Self {
             stream,
             function: Arc::clone(function),
             request_id: Arc::clone(request_id),
             budget: Arc::clone(budget),
+            ring: Arc::clone(ring),
         }
     }
 }
@@ -361,14 +370,17 @@ impl GuestLogWriter {
             return;
         }
         let text = String::from_utf8_lossy(&self.line);
+        let text = text.trim_end();
         tracing::info!(
             target: "lepton::guest",
             function = %self.log.function,
             request_id = %self.log.request_id,
             stream = self.log.stream,
-            "{}",
-            text.trim_end()
+            "{text}",
         );
+        self.log
+            .ring
+            .line(self.log.stream, &self.log.request_id, text.to_owned());
         self.line.clear();
     }
 }

@@ -17,6 +17,15 @@ use crate::node::{Node, NodeConfig};
 #[derive(Debug, Parser)]
 #[command(name = "lepton", version, about)]
 pub struct Cli {
+    /// How the log on stderr is written: `text`, or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "LEPTON_LOG_FORMAT"
+    )]
+    log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +85,22 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// A function's log: its guest's stdout and stderr and a record of each request.
+    Logs {
+        /// The function.
+        function: String,
+        /// Its app (needed only when several apps have a function of that name).
+        #[arg(long)]
+        app: Option<String>,
+        /// Keep printing records as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only records of the last DURATION (e.g. `5m`).
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// The node's audit log.
     Audit {
         /// Newest records to show.
@@ -125,6 +150,9 @@ struct UpArgs {
     /// a body that would go past it answers 503.
     #[arg(long, default_value = "512MiB", value_parser = crate::manifest::parse_size)]
     max_body_memory: u64,
+    /// POST each alert change as JSON to this `http://` URL (retried with back-off).
+    #[arg(long)]
+    alert_webhook: Option<String>,
 }
 
 /// How a cluster process reaches NATS.
@@ -233,9 +261,11 @@ impl AdminArgs {
     }
 }
 
-/// Parses the arguments and runs the command.
-pub fn main() -> anyhow::Result<()> {
+/// Parses the arguments, installs the log (`filter` decides what is logged) and runs
+/// the command.
+pub fn main(filter: tracing_subscriber::EnvFilter) -> anyhow::Result<()> {
     let cli = Cli::parse();
+    crate::logging::init(filter, cli.log_format);
     match cli.command {
         Command::Up(mut up) => {
             up.manifest = up
@@ -283,6 +313,13 @@ pub fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Logs {
+            function,
+            app,
+            follow,
+            since,
+            admin,
+        } => logs(&admin, &function, app.as_deref(), follow, since.as_deref()),
         Command::Audit { limit, admin } => {
             let answer = admin
                 .client(None)?
@@ -337,6 +374,9 @@ impl UpArgs {
             .unwrap_or_else(|| default_state_dir(self.manifest.as_deref()));
         // The manifest is checked first: a bad one fails before anything listens.
         let manifest = self.manifest.as_deref().map(Manifest::load).transpose()?;
+        if let Some(url) = &self.alert_webhook {
+            crate::ops::alerts::check_webhook(url)?;
+        }
         let config = NodeConfig::new(state_dir.clone())
             .max_instances(self.max_instances)
             .keep_versions(self.keep_versions)
@@ -401,9 +441,15 @@ impl UpArgs {
                 tracing::warn!("could not write the ready lines to stdout: {error}");
             }
         }
+        if let Some(url) = self.alert_webhook.clone() {
+            node.ops().alerts.set_webhook(url);
+        }
+        node.spawn_alerts();
+        let closing = std::sync::Arc::clone(&node);
         tokio::spawn(async move {
             signals.next().await;
             let _ = stop.send(true);
+            closing.ops().close();
             // A second signal means now: no drain, no checkpoint.
             signals.next().await;
             tracing::warn!("second signal: exiting at once");
@@ -743,7 +789,100 @@ fn status(admin: &AdminArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect::<Vec<_>>()
-        })
+        })?;
+        let alerts = answer["alerts"].as_array().cloned().unwrap_or_default();
+        if !alerts.is_empty() {
+            writeln!(out)?;
+            let rows: Vec<Vec<String>> = alerts
+                .iter()
+                .map(|a| {
+                    vec![
+                        text(&a["app"]),
+                        text(&a["alert"]),
+                        text(&a["function"]),
+                        text(&a["when"]),
+                        format!("{}s", a["over_ms"].as_u64().unwrap_or_default() / 1000),
+                        text(&a["state"]).to_uppercase(),
+                        a["value"]
+                            .as_f64()
+                            .map_or_else(|| "-".to_owned(), |v| format!("{v:.4}")),
+                        a["since_ms"].as_u64().map(format_time).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &[
+                    "APP", "ALERT", "FUNCTION", "WHEN", "OVER", "STATE", "VALUE", "SINCE",
+                ],
+                &rows,
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// `lepton logs`.
+fn logs(
+    admin: &AdminArgs,
+    function: &str,
+    app: Option<&str>,
+    follow: bool,
+    since: Option<&str>,
+) -> anyhow::Result<()> {
+    let encode = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let mut path = format!("/v1/functions/{}/logs?", encode(function));
+    if let Some(app) = app {
+        path.push_str(&format!("app={}&", encode(app)));
+    }
+    if let Some(since) = since {
+        path.push_str(&format!("since={}&", encode(since)));
+    }
+    if follow {
+        path.push_str("follow=1");
+    }
+    let client = admin.client(None)?;
+    let mut stdout = std::io::stdout().lock();
+    client.get_lines(&path, |line| {
+        if admin.json {
+            writeln!(stdout, "{line}")?;
+        } else {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let time = r["time_ms"].as_u64().map(format_time).unwrap_or_default();
+            let id = text(&r["request_id"]);
+            match r["stream"].as_str() {
+                Some("request") => writeln!(
+                    stdout,
+                    "{time} {id} {} {} -> {} in {:.1} ms ({} bytes in{})",
+                    text(&r["method"]),
+                    text(&r["path"]),
+                    text(&r["status"]),
+                    r["latency_ms"].as_f64().unwrap_or_default(),
+                    text(&r["bytes_in"]),
+                    r["bytes_out"]
+                        .as_u64()
+                        .map(|b| format!(", {b} out"))
+                        .unwrap_or_default(),
+                )?,
+                stream => writeln!(
+                    stdout,
+                    "{time} {id} {}: {}",
+                    stream.unwrap_or("?"),
+                    text(&r["message"])
+                )?,
+            }
+        }
+        stdout.flush()?;
+        Ok(())
     })
 }
 

@@ -120,6 +120,41 @@ impl AdminClient {
         self.answer(self.request("GET", path).call())
     }
 
+    /// `GET path`, an answer of JSON lines: `each` is called with every non-blank line
+    /// as it arrives (for a stream that follows, until the server ends it).
+    pub fn get_lines(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let response = match self.request("GET", path).call() {
+            Ok(response) => response,
+            Err(ureq::Error::Status(status, response)) => {
+                let mut text = String::new();
+                let _ = response
+                    .into_reader()
+                    .take(1 << 20)
+                    .read_to_string(&mut text);
+                let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+                Answer { status, body }.ok()?;
+                anyhow::bail!("the admin API answered {status}");
+            }
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("cannot reach the admin API at {}", self.url));
+            }
+        };
+        let reader = std::io::BufReader::new(response.into_reader());
+        for line in reader.lines() {
+            let line = line.context("reading the stream")?;
+            if !line.trim().is_empty() {
+                each(&line)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `DELETE path`.
     pub fn delete(&self, path: &str) -> anyhow::Result<Answer> {
         self.answer(self.request("DELETE", path).call())

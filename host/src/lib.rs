@@ -13,7 +13,8 @@
 //!   the admin API and the node exchange;
 //! - [`node`]: the long-lived node: registries, the app store, the atomically swapped
 //!   function table, deploy / rollback / remove;
-//! - [`api`]: the authenticated admin API; [`client`]: its client for the CLI.
+//! - [`api`]: the authenticated admin API; [`client`]: its client for the CLI;
+//! - [`ops`]: metrics, function logs, rolling statistics, alerts, the status page.
 //!
 //! Embedding the host takes a few lines:
 //!
@@ -47,5 +48,6 @@ pub mod logging;
 pub mod manifest;
 pub mod nn;
 pub mod node;
+pub mod ops;
 pub mod sandbox;
 pub mod train;

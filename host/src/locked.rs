@@ -669,6 +669,135 @@ pub struct LockedApp {
     /// Trainers, ordered by name.
     #[serde(default)]
     pub trainers: Vec<TrainerSpec>,
+    /// Alert rules, ordered by name (left out when there are none, so apps without
+    /// alerts keep their digests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<AlertSpec>,
+}
+
+/// What an alert rule watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertMetric {
+    /// 5xx answers / requests.
+    ErrorRate,
+    /// Requests turned away at capacity / requests.
+    RejectedRate,
+    /// Median latency, in seconds.
+    P50Latency,
+    /// 99th percentile latency, in seconds.
+    P99Latency,
+}
+
+impl AlertMetric {
+    /// Its name in a `when`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ErrorRate => "error_rate",
+            Self::RejectedRate => "rejected_rate",
+            Self::P50Latency => "p50_latency",
+            Self::P99Latency => "p99_latency",
+        }
+    }
+
+    /// Whether its values are durations (written `250ms`), not ratios.
+    pub fn is_latency(self) -> bool {
+        matches!(self, Self::P50Latency | Self::P99Latency)
+    }
+}
+
+/// The longest window an alert may judge (the rolling statistics kept per function).
+pub const MAX_ALERT_WINDOW: Duration = Duration::from_secs(600);
+
+/// One `[alert.NAME]` rule: fires while `metric` of `function` over the last `over` is
+/// above (or below) `threshold`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertSpec {
+    /// The rule's name.
+    pub name: Name,
+    /// The function it watches.
+    pub function: Name,
+    /// What it compares.
+    pub metric: AlertMetric,
+    /// `true`: fires above the threshold; `false`: below.
+    pub above: bool,
+    /// A ratio, or seconds for a latency.
+    pub threshold: f64,
+    /// The rolling window.
+    #[serde(with = "millis")]
+    pub over: Duration,
+}
+
+impl AlertSpec {
+    /// The rule as it would be written, e.g. `error_rate > 0.05`.
+    pub fn when(&self) -> String {
+        let op = if self.above { ">" } else { "<" };
+        if self.metric.is_latency() {
+            format!(
+                "{} {op} {}ms",
+                self.metric.as_str(),
+                (self.threshold * 1e3).round()
+            )
+        } else {
+            format!("{} {op} {}", self.metric.as_str(), self.threshold)
+        }
+    }
+
+    /// Parses a `when` such as `error_rate > 0.05` or `p99_latency > 250ms`.
+    pub fn parse_when(text: &str) -> Result<(AlertMetric, bool, f64), String> {
+        let expected = "expected `METRIC > VALUE` or `METRIC < VALUE`, METRIC one of error_rate, \
+                        rejected_rate (ratios from 0 to 1), p50_latency, p99_latency (durations such as 250ms)";
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let [metric, op, value] = parts.as_slice() else {
+            return Err(format!("invalid {text:?}: {expected}"));
+        };
+        let metric = match *metric {
+            "error_rate" => AlertMetric::ErrorRate,
+            "rejected_rate" => AlertMetric::RejectedRate,
+            "p50_latency" => AlertMetric::P50Latency,
+            "p99_latency" => AlertMetric::P99Latency,
+            other => return Err(format!("unknown metric {other:?}: {expected}")),
+        };
+        let above = match *op {
+            ">" => true,
+            "<" => false,
+            other => return Err(format!("unknown comparison {other:?}: {expected}")),
+        };
+        let threshold = if metric.is_latency() {
+            crate::manifest::parse_duration(value)?.as_secs_f64()
+        } else {
+            let ratio: f64 = value
+                .parse()
+                .map_err(|_| format!("invalid ratio {value:?}: {expected}"))?;
+            if !(0.0..=1.0).contains(&ratio) {
+                return Err(format!("the ratio {value} is not between 0 and 1"));
+            }
+            ratio
+        };
+        Ok((metric, above, threshold))
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        let error = |key: &str, reason: String| {
+            SpecError::new(format!("alert `{}`", self.name), Some(key), reason)
+        };
+        if !self.threshold.is_finite() || self.threshold < 0.0 {
+            return Err(error(
+                "when",
+                "the threshold must be a number of 0 or more".into(),
+            ));
+        }
+        if !self.metric.is_latency() && self.threshold > 1.0 {
+            return Err(error("when", "a ratio's threshold is at most 1".into()));
+        }
+        if self.over < Duration::from_secs(1) || self.over > MAX_ALERT_WINDOW {
+            return Err(error(
+                "over",
+                format!("must be from 1s to {}m", MAX_ALERT_WINDOW.as_secs() / 60),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl LockedApp {
@@ -709,6 +838,7 @@ impl LockedApp {
         if self.functions.len() > MAX_ITEMS
             || self.models.len() > MAX_ITEMS
             || self.trainers.len() > MAX_ITEMS
+            || self.alerts.len() > MAX_ITEMS
         {
             return Err(SpecError::new(
                 app,
@@ -719,6 +849,20 @@ impl LockedApp {
         unique(self.models.iter().map(|m| &m.name), "model")?;
         unique(self.trainers.iter().map(|t| &t.name), "trainer")?;
         unique(self.functions.iter().map(|f| &f.name), "function")?;
+        unique(self.alerts.iter().map(|a| &a.name), "alert")?;
+        for alert in &self.alerts {
+            alert.validate()?;
+            if !self.functions.iter().any(|f| f.name == alert.function) {
+                return Err(SpecError::new(
+                    format!("alert `{}`", alert.name),
+                    Some("function"),
+                    format!(
+                        "no function named {:?} in this app",
+                        alert.function.as_str()
+                    ),
+                ));
+            }
+        }
         for model in &self.models {
             model.validate()?;
         }

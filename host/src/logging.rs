@@ -3,11 +3,9 @@
 //! Guest output shares a node-wide rate budget on top of each request's own.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-static RECORDS_DROPPED: AtomicU64 = AtomicU64::new(0);
-static GUEST_BYTES_DROPPED: AtomicU64 = AtomicU64::new(0);
+use crate::ops::metrics::metrics;
 
 /// Guest output the node logs per second, all functions together (sustained).
 pub const GUEST_LOG_RATE: u64 = 1 << 20;
@@ -15,26 +13,36 @@ pub const GUEST_LOG_RATE: u64 = 1 << 20;
 /// Guest output the node logs in a burst above [`GUEST_LOG_RATE`].
 pub const GUEST_LOG_BURST: u64 = 4 << 20;
 
+/// How log records are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per record (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, the
+    /// current spans), for log shippers.
+    Json,
+}
+
 /// Installs the `tracing` subscriber: `filter` decides what is logged.
-pub fn init(filter: tracing_subscriber::EnvFilter) {
-    tracing_subscriber::fmt()
+pub fn init(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| Stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Its own report of a failed write goes to stderr with `eprintln!`, which
         // panics when stderr is the broken pipe: the writer counts instead.
-        .log_internal_errors(false)
-        .init();
-}
-
-/// Log records that could not be written.
-pub fn records_dropped() -> u64 {
-    RECORDS_DROPPED.load(Ordering::Relaxed)
-}
-
-/// Bytes of guest output dropped because the node's rate budget was spent.
-pub fn guest_bytes_dropped() -> u64 {
-    GUEST_BYTES_DROPPED.load(Ordering::Relaxed)
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// stderr, where a failed write drops the record.
@@ -43,7 +51,7 @@ struct Stderr;
 impl std::io::Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if std::io::stderr().write_all(buf).is_err() {
-            RECORDS_DROPPED.fetch_add(1, Ordering::Relaxed);
+            metrics().log_records_dropped.inc();
         }
         Ok(buf.len())
     }
@@ -71,7 +79,7 @@ pub fn take_guest_budget(bytes: usize) -> bool {
         *tokens -= bytes as f64;
         true
     } else {
-        GUEST_BYTES_DROPPED.fetch_add(bytes as u64, Ordering::Relaxed);
+        metrics().guest_log_bytes_dropped.inc_by(bytes as u64);
         false
     }
 }

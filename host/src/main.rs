@@ -12,8 +12,7 @@ fn main() -> std::process::ExitCode {
     }
     let filter = EnvFilter::try_from_env("LEPTON_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift_codegen=warn"));
-    lepton_host::logging::init(filter);
-    match lepton_host::cli::main() {
+    match lepton_host::cli::main(filter) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // Not `eprintln!`: with stderr a broken pipe it would panic.

@@ -32,9 +32,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::locked::{
-    BatchSpec, Digest, FileMount, FunctionSpec, LOCK_VERSION, LockedApp, Loss, MAX_MEMORY_LIMIT,
-    MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX, Route, Scale,
-    SpecError, Target, TrainerSpec,
+    AlertSpec, BatchSpec, Digest, FileMount, FunctionSpec, LOCK_VERSION, LockedApp, Loss,
+    MAX_MEMORY_LIMIT, MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX,
+    Route, Scale, SpecError, Target, TrainerSpec,
 };
 
 /// The only manifest version this host understands.
@@ -107,6 +107,28 @@ pub struct RawManifest {
     /// `[trainer.NAME]` tables.
     #[serde(default)]
     pub trainer: BTreeMap<String, RawTrainer>,
+    /// `[alert.NAME]` tables.
+    #[serde(default)]
+    pub alert: BTreeMap<String, RawAlert>,
+}
+
+/// One `[alert.NAME]` table as written.
+///
+/// ```toml
+/// [alert.detect-errors]
+/// function = "detect"
+/// when = "error_rate > 0.05"     # also rejected_rate > 0.01, p99_latency > 250ms, p50_latency
+/// over = "1m"                    # the rolling window, 1s to 10m (default 1m)
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlert {
+    /// The function it watches.
+    pub function: String,
+    /// The condition.
+    pub when: String,
+    /// The window (default 1m).
+    pub over: Option<String>,
 }
 
 /// One `[trainer.NAME]` table as written.
@@ -379,12 +401,17 @@ impl Manifest {
                 resolve_function(&name, function, &base, &mut blobs),
             )?);
         }
+        let mut alerts = Vec::with_capacity(raw.alert.len());
+        for (name, alert) in raw.alert {
+            alerts.push(item(path, "alert", &name, resolve_alert(&name, &alert))?);
+        }
         let app = LockedApp {
             lock_version: LOCK_VERSION,
             name,
             functions,
             models,
             trainers,
+            alerts,
         };
         app.validate().map_err(invalid)?;
         Ok(Self {
@@ -393,6 +420,25 @@ impl Manifest {
             blobs,
         })
     }
+}
+
+fn resolve_alert(alert: &str, raw: &RawAlert) -> Result<AlertSpec, ItemError> {
+    let (metric, above, threshold) =
+        AlertSpec::parse_when(&raw.when).map_err(|e| (Some("when"), e))?;
+    Ok(AlertSpec {
+        name: name(alert)?,
+        function: Name::new(&raw.function).map_err(|e| (Some("function"), e))?,
+        metric,
+        above,
+        threshold,
+        over: raw
+            .over
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| (Some("over"), e))?
+            .unwrap_or(Duration::from_secs(60)),
+    })
 }
 
 fn name(name: &str) -> Result<Name, ItemError> {

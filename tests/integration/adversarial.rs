@@ -40,8 +40,14 @@ fn twenty_spinning_guests_do_not_starve_another_function_and_time_out_as_504() {
         assert_eq!(spinner.join().expect("thread").status, 504);
     }
     // Timeouts are timeouts: counted as such, not as failures.
-    assert_eq!(lepton.metric("lepton_requests_timed_out_total", "spin"), 20);
-    assert_eq!(lepton.metric("lepton_requests_failed_total", "spin"), 0);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"timeout\"}", "spin"),
+        20
+    );
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"trap\"}", "spin"),
+        0
+    );
     assert!(
         !lepton.log().contains("wasm trap: interrupt"),
         "a timeout was logged as a trap"
@@ -1063,7 +1069,10 @@ fn raw_http_fuzzing_never_takes_the_node_down() {
         }
     }
     assert_eq!(lepton.get("/hello").status, 200);
-    assert_eq!(lepton.metric("lepton_requests_failed_total", "probe"), 0);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"trap\"}", "probe"),
+        0
+    );
 }
 
 #[test]
@@ -1083,7 +1092,10 @@ fn a_host_header_that_is_not_an_authority_is_a_client_error() {
             String::from_utf8_lossy(&answer)
         );
     }
-    assert_eq!(lepton.metric("lepton_requests_failed_total", "hello"), 0);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"trap\"}", "hello"),
+        0
+    );
 }
 
 /// `VmRSS` of process `pid` now, in bytes.

@@ -65,7 +65,10 @@ fn a_guest_past_its_timeout_gets_504_promptly() {
         elapsed < Duration::from_millis(1200),
         "answered late: {elapsed:?}"
     );
-    assert_eq!(lepton.metric("lepton_requests_timed_out_total", "spin"), 1);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"timeout\"}", "spin"),
+        1
+    );
     assert_eq!(lepton.get("/hello").status, 200);
 }
 
@@ -123,7 +126,10 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(rejected.status, 503);
     assert_eq!(rejected.header("retry-after"), Some("1"));
     assert_eq!(first.join().expect("thread").status, 504);
-    assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 1);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"rejected\"}", "spin"),
+        1
+    );
 }
 
 #[test]
@@ -157,7 +163,10 @@ fn a_request_still_queued_at_its_deadline_gets_504() {
     let queued = lepton.get("/spin");
     assert_eq!(queued.status, 504, "{queued:?}");
     assert_eq!(first.join().expect("thread").status, 504);
-    assert_eq!(lepton.metric("lepton_requests_rejected_total", "spin"), 0);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"rejected\"}", "spin"),
+        0
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod detect;
 mod limits;
 mod manifest;
 mod nn;
+mod ops;
 mod serve;
 mod train;
 

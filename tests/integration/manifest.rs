@@ -38,7 +38,7 @@ fn unknown_top_level_key() {
   |
 5 | [functions.typo]
   |  ^^^^^^^^^
-unknown field `functions`, expected one of `manifest_version`, `name`, `function`, `model`, `trainer`"
+unknown field `functions`, expected one of `manifest_version`, `name`, `function`, `model`, `trainer`, `alert`"
     );
 }
 

@@ -54,7 +54,10 @@ fn concurrent_requests_all_succeed_with_a_small_concurrency_cap() {
         );
     }
     assert_eq!(lepton.metric("lepton_requests_total", "hello"), 32);
-    assert_eq!(lepton.metric("lepton_requests_failed_total", "hello"), 0);
+    assert_eq!(
+        lepton.metric("lepton_request_failures_total{kind=\"trap\"}", "hello"),
+        0
+    );
 }
 
 #[test]

@@ -281,19 +281,10 @@ impl Lepton {
 
     /// A metric's value from `/.well-known/lepton/metrics`, by its one label's value
     /// (the function's or the model's name).
-    pub fn metric(&self, name: &str, label: &str) -> u64 {
+    pub fn metric(&self, selector: &str, label: &str) -> u64 {
         let metrics = self.get("/.well-known/lepton/metrics").body;
-        let kind = if name.starts_with("lepton_model_") {
-            "model"
-        } else {
-            "function"
-        };
-        let prefix = format!("{name}{{{kind}=\"{label}\"}} ");
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {prefix:?} in:\n{metrics}"))
+        metric_value(&metrics, selector, label)
+            .unwrap_or_else(|| panic!("no metric {selector:?} of {label:?} in:\n{metrics}"))
     }
 
     /// Waits until `metric` of `function` reaches `value`.
@@ -422,4 +413,39 @@ pub fn run_lepton(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatu
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The value of `selector` (a family sample's name, with extra labels as in
+/// `lepton_request_failures_total{kind="timeout"}`) for function `label` (model, for
+/// `lepton_model_*`), read off an OpenMetrics page.
+pub fn metric_value(page: &str, selector: &str, label: &str) -> Option<u64> {
+    let (name, extra) = match selector.split_once('{') {
+        Some((name, rest)) => (name, rest.trim_end_matches('}')),
+        None => (selector, ""),
+    };
+    let kind = if name.starts_with("lepton_model_") {
+        "model"
+    } else {
+        "function"
+    };
+    let mut wanted: Vec<String> = extra
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    wanted.push(format!("{kind}=\"{label}\""));
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (sample, value) = line.rsplit_once(' ')?;
+            let (sample_name, labels) = sample.split_once('{')?;
+            if sample_name != name {
+                return None;
+            }
+            let labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+            wanted
+                .iter()
+                .all(|w| labels.contains(&w.as_str()))
+                .then(|| value.parse::<f64>().ok().map(|v| v as u64))?
+        })
 }

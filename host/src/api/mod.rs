@@ -11,6 +11,10 @@
 //! | `DELETE /v1/apps/<app>` | 200; 404 |
 //! | `GET /v1/status` | functions, models, trainers |
 //! | `GET /v1/audit?limit=N` | the audit log, oldest first |
+//! | `GET /v1/functions/<f>/logs?app=&since=&after=&follow=1` | the function's log ring as JSON lines; `follow=1` streams |
+//! | `GET /v1/alerts` | each alert rule's state and the last changes |
+//! | `GET /v1/stats?points=N&step=S` | what the status page charts |
+//! | `GET /` (no token) | the status page (HTML; it asks for the token) |
 //!
 //! Errors are `{"error": {"scope", "key", "reason"}}` (and `"missing": [digests]` for
 //! missing blobs), the same words the CLI prints.
@@ -155,6 +159,10 @@ impl Admin {
         request: hyper::Request<Incoming>,
         peer: SocketAddr,
     ) -> hyper::Response<Body> {
+        // The page carries no data: it reads the API with the token it is given.
+        if request.uri().path() == "/" && matches!(*request.method(), Method::GET | Method::HEAD) {
+            return crate::ops::page::response();
+        }
         if !self.authorized(&request) {
             self.audit_auth_failure(&request, peer);
             let mut response = error(
@@ -230,6 +238,29 @@ impl Admin {
                     ),
                 }
             }
+            (&Method::GET, ["functions", function, "logs"]) => self.logs(&request, function),
+            (&Method::GET, ["alerts"]) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "alerts": self.node.alerts(),
+                    "events": self.node.ops().alerts.events(),
+                }),
+            ),
+            (&Method::GET, ["stats"]) => {
+                let points = query(&request, "points")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60_usize)
+                    .clamp(1, 600);
+                let step = query(&request, "step")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(5_u64)
+                    .clamp(1, 60);
+                let mut stats = self.node.stats(points, step);
+                if let Some(cluster) = &self.cluster {
+                    stats["cluster"] = serde_json::to_value(cluster.status()).unwrap_or_default();
+                }
+                json(StatusCode::OK, &stats)
+            }
             (
                 _,
                 ["blobs", _]
@@ -237,7 +268,10 @@ impl Admin {
                 | ["apps", _]
                 | ["apps", _, "versions" | "rollback"]
                 | ["status"]
-                | ["audit"],
+                | ["audit"]
+                | ["functions", _, "logs"]
+                | ["alerts"]
+                | ["stats"],
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 SpecError::new("", None, format!("{method} is not allowed on {path}")),
@@ -247,6 +281,77 @@ impl Admin {
                 SpecError::new("", None, format!("no such endpoint: {method} {path}")),
             ),
         }
+    }
+
+    /// `GET /v1/functions/<function>/logs`.
+    fn logs(&self, request: &hyper::Request<Incoming>, function: &str) -> hyper::Response<Body> {
+        let bad = |reason: String| {
+            error(
+                StatusCode::BAD_REQUEST,
+                SpecError::new(format!("function `{function}`"), None, reason),
+            )
+        };
+        let ops = self.node.ops();
+        let app = match query(request, "app") {
+            Some(app) => app.to_owned(),
+            None => match ops.apps_with(function).as_slice() {
+                [] => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        SpecError::new(
+                            format!("function `{function}`"),
+                            None,
+                            "no function of that name serves here",
+                        ),
+                    );
+                }
+                [app] => app.clone(),
+                apps => {
+                    return bad(format!(
+                        "apps {} each have a function of that name: add ?app=",
+                        apps.join(", ")
+                    ));
+                }
+            },
+        };
+        let Some(observed) = ops.get(&app, function) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                SpecError::new(
+                    format!("function `{function}`"),
+                    None,
+                    format!("app {app:?} has no function of that name here"),
+                ),
+            );
+        };
+        let since_ms = match query(request, "since") {
+            None => 0,
+            Some(since) => match crate::manifest::parse_duration(since) {
+                Ok(ago) => crate::node::store::now_ms()
+                    .saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)),
+                Err(reason) => return bad(format!("since: {reason}")),
+            },
+        };
+        let after = match query(request, "after").map(str::parse::<u64>) {
+            None => 0,
+            Some(Ok(after)) => after,
+            Some(Err(_)) => return bad("after: expected a record number".to_owned()),
+        };
+        let follow = matches!(query(request, "follow"), Some("1" | "true"));
+        let ring = observed.logs;
+        let records = ring.read(after, since_ms);
+        let mut response = if follow {
+            crate::ops::logs::follow(ring, &records, ops.closed())
+        } else {
+            full(Bytes::from(crate::ops::logs::json_lines(&records)))
+        };
+        let mut answer = hyper::Response::new(Body::default());
+        std::mem::swap(answer.body_mut(), &mut response);
+        answer.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        answer
     }
 
     fn authorized(&self, request: &hyper::Request<Incoming>) -> bool {

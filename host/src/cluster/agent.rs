@@ -896,6 +896,7 @@ pub fn only_functions(app: &LockedApp, functions: &BTreeSet<Name>) -> LockedApp 
         .chain(subset.trainers.iter().filter_map(|t| t.publishes.clone()))
         .collect();
     subset.models.retain(|m| models.contains(&m.name));
+    subset.alerts.retain(|a| functions.contains(&a.function));
     subset
 }
 

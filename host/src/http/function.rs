@@ -1,7 +1,6 @@
 //! One function behind a route: its pre-instantiated component, its limits and counters.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +22,9 @@ use super::{Body, text, text_with};
 use crate::caps::{Grants, InstanceState};
 use crate::engine::Runtime;
 use crate::locked::{FunctionSpec, Name};
+use crate::ops::Observed;
+use crate::ops::logs::RequestRecord;
+use crate::ops::metrics::{FailureKind, metrics};
 
 /// Header carrying the request id on every response of a function.
 pub const REQUEST_ID_HEADER: &str = "x-lepton-request-id";
@@ -45,10 +47,13 @@ pub struct Function {
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     requests: AtomicU64,
-    failures: AtomicU64,
-    timeouts: AtomicU64,
-    rejected: AtomicU64,
+    observed: Observed,
 }
+
+/// Marks a response the function turned away (at capacity, or the node's body budget
+/// spent): counted as a rejection in its statistics.
+#[derive(Clone, Copy)]
+struct Rejected;
 
 enum Outcome {
     Finished(anyhow::Result<()>),
@@ -65,7 +70,7 @@ impl Function {
         spec: &FunctionSpec,
         component: &Path,
         cache_dir: &Path,
-        grants: Grants,
+        (grants, observed): (Grants, Observed),
     ) -> anyhow::Result<Self> {
         let loaded = runtime.load_component(component, &spec.component, cache_dir)?;
         let instance_pre = linker
@@ -105,9 +110,7 @@ impl Function {
             slots: Arc::new(Semaphore::new(spec.max_concurrency as usize)),
             queued: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
+            observed,
         })
     }
 
@@ -136,36 +139,6 @@ impl Function {
         self.spec.max_concurrency as usize - self.slots.available_permits()
     }
 
-    pub(crate) fn write_metrics(&self, out: &mut String) {
-        let name = &self.spec.name;
-        let counters = [
-            ("lepton_requests_in_flight", self.in_flight() as u64),
-            (
-                "lepton_requests_queued",
-                self.queued.load(Ordering::Relaxed) as u64,
-            ),
-            (
-                "lepton_requests_total",
-                self.requests.load(Ordering::Relaxed),
-            ),
-            (
-                "lepton_requests_failed_total",
-                self.failures.load(Ordering::Relaxed),
-            ),
-            (
-                "lepton_requests_timed_out_total",
-                self.timeouts.load(Ordering::Relaxed),
-            ),
-            (
-                "lepton_requests_rejected_total",
-                self.rejected.load(Ordering::Relaxed),
-            ),
-        ];
-        for (metric, value) in counters {
-            let _ = writeln!(out, "{metric}{{function=\"{name}\"}} {value}");
-        }
-    }
-
     /// Runs one request through the guest, enforcing the function's limits.
     pub(crate) async fn handle(
         self: Arc<Self>,
@@ -186,9 +159,36 @@ impl Function {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
+        let started = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.observed.metrics.requests.inc();
         let request_id = request_id.unwrap_or_else(next_request_id);
+        let method = request.method().to_string();
+        let path = request.uri().path().to_owned();
+        let bytes_in = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
         let mut response = self.handle_inner(request, &request_id, deadline).await;
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let rejected = response.extensions().get::<Rejected>().is_some();
+        self.observed
+            .metrics
+            .answered(status, elapsed.as_secs_f64());
+        self.observed.window.record(status, rejected, elapsed);
+        self.observed.logs.request(
+            &request_id,
+            RequestRecord {
+                method,
+                path,
+                status,
+                latency_ms: elapsed.as_secs_f64() * 1e3,
+                bytes_in,
+                bytes_out: hyper::body::Body::size_hint(response.body()).exact(),
+            },
+        );
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
@@ -216,7 +216,7 @@ impl Function {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.spec.max_body_size) {
-            return too_large(self.spec.max_body_size);
+            return self.too_large();
         }
         // The guest is handed the Host header as the request's authority: one that is
         // not a valid authority is the client's error (found by the raw HTTP fuzzer).
@@ -242,21 +242,24 @@ impl Function {
         let read = super::body::read(body, declared, self.spec.max_body_size, &self.body_budget);
         let held = match tokio::time::timeout_at(deadline, read).await {
             Err(_elapsed) => {
+                self.observed.metrics.failed(FailureKind::Timeout);
                 return text(
                     http::StatusCode::REQUEST_TIMEOUT,
                     "the request body did not arrive in time\n",
                 );
             }
             Ok(Ok(held)) => held,
-            Ok(Err(BodyError::TooLarge)) => return too_large(self.spec.max_body_size),
+            Ok(Err(BodyError::TooLarge)) => return self.too_large(),
             Ok(Err(BodyError::OverBudget)) => {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
+                self.observed.metrics.failed(FailureKind::Rejected);
                 tracing::warn!(function = %self.spec.name, request_id, "request body refused: the node holds its budget of request bodies");
-                return text_with(
+                let mut response = text_with(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     "the node holds as many request bodies as it may; retry later\n",
                     (http::header::RETRY_AFTER, "1"),
                 );
+                response.extensions_mut().insert(Rejected);
+                return response;
             }
             Ok(Err(BodyError::Read(error))) => {
                 tracing::debug!(function = %self.spec.name, request_id, "reading the request body failed: {error}");
@@ -284,7 +287,7 @@ impl Function {
         let this = Arc::clone(self);
         let id = request_id.to_owned();
         let task = tokio::spawn(async move {
-            let _permit: OwnedSemaphorePermit = permit;
+            let _permit: Running = permit;
             let _reservation = reservation;
             match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline))
                 .await
@@ -351,6 +354,7 @@ impl Function {
             (&self.engine, &self.pre)
         };
         let mut store = Store::new(engine, state);
+        let _instance = InUse::new();
         store.limiter(|state| &mut state.limits);
         // Every epoch tick the guest yields to the executor, so a busy guest never
         // holds a worker thread for long. Once it has run for a few ticks since it was
@@ -430,7 +434,12 @@ impl Function {
             .http()
             .new_incoming_request(Scheme::Http, request)?;
         let out = store.data_mut().http().new_response_outparam(sender)?;
+        let instantiating = Instant::now();
         let proxy = pre.instantiate_async(&mut store).await?;
+        self.observed
+            .metrics
+            .instantiate
+            .observe(instantiating.elapsed().as_secs_f64());
         proxy
             .wasi_http_incoming_handler()
             .call_handle(&mut store, request, out)
@@ -440,34 +449,65 @@ impl Function {
 
     async fn acquire_slot(&self, deadline: tokio::time::Instant) -> Slot {
         if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
-            return Slot::Free(permit);
+            self.observed.metrics.queue.observe(0.0);
+            return Slot::Free(self.running(permit));
         }
         let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
-        let _leave = QueueSlot(&self.queued);
+        let _leave = QueueSlot(&self.queued, &self.observed.metrics.queued);
+        self.observed.metrics.queued.inc();
         if waiting >= self.spec.max_queue as usize {
             return Slot::QueueFull;
         }
-        match tokio::time::timeout_at(deadline, Arc::clone(&self.slots).acquire_owned()).await {
-            Ok(Ok(permit)) => Slot::Free(permit),
+        let started = Instant::now();
+        let slot = match tokio::time::timeout_at(deadline, Arc::clone(&self.slots).acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => Slot::Free(self.running(permit)),
             Ok(Err(_closed)) => Slot::QueueFull,
             Err(_elapsed) => Slot::TimedOut,
+        };
+        self.observed
+            .metrics
+            .queue
+            .observe(started.elapsed().as_secs_f64());
+        slot
+    }
+
+    fn running(&self, permit: OwnedSemaphorePermit) -> Running {
+        self.observed.metrics.in_flight.inc();
+        Running {
+            _permit: permit,
+            gauge: self.observed.metrics.in_flight.clone(),
         }
     }
 
     fn at_capacity(&self) -> hyper::Response<Body> {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        text_with(
+        self.observed.metrics.failed(FailureKind::Rejected);
+        let mut response = text_with(
             http::StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "function `{}` is at capacity; retry later\n",
                 self.spec.name
             ),
             (http::header::RETRY_AFTER, "1"),
+        );
+        response.extensions_mut().insert(Rejected);
+        response
+    }
+
+    fn too_large(&self) -> hyper::Response<Body> {
+        self.observed.metrics.failed(FailureKind::TooLarge);
+        text(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "request body is larger than {} bytes\n",
+                self.spec.max_body_size
+            ),
         )
     }
 
     fn timed_out(&self, request_id: &str) -> hyper::Response<Body> {
-        self.timeouts.fetch_add(1, Ordering::Relaxed);
+        self.observed.metrics.failed(FailureKind::Timeout);
         tracing::warn!(function = %self.spec.name, request_id, "timed out after {:?}", self.spec.timeout);
         text(
             http::StatusCode::GATEWAY_TIMEOUT,
@@ -479,7 +519,7 @@ impl Function {
     }
 
     fn internal_error(&self, request_id: &str) -> hyper::Response<Body> {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.observed.metrics.failed(FailureKind::Trap);
         text(
             http::StatusCode::INTERNAL_SERVER_ERROR,
             &format!(
@@ -492,7 +532,7 @@ impl Function {
 
 /// What waiting for a slot came to.
 enum Slot {
-    Free(OwnedSemaphorePermit),
+    Free(Running),
     QueueFull,
     TimedOut,
 }
@@ -533,19 +573,44 @@ fn is_interrupt(error: &anyhow::Error) -> bool {
         .any(|cause| cause.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt))
 }
 
-struct QueueSlot<'a>(&'a AtomicUsize);
+struct QueueSlot<'a>(
+    &'a AtomicUsize,
+    &'a prometheus_client::metrics::gauge::Gauge,
+);
 
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.dec();
     }
 }
 
-fn too_large(limit: u64) -> hyper::Response<Body> {
-    text(
-        http::StatusCode::PAYLOAD_TOO_LARGE,
-        &format!("request body is larger than {limit} bytes\n"),
-    )
+/// A request's slot of its function, counted in `lepton_requests_in_flight` while held.
+struct Running {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// One live component instance, counted in `lepton_instances_in_use`.
+struct InUse;
+
+impl InUse {
+    fn new() -> Self {
+        metrics().instances_in_use.inc();
+        Self
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        metrics().instances_in_use.dec();
+    }
 }
 
 /// A process-unique request id: a per-process prefix and a counter.

@@ -4,7 +4,7 @@
 //! current table whose route matches ([`Function`]: a fresh store per request).
 //!
 //! Host paths under `/.well-known/lepton/`: `health` answers `ok`; `metrics`
-//! answers per-function counters in the Prometheus text format.
+//! answers the node's metrics in the OpenMetrics text format (Prometheus scrapes it).
 
 mod body;
 mod function;
@@ -73,7 +73,14 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
         }
         return match host_path {
             "/health" => text(http::StatusCode::OK, "ok\n"),
-            "/metrics" => text(http::StatusCode::OK, &node.metrics()),
+            "/metrics" => {
+                let mut response = text(http::StatusCode::OK, &node.metrics());
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(crate::ops::metrics::CONTENT_TYPE),
+                );
+                response
+            }
             _ => text(http::StatusCode::NOT_FOUND, "not found\n"),
         };
     }

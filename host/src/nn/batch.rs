@@ -21,6 +21,7 @@ struct Job {
     inputs: Vec<(String, Tensor)>,
     rows: u32,
     reply: Reply,
+    arrived: std::time::Instant,
 }
 
 /// The handle of a model's batching task.
@@ -47,8 +48,9 @@ impl Batcher {
         &self,
         inputs: Vec<(String, Tensor)>,
     ) -> Result<Vec<(String, Tensor)>, NnError> {
+        let arrived = std::time::Instant::now();
         let Some(rows) = rows_of(&inputs).filter(|&rows| rows <= self.max_size) else {
-            return self.model.run_validated(inputs).await;
+            return self.model.run_validated(inputs, arrived, 1).await;
         };
         let (reply, answer) = oneshot::channel();
         if self
@@ -57,6 +59,7 @@ impl Batcher {
                 inputs,
                 rows,
                 reply,
+                arrived,
             })
             .await
             .is_err()
@@ -130,12 +133,15 @@ async fn collect(model: Arc<OnnxModel>, spec: BatchSpec, mut receiver: mpsc::Rec
 
 async fn run_alone(model: &Arc<OnnxModel>, jobs: Vec<Job>) {
     for Job {
-        inputs, mut reply, ..
+        inputs,
+        mut reply,
+        arrived,
+        ..
     } in jobs
     {
         // A caller that goes away stops its run (dropping it terminates it).
         let result = tokio::select! {
-            result = model.run_validated(inputs) => Some(result),
+            result = model.run_validated(inputs, arrived, 1) => Some(result),
             () = reply.closed() => None,
         };
         if let Some(result) = result {
@@ -162,8 +168,13 @@ async fn run_unless_abandoned(
             }
         }
     };
+    let arrived = jobs
+        .iter()
+        .map(|job| job.arrived)
+        .min()
+        .unwrap_or_else(std::time::Instant::now);
     tokio::select! {
-        result = model.run_validated(inputs) => Some(result),
+        result = model.run_validated(inputs, arrived, jobs.len()) => Some(result),
         () = abandoned => None,
     }
 }

@@ -81,6 +81,7 @@ impl Model {
     ) -> Result<Vec<(String, Tensor)>, NnError> {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.onnx.metrics().requests.inc();
         match &self.batcher {
             Some(batcher) => {
                 self.onnx.validate(&inputs)?;

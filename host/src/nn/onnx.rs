@@ -180,6 +180,8 @@ struct Job {
     inputs: Vec<(String, Tensor)>,
     reply: oneshot::Sender<RunResult>,
     options: Arc<RunOptions>,
+    /// When its first request arrived (the queue time ends when a session takes it).
+    arrived: std::time::Instant,
 }
 
 /// Terminates the run it guards when dropped before the run answered: a request
@@ -204,6 +206,34 @@ pub struct OnnxModel {
     jobs: mpsc::Sender<Job>,
     target: Target,
     runs: std::sync::atomic::AtomicU64,
+    file_bytes: u64,
+    metrics: ModelMetrics,
+}
+
+/// A model's metric handles (`lepton_model_*{model=...}`).
+#[derive(Clone)]
+pub(crate) struct ModelMetrics {
+    pub(crate) requests: prometheus_client::metrics::counter::Counter,
+    runs: prometheus_client::metrics::counter::Counter,
+    queue: prometheus_client::metrics::histogram::Histogram,
+    run: prometheus_client::metrics::histogram::Histogram,
+    batch: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ModelMetrics {
+    fn of(model: &str) -> Self {
+        let m = crate::ops::metrics::metrics();
+        let labels = crate::ops::metrics::ModelLabels {
+            model: model.to_owned(),
+        };
+        Self {
+            requests: m.model_requests.get_or_create_owned(&labels),
+            runs: m.model_runs.get_or_create_owned(&labels),
+            queue: m.model_queue_seconds.get_or_create_owned(&labels),
+            run: m.model_run_seconds.get_or_create_owned(&labels),
+            batch: m.model_batch_size.get_or_create_owned(&labels),
+        }
+    }
 }
 
 /// Where the bytes of a model come from.
@@ -256,9 +286,10 @@ impl OnnxModel {
         for (i, session) in pool.into_iter().enumerate() {
             let queue = Arc::clone(&queue);
             let model = name.to_owned();
+            let metrics = ModelMetrics::of(name);
             std::thread::Builder::new()
                 .name(format!("nn-{name}-{i}"))
-                .spawn(move || serve_session(&model, session, &queue))
+                .spawn(move || serve_session(&model, session, &queue, &metrics))
                 .context("spawning an inference thread")?;
         }
         Ok(Self {
@@ -268,6 +299,8 @@ impl OnnxModel {
             jobs,
             target: effective,
             runs: std::sync::atomic::AtomicU64::new(0),
+            file_bytes: bytes.len() as u64,
+            metrics: ModelMetrics::of(name),
         })
     }
 
@@ -289,6 +322,15 @@ impl OnnxModel {
     /// Where it runs (after any GPU fallback).
     pub fn target(&self) -> Target {
         self.target
+    }
+
+    /// Bytes of the ONNX file it was loaded from.
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
+    pub(crate) fn metrics(&self) -> &ModelMetrics {
+        &self.metrics
     }
 
     /// Backend runs so far (a batch is one run).
@@ -347,16 +389,23 @@ impl OnnxModel {
 
     /// Validates and runs one inference on a pooled session.
     pub async fn run(self: &Arc<Self>, inputs: Vec<(String, Tensor)>) -> RunResult {
+        let arrived = std::time::Instant::now();
         self.validate(&inputs)?;
-        self.run_validated(inputs).await
+        self.run_validated(inputs, arrived, 1).await
     }
 
-    /// Runs inputs already validated, on the first free session.
+    /// Runs inputs already validated, on the first free session: one run for
+    /// `requests` requests (stacked by the batcher), the first of which arrived at
+    /// `arrived`.
     pub(crate) async fn run_validated(
         self: &Arc<Self>,
         inputs: Vec<(String, Tensor)>,
+        arrived: std::time::Instant,
+        requests: usize,
     ) -> RunResult {
         self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.runs.inc();
+        self.metrics.batch.observe(requests as f64);
         let stopped = || {
             NnError::new(
                 ErrorCode::RuntimeError,
@@ -374,6 +423,7 @@ impl OnnxModel {
                 inputs,
                 reply,
                 options,
+                arrived,
             })
             .await
             .map_err(|_| stopped())?;
@@ -384,7 +434,12 @@ impl OnnxModel {
 }
 
 /// An inference thread: takes jobs until the model is dropped.
-fn serve_session(model: &str, mut session: Session, queue: &Mutex<mpsc::Receiver<Job>>) {
+fn serve_session(
+    model: &str,
+    mut session: Session,
+    queue: &Mutex<mpsc::Receiver<Job>>,
+    metrics: &ModelMetrics,
+) {
     loop {
         // The lock is held only while waiting for the next job, never during a run.
         let job = queue
@@ -396,8 +451,13 @@ fn serve_session(model: &str, mut session: Session, queue: &Mutex<mpsc::Receiver
             continue; // The request went away (its deadline passed) while queued.
         }
         let started = std::time::Instant::now();
+        metrics
+            .queue
+            .observe(started.saturating_duration_since(job.arrived).as_secs_f64());
         let result = run_session(&mut session, job.inputs, &job.options);
-        tracing::trace!(model, "ran in {:.2?}", started.elapsed());
+        let ran = started.elapsed();
+        metrics.run.observe(ran.as_secs_f64());
+        tracing::trace!(model, "ran in {ran:.2?}");
         let _ = job.reply.send(result);
     }
 }

@@ -179,6 +179,7 @@ pub struct ActiveApp {
     blobs: Vec<Digest>,
     functions: Vec<Arc<Function>>,
     models: Arc<AppModels>,
+    alerts: Vec<crate::locked::AlertSpec>,
 }
 
 impl ActiveApp {
@@ -248,6 +249,8 @@ pub struct Node {
     /// The app store; holding it is the deploy lock (one change at a time).
     store: tokio::sync::Mutex<AppStore>,
     audit: AuditLog,
+    /// Metrics handles, logs and statistics of every function, by name.
+    ops: crate::ops::Ops,
     /// Apps swapped out of the table, while requests may still hold them: their blobs
     /// (mounts opened per request) are not collected.
     retired: Mutex<Vec<std::sync::Weak<ActiveApp>>>,
@@ -322,6 +325,7 @@ impl Node {
             blobs: BlobStore::new(state_dir)?,
             trainers: TrainerRegistry::new(state_dir),
             audit: AuditLog::open(state_dir)?,
+            ops: crate::ops::Ops::default(),
             runtime,
             linker,
             large_linker,
@@ -773,52 +777,111 @@ impl Node {
             models,
             resident_models,
             trainers,
+            alerts: self.alerts(),
         }
     }
 
-    /// Counters in the Prometheus text format, for `/.well-known/lepton/metrics`.
+    /// The metrics page (OpenMetrics text), for `/.well-known/lepton/metrics`.
     pub fn metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let table = self.table();
-        for function in table.functions() {
-            function.write_metrics(&mut out);
-        }
+        let m = crate::ops::metrics::metrics();
         let budget = self.runtime.body_budget();
-        let _ = writeln!(
-            out,
-            "lepton_request_body_bytes_held {}\nlepton_request_body_bytes_budget {}\n\
-             lepton_log_records_dropped_total {}\nlepton_guest_log_bytes_dropped_total {}",
-            budget.held(),
-            budget.total(),
-            crate::logging::records_dropped(),
-            crate::logging::guest_bytes_dropped(),
-        );
-        let status = self.status();
-        for model in &status.models {
-            let _ = writeln!(
-                out,
-                "lepton_model_requests_total{{model=\"{}\"}} {}",
-                model.model, model.requests
-            );
-        }
-        for app in table.apps.values() {
-            for (name, slot) in &app.models.slots {
-                let _ = writeln!(
-                    out,
-                    "lepton_model_runs_total{{model=\"{name}\"}} {}",
-                    slot.runs()
-                );
+        m.body_bytes_held
+            .set(i64::try_from(budget.held()).unwrap_or(i64::MAX));
+        m.body_bytes_budget
+            .set(i64::try_from(budget.total()).unwrap_or(i64::MAX));
+        let registry = self.models.lock().ok().and_then(|r| r.clone());
+        if let Some(registry) = registry {
+            let resident = registry.resident();
+            m.models_resident
+                .set(i64::try_from(resident.len()).unwrap_or(i64::MAX));
+            m.model_bytes.clear();
+            for model in &resident {
+                m.model_bytes
+                    .get_or_create(&crate::ops::metrics::ModelLabels {
+                        model: model.spec().name.to_string(),
+                    })
+                    .set(i64::try_from(model.onnx().file_bytes()).unwrap_or(i64::MAX));
             }
         }
-        for trainer in &status.trainers {
-            let _ = writeln!(
-                out,
-                "lepton_trainer_steps_total{{trainer=\"{}\"}} {}",
-                trainer.trainer, trainer.steps
-            );
+        m.encode()
+    }
+
+    /// What the status page charts (`GET /v1/stats`): each function's last minutes
+    /// (`points` points of `step` seconds), each model's device, bytes, runs and mean
+    /// batch, each trainer's loss curve.
+    pub fn stats(&self, points: usize, step: u64) -> serde_json::Value {
+        let table = self.table();
+        let mut functions = Vec::new();
+        for app in table.apps.values() {
+            for function in &app.functions {
+                let spec = function.spec();
+                let observed = self.ops.get(app.name.as_str(), spec.name.as_str());
+                let (summary, series) = observed.map_or_else(Default::default, |o| {
+                    (
+                        o.window.summary(std::time::Duration::from_secs(60)),
+                        o.window.series(points, step),
+                    )
+                });
+                functions.push(serde_json::json!({
+                    "app": app.name,
+                    "version": app.version,
+                    "function": spec.name,
+                    "route": spec.route.to_string(),
+                    "in_flight": function.in_flight(),
+                    "served": function.served(),
+                    "last_minute": summary,
+                    "error_rate": summary.error_rate(),
+                    "series": series,
+                }));
+            }
         }
-        out
+        let mut models = Vec::new();
+        for app in table.apps.values() {
+            for (name, slot) in &app.models.slots {
+                let model = slot.current();
+                let (requests, runs) = (slot.requests(), slot.runs());
+                models.push(serde_json::json!({
+                    "app": app.name,
+                    "model": name,
+                    "target": slot.spec().target,
+                    "device": model.onnx().target(),
+                    "bytes": model.onnx().file_bytes(),
+                    "sessions": slot.spec().sessions(),
+                    "batching": slot.spec().batch.is_some(),
+                    "requests": requests,
+                    "runs": runs,
+                    "mean_batch": if runs == 0 { None } else { Some(requests as f64 / runs as f64) },
+                }));
+            }
+        }
+        let trainers: Vec<_> = self
+            .trainers
+            .running()
+            .into_iter()
+            .map(|(app, t)| {
+                serde_json::json!({
+                    "app": app,
+                    "trainer": t.name(),
+                    "steps": t.steps(),
+                    "last_checkpoint_ms": t.last_checkpoint_ms(),
+                    "loss": t.loss_curve(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "time_ms": store::now_ms(),
+            "step_seconds": step,
+            "rss_bytes": crate::ops::metrics::resident_bytes(),
+            "functions": functions,
+            "models": models,
+            "trainers": trainers,
+            "alerts": self.alerts(),
+        })
+    }
+
+    /// What operators see of each function: metrics handles, logs, statistics.
+    pub fn ops(&self) -> &crate::ops::Ops {
+        &self.ops
     }
 
     /// At shutdown, once requests drained: checkpoints every trainer that changed.
@@ -869,8 +932,89 @@ impl Node {
             retired.retain(|weak| weak.strong_count() > 0);
             retired.push(Arc::downgrade(previous));
         }
+        let keep: Vec<String> = app
+            .as_ref()
+            .map(|a| {
+                a.functions
+                    .iter()
+                    .map(|f| f.spec().name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
         self.table
             .store(Arc::new(old.with(app.map(Arc::new), name)));
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        self.ops.retain(name.as_str(), &keep);
+        if keep.is_empty() {
+            self.ops.alerts.forget(name.as_str());
+        }
+    }
+
+    /// Judges every alert rule of the apps serving now; each change goes to the audit
+    /// log (`alert-firing`, `alert-resolved`).
+    pub fn judge_alerts(&self) {
+        let table = self.table();
+        for app in table.apps.values() {
+            let changes = self
+                .ops
+                .alerts
+                .judge(app.name.as_str(), &app.alerts, |rule| {
+                    self.ops
+                        .get(app.name.as_str(), rule.function.as_str())
+                        .map(|o| o.window.summary(rule.over))
+                        .unwrap_or_default()
+                });
+            for change in changes {
+                let outcome = format!(
+                    "{}: {} (value {}, {} requests)",
+                    change.alert,
+                    change.when,
+                    change
+                        .value
+                        .map_or_else(|| "none".to_owned(), |v| format!("{v:.4}")),
+                    change.requests
+                );
+                let record = AuditRecord {
+                    time_ms: change.time_ms,
+                    action: format!("alert-{}", change.state),
+                    app: Some(change.app.clone()),
+                    version: Some(app.version),
+                    digests: Vec::new(),
+                    peer: "alerts".to_owned(),
+                    outcome,
+                };
+                if let Err(error) = self.audit.append(&record) {
+                    tracing::error!("cannot write the audit log: {error:#}");
+                }
+            }
+        }
+    }
+
+    /// Every alert rule of the apps serving now, with its state.
+    pub fn alerts(&self) -> Vec<crate::ops::alerts::AlertStatus> {
+        let table = self.table();
+        let mut all: Vec<_> = table
+            .apps
+            .values()
+            .flat_map(|app| self.ops.alerts.status_of(app.name.as_str(), &app.alerts))
+            .collect();
+        all.sort_by(|a, b| (&a.app, &a.alert).cmp(&(&b.app, &b.alert)));
+        all
+    }
+
+    /// Judges the alert rules every [`crate::ops::alerts::EVALUATE_EVERY`] until the
+    /// node is dropped.
+    pub fn spawn_alerts(self: &Arc<Self>) {
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::ops::alerts::EVALUATE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { break };
+                tokio::task::block_in_place(|| node.judge_alerts());
+            }
+        });
     }
 
     fn collect_garbage(&self, store: &AppStore) {
@@ -1021,7 +1165,15 @@ impl Node {
                 .filter_map(|t| Some((t.to_string(), Arc::clone(trainers.get(t)?))))
                 .collect();
             let train = TrainCtx::new(Arc::new(granted_trainers), Some(Arc::clone(&publisher)));
-            let grants = Grants::new(spec, mounts, granted_models, registry.clone(), train);
+            let observed = self.ops.function(app.name.as_str(), spec.name.as_str());
+            let grants = Grants::new(
+                spec,
+                mounts,
+                granted_models,
+                registry.clone(),
+                train,
+                Arc::clone(&observed.logs),
+            );
             let function = Function::load(
                 &self.runtime,
                 (&self.linker, &self.large_linker),
@@ -1029,7 +1181,7 @@ impl Node {
                 spec,
                 &self.blobs.path(&spec.component),
                 &cache_dir,
-                grants,
+                (grants, observed),
             )
             .map_err(|e| rejected(scope(), Some("component"), &e))?;
             functions.push(Arc::new(function));
@@ -1054,6 +1206,7 @@ impl Node {
             blobs: app.blobs(),
             functions,
             models,
+            alerts: app.alerts.clone(),
         })
     }
 }
@@ -1161,6 +1314,8 @@ pub struct NodeStatus {
     pub resident_models: usize,
     /// Running trainers.
     pub trainers: Vec<TrainerStatus>,
+    /// Alert rules and their state.
+    pub alerts: Vec<crate::ops::alerts::AlertStatus>,
 }
 
 /// One function in [`NodeStatus`].

@@ -77,6 +77,53 @@ pub struct TrainerHandle {
     publishes: Option<Name>,
     sender: SyncSender<Command>,
     stats: Arc<Stats>,
+    metrics: TrainerMetrics,
+    losses: Mutex<LossCurve>,
+}
+
+/// A trainer's metric handles.
+struct TrainerMetrics {
+    steps: prometheus_client::metrics::counter::Counter,
+    seconds: prometheus_client::metrics::histogram::Histogram,
+    loss: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// Points of a loss curve kept per trainer.
+pub const LOSS_POINTS: usize = 512;
+
+/// A trainer's loss over its steps, in at most [`LOSS_POINTS`] points: when full,
+/// every other point goes and the stride between kept steps doubles, so the curve
+/// always spans every step since the trainer started.
+#[derive(Default)]
+pub struct LossCurve {
+    points: Vec<(u64, f32)>,
+    stride: u64,
+    seen: u64,
+}
+
+impl LossCurve {
+    /// Adds the loss of `step`.
+    pub fn push(&mut self, step: u64, loss: f32) {
+        self.stride = self.stride.max(1);
+        self.seen += 1;
+        if !(self.seen - 1).is_multiple_of(self.stride) {
+            return;
+        }
+        self.points.push((step, loss));
+        if self.points.len() >= LOSS_POINTS {
+            let mut i = 0;
+            self.points.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.stride *= 2;
+        }
+    }
+
+    /// `(step, loss)`, oldest first.
+    pub fn points(&self) -> &[(u64, f32)] {
+        &self.points
+    }
 }
 
 /// Counters the trainer thread keeps up to date.
@@ -89,7 +136,7 @@ struct Stats {
 
 impl TrainerHandle {
     /// Starts trainer `spec` from the initial graph at `init`, with its checkpoints in `dir`.
-    pub fn start(spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub fn start(app: &Name, spec: &TrainerSpec, init: &Path, dir: &Path) -> anyhow::Result<Self> {
         let started = Instant::now();
         let trainer = Trainer::load(spec, init, dir)?;
         tracing::info!(trainer = %spec.name, steps = trainer.steps(), "loaded in {:.1?}", started.elapsed());
@@ -104,11 +151,22 @@ impl TrainerHandle {
             .name(format!("trainer-{}", spec.name))
             .spawn(move || serve(trainer, &receiver, every, &counters))
             .context("spawning the trainer thread")?;
+        let m = crate::ops::metrics::metrics();
+        let labels = crate::ops::metrics::TrainerLabels {
+            app: app.to_string(),
+            trainer: spec.name.to_string(),
+        };
         Ok(Self {
             name: spec.name.to_string(),
             publishes: spec.publishes.clone(),
             sender,
             stats,
+            metrics: TrainerMetrics {
+                steps: m.trainer_steps.get_or_create_owned(&labels),
+                seconds: m.trainer_step_seconds.get_or_create_owned(&labels),
+                loss: m.trainer_loss.get_or_create_owned(&labels),
+            },
+            losses: Mutex::new(LossCurve::default()),
         })
     }
 
@@ -158,12 +216,34 @@ impl TrainerHandle {
         inputs: Vec<(String, Tensor)>,
         targets: Tensor,
     ) -> Result<f32, NnError> {
-        self.ask(|reply| Command::Step {
-            inputs,
-            targets,
-            reply,
-        })
-        .await
+        let started = Instant::now();
+        let loss = self
+            .ask(|reply| Command::Step {
+                inputs,
+                targets,
+                reply,
+            })
+            .await?;
+        self.metrics
+            .seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.steps.inc();
+        self.metrics.loss.set(f64::from(loss));
+        let step = self.steps();
+        self.losses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(step, loss);
+        Ok(loss)
+    }
+
+    /// Its loss over the steps taken since it started here.
+    pub fn loss_curve(&self) -> Vec<(u64, f32)> {
+        self.losses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .points()
+            .to_vec()
     }
 
     /// The loss, without an update.
@@ -423,7 +503,7 @@ impl TrainerRegistry {
             self.dir
                 .join(app.as_str())
                 .join(format!("{}-{}", spec.name, fingerprint.short()));
-        let handle = Arc::new(TrainerHandle::start(spec, init, &dir)?);
+        let handle = Arc::new(TrainerHandle::start(app, spec, init, &dir)?);
         let mut live = self.lock();
         // Another deploy may have started the same trainer meanwhile: keep that one.
         if let Some(running) = live.get(&key).and_then(Weak::upgrade) {
