@@ -81,8 +81,13 @@ impl Grants {
         }
     }
 
-    /// The state of one request's store.
-    pub fn instance(&self, request_id: &str) -> anyhow::Result<InstanceState> {
+    /// The state of one request's store; its guest's outbound requests carry `trace`
+    /// as their parent (`traceparent`).
+    pub fn instance(
+        &self,
+        request_id: &str,
+        trace: Option<&crate::ops::trace::TraceContext>,
+    ) -> anyhow::Result<InstanceState> {
         let request_id: Arc<str> = Arc::from(request_id);
         let budget = Arc::new(AtomicUsize::new(MAX_LOG_BYTES));
         let mut wasi = WasiCtxBuilder::new();
@@ -126,6 +131,7 @@ impl Grants {
                 request_id,
                 allowed: Arc::clone(&self.outbound),
                 slots: Arc::clone(&self.outbound_slots),
+                traceparent: trace.and_then(|t| http::HeaderValue::from_str(&t.traceparent()).ok()),
             },
             nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone())
                 .with_tensor_budget(self.tensor_budget),
@@ -233,6 +239,8 @@ struct OutboundPolicy {
     request_id: Arc<str>,
     allowed: Arc<[OutboundHost]>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Set on outbound requests that carry none of their own.
+    traceparent: Option<http::HeaderValue>,
 }
 
 impl OutboundPolicy {
@@ -252,7 +260,7 @@ impl OutboundPolicy {
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = crate::egress::Sent> + Send> {
@@ -284,6 +292,15 @@ impl WasiHttpHooks for OutboundPolicy {
             return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
         };
         let _ = fut;
+        if let Some(traceparent) = &self.traceparent
+            && !request
+                .headers()
+                .contains_key(crate::ops::trace::TRACEPARENT)
+        {
+            request
+                .headers_mut()
+                .insert(crate::ops::trace::TRACEPARENT, traceparent.clone());
+        }
         Box::new(crate::egress::send(request, options, literal, permit))
     }
 }

@@ -560,6 +560,7 @@ impl ControlArgs {
             format!("{admin_url}\n").as_bytes(),
         )?;
         tracing::info!(token = %token_path.display(), "admin API on {admin_url}");
+        let closing = std::sync::Arc::clone(&node);
         let admin = Admin::with_cluster(node, token, self.max_blob_size, Some(control));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut stopped_rx = stopped.clone();
@@ -574,6 +575,7 @@ impl ControlArgs {
         ready(&[format!("lepton: admin on {admin_url}")]);
         signals.next().await;
         let _ = stop.send(true);
+        closing.ops().close();
         let _ = server.await;
         leadership.release().await;
         Ok(())
@@ -638,6 +640,9 @@ impl NodeArgs {
             () = signals.next() => return Ok(()),
         }
         lock_down(self.no_seccomp)?;
+        // Alert rules of the functions placed here are judged here (the audit log and
+        // the log say when one fires).
+        node.spawn_alerts();
         ready(&[format!("lepton: listening on http://{address}")]);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let leaving = std::sync::Arc::clone(&agent);
@@ -877,7 +882,15 @@ fn logs(
                     stdout,
                     "{time} {id} {}: {}",
                     stream.unwrap_or("?"),
+                    // Guest output: no escape sequence reaches the terminal.
                     text(&r["message"])
+                        .chars()
+                        .map(|c| if c.is_control() && c != '\t' {
+                            '\u{fffd}'
+                        } else {
+                            c
+                        })
+                        .collect::<String>()
                 )?,
             }
         }

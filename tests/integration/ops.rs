@@ -823,3 +823,97 @@ fn the_status_page_shows_functions_models_and_a_loss_curve_in_chromium() {
     assert!(dom.contains("That token was refused."), "{dom}");
     assert!(!dom.contains("data-ready"), "{dom}");
 }
+
+/// A server on loopback that answers each request with the `traceparent` it carried.
+fn traceparent_echo() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+    let address = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            let mut traceparent = String::from("none");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("traceparent")
+                {
+                    traceparent = value.trim().to_owned();
+                }
+            }
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{traceparent}",
+                traceparent.len()
+            );
+        }
+    });
+    address
+}
+
+#[test]
+fn a_clients_trace_reaches_the_guests_outbound_requests_and_the_log() {
+    let echo = traceparent_echo();
+    let project = Project::new(&manifest(&format!(
+        "name = \"ops\"\n[function.probe]\ncomponent = \"{{PROBE}}\"\nroute = \"/probe/...\"\n\
+         allowed_outbound_hosts = [\"http://{echo}\"]\n"
+    )));
+    let lepton = project.up();
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = ureq::get(&lepton.url(&format!("/probe/http?http://{echo}/")))
+        .set("traceparent", client)
+        .call()
+        .expect("probe");
+    let body = reply.into_string().expect("body");
+    let sent = body
+        .trim()
+        .strip_prefix("ok: 200 ")
+        .expect("the echoed header");
+    // The same trace, with this request's span as the parent.
+    let (trace, parent, flags) = {
+        let parts: Vec<&str> = sent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{sent}");
+        (
+            parts[1].to_owned(),
+            parts[2].to_owned(),
+            parts[3].to_owned(),
+        )
+    };
+    assert_eq!(
+        (trace.as_str(), flags.as_str()),
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    );
+    assert_ne!(parent, "00f067aa0ba902b7");
+    assert_eq!(parent.len(), 16);
+    // Without a header (or with a bad one) a trace is started.
+    let fresh = lepton.get(&format!("/probe/http?http://{echo}/")).body;
+    let fresh = fresh
+        .trim()
+        .strip_prefix("ok: 200 00-")
+        .expect("a started trace");
+    assert!(!fresh.starts_with("4bf92f35"), "{fresh}");
+    let bad = ureq::get(&lepton.url(&format!("/probe/http?http://{echo}/")))
+        .set("traceparent", "00-zz-00f067aa0ba902b7-01")
+        .call()
+        .expect("probe")
+        .into_string()
+        .expect("body");
+    assert!(
+        bad.starts_with("ok: 200 00-") && !bad.contains("zz"),
+        "{bad}"
+    );
+    // The log's record of the request names its trace.
+    let (_, records) = logs(&lepton, "probe/logs");
+    let traces: Vec<&str> = records
+        .iter()
+        .filter(|r| r["stream"] == "request")
+        .filter_map(|r| r["trace_id"].as_str())
+        .collect();
+    assert_eq!(traces.len(), 3, "{records:?}");
+    assert_eq!(traces[0], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(fresh.split('-').next(), Some(traces[1]));
+}

@@ -239,6 +239,16 @@ impl Admin {
                 }
             }
             (&Method::GET, ["functions", function, "logs"]) => self.logs(&request, function),
+            // On a control plane the rules are judged by the nodes that serve the
+            // functions: it has no state of its own to show.
+            (&Method::GET, ["alerts"]) if self.cluster.is_some() => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "alerts": [],
+                    "events": [],
+                    "note": "alert rules are judged on the nodes that serve their functions (each node's audit log and log)",
+                }),
+            ),
             (&Method::GET, ["alerts"]) => json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -258,6 +268,7 @@ impl Admin {
                 let mut stats = self.node.stats(points, step);
                 if let Some(cluster) = &self.cluster {
                     stats["cluster"] = serde_json::to_value(cluster.status()).unwrap_or_default();
+                    stats["alerts"] = serde_json::json!([]);
                 }
                 json(StatusCode::OK, &stats)
             }
@@ -339,9 +350,9 @@ impl Admin {
         };
         let follow = matches!(query(request, "follow"), Some("1" | "true"));
         let ring = observed.logs;
-        let records = ring.read(after, since_ms);
+        let (records, newest) = ring.read_with_newest(after, since_ms);
         let mut response = if follow {
-            crate::ops::logs::follow(ring, &records, ops.closed())
+            crate::ops::logs::follow(ring, (&records, newest, after), ops.closed())
         } else {
             full(Bytes::from(crate::ops::logs::json_lines(&records)))
         };

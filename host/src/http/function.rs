@@ -165,29 +165,38 @@ impl Function {
         let request_id = request_id.unwrap_or_else(next_request_id);
         let method = request.method().to_string();
         let path = request.uri().path().to_owned();
+        let trace = crate::ops::trace::TraceContext::for_request(
+            request
+                .headers()
+                .get(crate::ops::trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
         let bytes_in = request
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or(0);
-        let mut response = self.handle_inner(request, &request_id, deadline).await;
-        let elapsed = started.elapsed();
-        let status = response.status().as_u16();
-        let rejected = response.extensions().get::<Rejected>().is_some();
-        self.observed
-            .metrics
-            .answered(status, elapsed.as_secs_f64());
-        self.observed.window.record(status, rejected, elapsed);
-        self.observed.logs.request(
-            &request_id,
-            RequestRecord {
+        let mut accounting = Accounting {
+            observed: &self.observed,
+            started,
+            record: Some(RequestRecord {
                 method,
                 path,
-                status,
-                latency_ms: elapsed.as_secs_f64() * 1e3,
+                status: CLIENT_CLOSED,
+                latency_ms: 0.0,
                 bytes_in,
-                bytes_out: hyper::body::Body::size_hint(response.body()).exact(),
-            },
+                bytes_out: None,
+                trace_id: trace.trace_hex(),
+            }),
+            request_id: &request_id,
+        };
+        let mut response = self
+            .handle_inner(request, &request_id, &trace, deadline)
+            .await;
+        accounting.answered(
+            response.status().as_u16(),
+            response.extensions().get::<Rejected>().is_some(),
+            hyper::body::Body::size_hint(response.body()).exact(),
         );
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -199,6 +208,7 @@ impl Function {
         self: &Arc<Self>,
         request: hyper::Request<B>,
         request_id: &str,
+        trace: &crate::ops::trace::TraceContext,
         deadline: Option<tokio::time::Instant>,
     ) -> hyper::Response<Body>
     where
@@ -286,11 +296,15 @@ impl Function {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
         let id = request_id.to_owned();
+        let trace = *trace;
         let task = tokio::spawn(async move {
             let _permit: Running = permit;
             let _reservation = reservation;
-            match tokio::time::timeout_at(deadline, this.run_guest(request, sender, &id, deadline))
-                .await
+            match tokio::time::timeout_at(
+                deadline,
+                this.run_guest(request, sender, (&id, &trace), deadline),
+            )
+            .await
             {
                 Ok(result) => Outcome::Finished(result),
                 Err(_elapsed) => Outcome::TimedOut,
@@ -342,10 +356,10 @@ impl Function {
                 wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
             >,
         >,
-        request_id: &str,
+        (request_id, trace): (&str, &crate::ops::trace::TraceContext),
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<()> {
-        let state = self.grants.instance(request_id)?;
+        let state = self.grants.instance(request_id, Some(trace))?;
         let peak = Arc::clone(&state.limits.peak);
         let _note = NotePeak(self, peak);
         let (engine, pre) = if self.large.load(Ordering::Relaxed) {
@@ -594,6 +608,50 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// The status a request is recorded with when its client went away before the
+/// answer (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request's statistics and log record, written once: at its answer, or with
+/// [`CLIENT_CLOSED`] when the client goes away first (the future is dropped).
+struct Accounting<'a> {
+    observed: &'a Observed,
+    started: Instant,
+    record: Option<RequestRecord>,
+    request_id: &'a str,
+}
+
+impl Accounting<'_> {
+    fn answered(&mut self, status: u16, rejected: bool, bytes_out: Option<u64>) {
+        if let Some(record) = &mut self.record {
+            record.status = status;
+            record.bytes_out = bytes_out;
+        }
+        self.write(rejected);
+    }
+
+    fn write(&mut self, rejected: bool) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        let elapsed = self.started.elapsed();
+        record.latency_ms = elapsed.as_secs_f64() * 1e3;
+        self.observed
+            .metrics
+            .answered(record.status, elapsed.as_secs_f64());
+        self.observed
+            .window
+            .record(record.status, rejected, elapsed);
+        self.observed.logs.request(self.request_id, record);
+    }
+}
+
+impl Drop for Accounting<'_> {
+    fn drop(&mut self) {
+        self.write(false);
     }
 }
 

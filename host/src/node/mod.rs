@@ -794,14 +794,17 @@ impl Node {
             let resident = registry.resident();
             m.models_resident
                 .set(i64::try_from(resident.len()).unwrap_or(i64::MAX));
-            m.model_bytes.clear();
+            let mut labels = Vec::with_capacity(resident.len());
             for model in &resident {
+                let label = crate::ops::metrics::ModelLabels {
+                    model: model.spec().name.to_string(),
+                };
                 m.model_bytes
-                    .get_or_create(&crate::ops::metrics::ModelLabels {
-                        model: model.spec().name.to_string(),
-                    })
+                    .get_or_create(&label)
                     .set(i64::try_from(model.onnx().file_bytes()).unwrap_or(i64::MAX));
+                labels.push(label);
             }
+            crate::ops::metrics::retain_models(&labels);
         }
         m.encode()
     }
@@ -946,7 +949,34 @@ impl Node {
         let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
         self.ops.retain(name.as_str(), &keep);
         if keep.is_empty() {
-            self.ops.alerts.forget(name.as_str());
+            let changes = self.ops.alerts.forget(name.as_str());
+            self.audit_alerts(changes, None);
+        }
+    }
+
+    fn audit_alerts(&self, changes: Vec<crate::ops::alerts::AlertEvent>, version: Option<u64>) {
+        for change in changes {
+            let outcome = format!(
+                "{}: {} (value {}, {} requests)",
+                change.alert,
+                change.when,
+                change
+                    .value
+                    .map_or_else(|| "none".to_owned(), |v| format!("{v:.4}")),
+                change.requests
+            );
+            let record = AuditRecord {
+                time_ms: change.time_ms,
+                action: format!("alert-{}", change.state),
+                app: Some(change.app.clone()),
+                version,
+                digests: Vec::new(),
+                peer: "alerts".to_owned(),
+                outcome,
+            };
+            if let Err(error) = self.audit.append(&record) {
+                tracing::error!("cannot write the audit log: {error:#}");
+            }
         }
     }
 
@@ -964,28 +994,11 @@ impl Node {
                         .map(|o| o.window.summary(rule.over))
                         .unwrap_or_default()
                 });
-            for change in changes {
-                let outcome = format!(
-                    "{}: {} (value {}, {} requests)",
-                    change.alert,
-                    change.when,
-                    change
-                        .value
-                        .map_or_else(|| "none".to_owned(), |v| format!("{v:.4}")),
-                    change.requests
-                );
-                let record = AuditRecord {
-                    time_ms: change.time_ms,
-                    action: format!("alert-{}", change.state),
-                    app: Some(change.app.clone()),
-                    version: Some(app.version),
-                    digests: Vec::new(),
-                    peer: "alerts".to_owned(),
-                    outcome,
-                };
-                if let Err(error) = self.audit.append(&record) {
-                    tracing::error!("cannot write the audit log: {error:#}");
-                }
+            self.audit_alerts(changes, Some(app.version));
+            // Removed meanwhile: what this pass wrote for it goes (resolving).
+            if !self.table().apps.contains_key(&app.name) {
+                let changes = self.ops.alerts.forget(app.name.as_str());
+                self.audit_alerts(changes, None);
             }
         }
     }
@@ -1012,7 +1025,7 @@ impl Node {
             loop {
                 tick.tick().await;
                 let Some(node) = node.upgrade() else { break };
-                tokio::task::block_in_place(|| node.judge_alerts());
+                node.judge_alerts();
             }
         });
     }
@@ -1085,7 +1098,23 @@ impl Node {
     ) -> Result<ActiveApp, DeployError> {
         // Compiling and loading models are CPU-bound and synchronous: off the async
         // workers' hands, but inside the runtime (a batching model spawns a task).
-        tokio::task::block_in_place(|| self.build_blocking(stored, previous))
+        let built = tokio::task::block_in_place(|| self.build_blocking(stored, previous));
+        if built.is_err() {
+            // What this build made for functions that do not serve goes again.
+            let table = self.table();
+            let serving: Vec<&str> = table
+                .apps
+                .get(&stored.app.name)
+                .map(|app| {
+                    app.functions
+                        .iter()
+                        .map(|f| f.spec().name.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.ops.retain(stored.app.name.as_str(), &serving);
+        }
+        built
     }
 
     fn build_blocking(

@@ -143,7 +143,14 @@ impl Alerts {
         let now = crate::node::store::now_ms();
         let mut changes = Vec::new();
         let mut state = lock(&self.state);
-        state.retain(|(a, name), _| a != app || rules.iter().any(|r| r.name.as_str() == name));
+        // A firing rule that a deploy removed resolves.
+        state.retain(|(a, name), entry| {
+            let kept = a != app || rules.iter().any(|r| r.name.as_str() == name);
+            if !kept && entry.state == "firing" {
+                changes.push(resolved(entry, now));
+            }
+            kept
+        });
         for rule in rules {
             let summary = summary_of(rule);
             let value = value_of(rule.metric, &summary);
@@ -160,9 +167,16 @@ impl Alerts {
                 requests: summary.requests,
                 since_ms: now,
             });
-            // A rule changed by a deploy starts again from `ok`.
+            // A rule changed by a deploy starts again from `ok` (resolving first).
             let when = rule.when();
-            if entry.when != when || entry.function != rule.function.as_str() {
+            let over_ms = u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX);
+            if entry.when != when
+                || entry.function != rule.function.as_str()
+                || entry.over_ms != over_ms
+            {
+                if entry.state == "firing" {
+                    changes.push(resolved(entry, now));
+                }
                 entry.when = when;
                 entry.function = rule.function.to_string();
                 entry.over_ms = u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX);
@@ -194,9 +208,21 @@ impl Alerts {
         changes
     }
 
-    /// Forgets the rules of `app` (removed).
-    pub fn forget(&self, app: &str) {
-        lock(&self.state).retain(|(a, _), _| a != app);
+    /// Forgets the rules of `app` (removed): those firing resolve (the changes are
+    /// returned, and recorded like any other).
+    pub fn forget(&self, app: &str) -> Vec<AlertEvent> {
+        let now = crate::node::store::now_ms();
+        let mut changes = Vec::new();
+        lock(&self.state).retain(|(a, _), entry| {
+            if a == app && entry.state == "firing" {
+                changes.push(resolved(entry, now));
+            }
+            a != app
+        });
+        for event in &changes {
+            self.record(event.clone());
+        }
+        changes
     }
 
     fn record(&self, event: AlertEvent) {
@@ -236,7 +262,11 @@ impl Alerts {
             .map(|rule| {
                 state
                     .get(&(app.to_owned(), rule.name.to_string()))
-                    .filter(|s| s.when == rule.when() && s.function == rule.function.as_str())
+                    .filter(|s| {
+                        s.when == rule.when()
+                            && s.function == rule.function.as_str()
+                            && u128::from(s.over_ms) == rule.over.as_millis()
+                    })
                     .cloned()
                     .unwrap_or_else(|| AlertStatus {
                         app: app.to_owned(),
@@ -256,6 +286,20 @@ impl Alerts {
     /// The last changes, oldest first.
     pub fn events(&self) -> Vec<AlertEvent> {
         lock(&self.events).iter().cloned().collect()
+    }
+}
+
+/// The event of `entry` (firing) resolving because its rule went or changed.
+fn resolved(entry: &AlertStatus, now: u64) -> AlertEvent {
+    AlertEvent {
+        app: entry.app.clone(),
+        alert: entry.alert.clone(),
+        function: entry.function.clone(),
+        state: "resolved",
+        when: entry.when.clone(),
+        value: None,
+        requests: 0,
+        time_ms: now,
     }
 }
 
@@ -286,7 +330,12 @@ fn deliver(url: &str, receiver: &Receiver<AlertEvent>) {
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(attempt, "the alert webhook failed: {error}");
+                    // Not the error's text: it holds the URL, which may hold a secret.
+                    let why = match &error {
+                        ureq::Error::Status(status, _) => format!("it answered {status}"),
+                        ureq::Error::Transport(t) => format!("{:?}", t.kind()),
+                    };
+                    tracing::warn!(attempt, "the alert webhook failed: {why}");
                     if attempt < WEBHOOK_TRIES {
                         std::thread::sleep(backoff);
                         backoff *= 2;
@@ -354,9 +403,24 @@ mod tests {
         let resolved = alerts.judge("a", &rules, |_| summary(0, 0));
         assert_eq!(resolved[0].state, "resolved");
         assert_eq!(alerts.events().len(), 2);
-        // A rule that is gone is forgotten.
-        alerts.judge("a", &[], |_| summary(0, 0));
+        // A rule that is gone is forgotten; one firing resolves as it goes.
+        assert_eq!(alerts.judge("a", &rules, |_| summary(100, 10)).len(), 1);
+        let gone = alerts.judge("a", &[], |_| summary(0, 0));
+        assert_eq!(
+            gone.iter().map(|e| e.state).collect::<Vec<_>>(),
+            ["resolved"]
+        );
         assert!(lock(&alerts.state).is_empty());
+        // A changed rule resolves before it is judged afresh; a removed app's too.
+        assert_eq!(alerts.judge("a", &rules, |_| summary(100, 10)).len(), 1);
+        let changed = [rule("error_rate > 0.06")];
+        let events = alerts.judge("a", &changed, |_| summary(100, 10));
+        assert_eq!(
+            events.iter().map(|e| e.state).collect::<Vec<_>>(),
+            ["resolved", "firing"]
+        );
+        assert_eq!(alerts.forget("a").len(), 1);
+        assert!(alerts.forget("a").is_empty());
     }
 
     #[test]

@@ -48,6 +48,23 @@ pub struct RequestRecord {
     /// Bytes of the response body, where known up front.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_out: Option<u64>,
+    /// The W3C trace it belongs to (the client's, or one started for it).
+    pub trace_id: String,
+}
+
+/// The longest request path kept in a record (the rest is cut off).
+pub const MAX_LOGGED_PATH: usize = 1024;
+
+impl LogRecord {
+    /// What it counts for against [`MAX_BYTES`]: its strings and a fixed overhead.
+    fn size(&self) -> usize {
+        64 + self.request_id.len()
+            + self.message.as_ref().map_or(0, String::len)
+            + self
+                .request
+                .as_ref()
+                .map_or(0, |r| r.method.len() + r.path.len() + r.trace_id.len())
+    }
 }
 
 struct Ring {
@@ -82,7 +99,7 @@ impl LogRing {
     }
 
     fn push(&self, mut record: LogRecord) {
-        let size = record.message.as_ref().map_or(0, String::len) + 64;
+        let size = record.size();
         let seq = {
             let mut ring = self
                 .ring
@@ -96,7 +113,7 @@ impl LogRing {
                 let Some(old) = ring.records.pop_front() else {
                     break;
                 };
-                ring.bytes -= old.message.as_ref().map_or(0, String::len) + 64;
+                ring.bytes -= old.size();
             }
             ring.next - 1
         };
@@ -115,8 +132,16 @@ impl LogRing {
         });
     }
 
-    /// Adds the record of a request.
-    pub fn request(&self, request_id: &str, record: RequestRecord) {
+    /// Adds the record of a request (its path cut to [`MAX_LOGGED_PATH`] bytes).
+    pub fn request(&self, request_id: &str, mut record: RequestRecord) {
+        if record.path.len() > MAX_LOGGED_PATH {
+            let mut end = MAX_LOGGED_PATH;
+            while !record.path.is_char_boundary(end) {
+                end -= 1;
+            }
+            record.path.truncate(end);
+            record.path.push_str("...");
+        }
         self.push(LogRecord {
             seq: 0,
             time_ms: crate::node::store::now_ms(),
@@ -129,24 +154,22 @@ impl LogRing {
 
     /// Records after `after` (a `seq`) and not older than `since_ms`, oldest first.
     pub fn read(&self, after: u64, since_ms: u64) -> Vec<LogRecord> {
+        self.read_with_newest(after, since_ms).0
+    }
+
+    /// [`LogRing::read`], and the number of the newest record now (read together).
+    pub fn read_with_newest(&self, after: u64, since_ms: u64) -> (Vec<LogRecord>, u64) {
         let ring = self
             .ring
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        ring.records
+        let records = ring
+            .records
             .iter()
             .filter(|r| r.seq > after && r.time_ms >= since_ms)
             .cloned()
-            .collect()
-    }
-
-    /// The number of the newest record (0: none yet).
-    pub fn last_seq(&self) -> u64 {
-        self.ring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .next
-            - 1
+            .collect();
+        (records, ring.next - 1)
     }
 
     /// Wakes when a record is added.
@@ -172,14 +195,16 @@ pub const FOLLOW_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs
 
 /// A response body: `first`, then each record added to `ring`, until `closed`
 /// resolves (the node shuts down) or the client goes away.
+/// `first` are the records already read, `newest` the ring's newest record number
+/// when they were (and `after` what the client asked to skip).
 pub fn follow(
     ring: std::sync::Arc<LogRing>,
-    first: &[LogRecord],
+    (first, newest, after): (&[LogRecord], u64, u64),
     closed: impl Future<Output = ()> + Send + 'static,
 ) -> crate::http::Body {
     use futures::StreamExt as _;
     use http_body_util::BodyExt as _;
-    let last = first.last().map_or_else(|| ring.last_seq(), |r| r.seq);
+    let last = newest.max(after);
     let changes = ring.subscribe();
     let head = futures::stream::iter((!first.is_empty()).then(|| json_lines(first)));
     let state = (ring, last, changes, Box::pin(closed));
@@ -222,6 +247,34 @@ mod tests {
         assert_eq!(all[0].seq, 11);
         assert_eq!(all.last().map(|r| r.seq), Some((MAX_RECORDS + 10) as u64));
         assert_eq!(ring.read(MAX_RECORDS as u64 + 8, 0).len(), 2);
+    }
+
+    #[test]
+    fn long_paths_are_cut_and_counted() {
+        let ring = LogRing::new();
+        for _ in 0..MAX_RECORDS {
+            ring.request(
+                "r",
+                RequestRecord {
+                    method: "GET".into(),
+                    path: format!("/{}", "é".repeat(30_000)),
+                    status: 200,
+                    latency_ms: 1.0,
+                    bytes_in: 0,
+                    bytes_out: None,
+                    trace_id: "0".repeat(32),
+                },
+            );
+        }
+        let kept = ring.read(0, 0);
+        let path = &kept[0].request.as_ref().expect("a request").path;
+        assert!(
+            path.len() <= MAX_LOGGED_PATH + 3 && path.ends_with("..."),
+            "{}",
+            path.len()
+        );
+        let total: usize = kept.iter().map(LogRecord::size).sum();
+        assert!(total <= MAX_BYTES, "{total}");
     }
 
     #[test]

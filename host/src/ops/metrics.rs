@@ -181,7 +181,7 @@ pub struct Metrics {
     pub model_queue_seconds: Hist<ModelLabels>,
     /// Seconds of the backend run.
     pub model_run_seconds: Hist<ModelLabels>,
-    /// Rows per backend run.
+    /// Requests per backend run.
     pub model_batch_size: Hist<ModelLabels>,
     /// Bytes of each resident model's file.
     pub model_bytes: Family<ModelLabels, Gauge>,
@@ -386,6 +386,19 @@ pub fn resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Drops the `lepton_model_bytes` series of models not in `resident`.
+pub fn retain_models(resident: &[ModelLabels]) {
+    // A family lists no keys: the stale ones are those a fresh family would not have.
+    static KNOWN: std::sync::Mutex<Vec<ModelLabels>> = std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for old in known.iter().filter(|l| !resident.contains(l)) {
+        metrics().model_bytes.remove(old);
+    }
+    *known = resident.to_vec();
+}
+
 /// A function's handles, made once when it loads.
 #[derive(Clone)]
 pub struct FunctionMetrics {
@@ -395,6 +408,8 @@ pub struct FunctionMetrics {
     /// answer of each class (most functions never answer 1xx or 3xx).
     latency: Arc<[OnceLock<Histogram>; 5]>,
     labels: FunctionLabels,
+    /// Set when the function is forgotten: no series is made for it again.
+    removed: Arc<std::sync::atomic::AtomicBool>,
     /// Failures by kind, in [`FailureKind::ALL`] order.
     pub failures: [Counter; 4],
     /// Time waiting for a slot.
@@ -431,6 +446,7 @@ impl FunctionMetrics {
             in_flight: m.in_flight.get_or_create_owned(&labels),
             queued: m.queued.get_or_create_owned(&labels),
             labels,
+            removed: Arc::default(),
         }
     }
 
@@ -450,6 +466,11 @@ impl FunctionMetrics {
             .iter()
             .position(|c| *c == class)
             .unwrap_or_default();
+        if self.latency[index].get().is_none()
+            && self.removed.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         self.latency[index]
             .get_or_init(|| {
                 metrics().request_seconds.get_or_create_owned(&ClassLabels {
@@ -461,8 +482,15 @@ impl FunctionMetrics {
             .observe(seconds);
     }
 
+    /// Forgets these handles' function: its series go, and none is made again.
+    pub fn forget(&self) {
+        self.removed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Self::remove(&self.labels.app, &self.labels.function);
+    }
+
     /// Forgets `function` of `app` (the app was removed).
-    pub fn remove(app: &str, function: &str) {
+    fn remove(app: &str, function: &str) {
         let m = metrics();
         let labels = FunctionLabels {
             app: app.to_owned(),

@@ -9,6 +9,7 @@ pub mod alerts;
 pub mod logs;
 pub mod metrics;
 pub mod page;
+pub mod trace;
 pub mod window;
 
 use std::sync::Arc;
@@ -95,10 +96,10 @@ impl Ops {
 
     /// Forgets every function of `app` but those in `keep` (after a deploy or a removal).
     pub fn retain(&self, app: &str, keep: &[&str]) {
-        self.functions.retain(|(a, f), _| {
+        self.functions.retain(|(a, f), observed| {
             let kept = a != app || keep.contains(&f.as_str());
             if !kept {
-                FunctionMetrics::remove(a, f);
+                observed.metrics.forget();
             }
             kept
         });

@@ -1,6 +1,6 @@
 //! The status page: one HTML file with its script and styles inline, embedded in the
-//! binary (no CDN, works offline). It reads `/v1/stats`, `/v1/apps` and `/v1/status`
-//! with the admin token, which it takes from the URL fragment (`/#token=...`, never
+//! binary (no CDN, works offline). It reads `/v1/stats` and `/v1/apps` with the
+//! admin token, which it takes from the URL fragment (`/#token=...`, never
 //! sent to the server) or asks for, and keeps in the tab's `sessionStorage`.
 
 use bytes::Bytes;

@@ -3,7 +3,8 @@
 //!
 //! Each second is a slot with its request, error and rejection counts and a latency
 //! histogram; a window merges the slots it covers. Slots are reused as time goes
-//! round, so memory is fixed (a few KiB per function).
+//! round, so memory is fixed (about 66 KiB per function). Quantiles are the upper
+//! bounds of power-of-two buckets (50 µs doubling): a p99 of 205 ms reads 409.6 ms.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
