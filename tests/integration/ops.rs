@@ -461,6 +461,22 @@ fn function_logs_hold_guest_output_and_requests_and_follow_streams_until_shutdow
     assert!(ended.success(), "{ended:?}");
 }
 
+/// Reads a request's head off `reader`; the value of header `name`, if it has one.
+fn header(reader: &mut BufReader<std::net::TcpStream>, name: &str) -> Option<String> {
+    let mut found = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            return found;
+        }
+        if let Some((key, value)) = line.split_once(':')
+            && key.eq_ignore_ascii_case(name)
+        {
+            found = Some(value.trim().to_owned());
+        }
+    }
+}
+
 /// A webhook receiver on loopback: the first call is answered 500 (to be retried),
 /// every later one 200; each body is sent on the channel.
 fn webhook() -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
@@ -471,16 +487,9 @@ fn webhook() -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(stream) = stream else { continue };
             let mut reader = BufReader::new(stream);
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
+            let length = header(&mut reader, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let mut body = vec![0; length];
             if reader.read_exact(&mut body).is_err() {
                 continue;
@@ -832,18 +841,8 @@ fn traceparent_echo() -> String {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let mut reader = BufReader::new(stream);
-            let mut traceparent = String::from("none");
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((name, value)) = line.split_once(':')
-                    && name.eq_ignore_ascii_case("traceparent")
-                {
-                    traceparent = value.trim().to_owned();
-                }
-            }
+            let traceparent =
+                header(&mut reader, "traceparent").unwrap_or_else(|| "none".to_owned());
             let mut stream = reader.into_inner();
             let _ = write!(
                 stream,

@@ -57,6 +57,34 @@ pub struct AlertStatus {
     pub since_ms: u64,
 }
 
+impl AlertStatus {
+    /// `rule` of `app` not judged yet (`ok`, no value), as of `now`.
+    fn new(app: &str, rule: &AlertSpec, now: u64) -> Self {
+        Self {
+            app: app.to_owned(),
+            alert: rule.name.to_string(),
+            function: rule.function.to_string(),
+            when: rule.when(),
+            over_ms: over_ms(rule),
+            state: "ok",
+            value: None,
+            requests: 0,
+            since_ms: now,
+        }
+    }
+
+    /// Whether this state was judged for `rule` as it is now (not an earlier version).
+    fn is_of(&self, rule: &AlertSpec) -> bool {
+        self.when == rule.when()
+            && self.function == rule.function.as_str()
+            && self.over_ms == over_ms(rule)
+    }
+}
+
+fn over_ms(rule: &AlertSpec) -> u64 {
+    u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One change of a rule's state: what the webhook receives.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlertEvent {
@@ -156,32 +184,15 @@ impl Alerts {
             let value = value_of(rule.metric, &summary);
             let firing = holds(rule, value, summary.requests);
             let key = (app.to_owned(), rule.name.to_string());
-            let entry = state.entry(key).or_insert_with(|| AlertStatus {
-                app: app.to_owned(),
-                alert: rule.name.to_string(),
-                function: rule.function.to_string(),
-                when: rule.when(),
-                over_ms: u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX),
-                state: "ok",
-                value,
-                requests: summary.requests,
-                since_ms: now,
-            });
+            let entry = state
+                .entry(key)
+                .or_insert_with(|| AlertStatus::new(app, rule, now));
             // A rule changed by a deploy starts again from `ok` (resolving first).
-            let when = rule.when();
-            let over_ms = u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX);
-            if entry.when != when
-                || entry.function != rule.function.as_str()
-                || entry.over_ms != over_ms
-            {
+            if !entry.is_of(rule) {
                 if entry.state == "firing" {
                     changes.push(resolved(entry, now));
                 }
-                entry.when = when;
-                entry.function = rule.function.to_string();
-                entry.over_ms = u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX);
-                entry.state = "ok";
-                entry.since_ms = now;
+                *entry = AlertStatus::new(app, rule, now);
             }
             entry.value = value;
             entry.requests = summary.requests;
@@ -262,23 +273,9 @@ impl Alerts {
             .map(|rule| {
                 state
                     .get(&(app.to_owned(), rule.name.to_string()))
-                    .filter(|s| {
-                        s.when == rule.when()
-                            && s.function == rule.function.as_str()
-                            && u128::from(s.over_ms) == rule.over.as_millis()
-                    })
+                    .filter(|s| s.is_of(rule))
                     .cloned()
-                    .unwrap_or_else(|| AlertStatus {
-                        app: app.to_owned(),
-                        alert: rule.name.to_string(),
-                        function: rule.function.to_string(),
-                        when: rule.when(),
-                        over_ms: u64::try_from(rule.over.as_millis()).unwrap_or(u64::MAX),
-                        state: "ok",
-                        value: None,
-                        requests: 0,
-                        since_ms: crate::node::store::now_ms(),
-                    })
+                    .unwrap_or_else(|| AlertStatus::new(app, rule, crate::node::store::now_ms()))
             })
             .collect()
     }
