@@ -134,8 +134,9 @@ impl Grants {
                 traceparent: trace.and_then(|t| http::HeaderValue::from_str(&t.traceparent()).ok()),
             },
             nn: NnCtx::new(Arc::clone(&self.models), self.upload.clone())
-                .with_tensor_budget(self.tensor_budget),
-            train: self.train.clone(),
+                .with_tensor_budget(self.tensor_budget)
+                .with_trace(trace.copied()),
+            train: self.train.clone().with_trace(trace.copied()),
         })
     }
 }

@@ -153,6 +153,9 @@ struct UpArgs {
     /// POST each alert change as JSON to this `http://` URL (retried with back-off).
     #[arg(long)]
     alert_webhook: Option<String>,
+    /// Export spans over OTLP/HTTP (JSON) to this collector (`http://HOST:4318`).
+    #[arg(long)]
+    otlp: Option<String>,
 }
 
 /// How a cluster process reaches NATS.
@@ -231,6 +234,9 @@ struct NodeArgs {
     /// Run without the seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
+    /// Export spans over OTLP/HTTP (JSON) to this collector (`http://HOST:4318`).
+    #[arg(long)]
+    otlp: Option<String>,
 }
 
 /// How client commands find the admin API.
@@ -377,6 +383,9 @@ impl UpArgs {
         if let Some(url) = &self.alert_webhook {
             crate::ops::alerts::check_webhook(url)?;
         }
+        if let Some(url) = &self.otlp {
+            crate::ops::trace::traces_endpoint(url)?;
+        }
         let config = NodeConfig::new(state_dir.clone())
             .max_instances(self.max_instances)
             .keep_versions(self.keep_versions)
@@ -443,6 +452,9 @@ impl UpArgs {
         }
         if let Some(url) = self.alert_webhook.clone() {
             node.ops().alerts.set_webhook(url);
+        }
+        if let Some(url) = &self.otlp {
+            crate::ops::trace::export_to(url, "lepton")?;
         }
         node.spawn_alerts();
         let closing = std::sync::Arc::clone(&node);
@@ -638,6 +650,9 @@ impl NodeArgs {
         tokio::select! {
             () = agent.joined() => {}
             () = signals.next() => return Ok(()),
+        }
+        if let Some(url) = &self.otlp {
+            crate::ops::trace::export_to(url, "lepton")?;
         }
         lock_down(self.no_seccomp)?;
         // Alert rules of the functions placed here are judged here (the audit log and

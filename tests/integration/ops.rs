@@ -643,6 +643,9 @@ fn bad_alert_rules_and_webhooks_are_refused_with_their_reason() {
     let (status, _, stderr) = project.run(&["up", "--alert-webhook", "https://example.com/hook"]);
     assert!(!status.success());
     assert!(stderr.contains("must be an http:// URL"), "{stderr}");
+    let (status, _, stderr) = project.run(&["up", "--otlp", "collector:4318"]);
+    assert!(!status.success());
+    assert!(stderr.contains("--otlp must be an http:// URL"), "{stderr}");
 }
 
 #[test]
@@ -915,4 +918,144 @@ fn a_clients_trace_reaches_the_guests_outbound_requests_and_the_log() {
     assert_eq!(traces.len(), 3, "{records:?}");
     assert_eq!(traces[0], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(fresh.split('-').next(), Some(traces[1]));
+}
+
+/// An OTLP/HTTP collector stand-in: every span of every `POST /v1/traces` (JSON) is
+/// sent on the channel as `(name, trace id, span id, parent span id)`.
+fn collector() -> (String, std::sync::mpsc::Receiver<[String; 4]>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind collector");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let length = header(&mut reader, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            );
+            assert!(
+                request_line.starts_with("POST /v1/traces "),
+                "{request_line}"
+            );
+            let export: serde_json::Value = serde_json::from_slice(&body).expect("OTLP JSON");
+            for resource in export["resourceSpans"].as_array().into_iter().flatten() {
+                assert_eq!(
+                    resource["resource"]["attributes"][0]["value"]["stringValue"],
+                    "lepton"
+                );
+                for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                    for span in scope["spans"].as_array().into_iter().flatten() {
+                        let text = |key: &str| span[key].as_str().unwrap_or_default().to_owned();
+                        let _ = sender.send([
+                            text("name"),
+                            text("traceId"),
+                            text("spanId"),
+                            text("parentSpanId"),
+                        ]);
+                    }
+                }
+            }
+        }
+    });
+    (url, receiver)
+}
+
+#[test]
+fn spans_of_a_request_reach_an_otlp_collector_with_their_parentage() {
+    let (url, spans) = collector();
+    let project = ops_project("");
+    let lepton = project.up_with(
+        &["--otlp", &url],
+        &[(
+            "ORT_DYLIB_PATH",
+            crate::util::ort_library().to_str().expect("utf-8"),
+        )],
+    );
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let traced = |path: &str, body: &[u8]| {
+        ureq::post(&lepton.url(path))
+            .set(
+                "traceparent",
+                &format!("00-{client_trace}-{client_span}-01"),
+            )
+            .send_bytes(body)
+            .expect("a traced request")
+            .into_string()
+            .expect("body")
+    };
+    assert!(traced("/nn/compute/digits", images(2, 64).as_bytes()).contains("FP32"));
+    let body = images(4, 64) + &labels(&[1, 3, 5, 7]);
+    assert!(traced("/nn/step/digits", body.as_bytes()).starts_with("loss "));
+
+    // Two requests: request, instantiate, guest each; compute, queue, run; a step.
+    let mut seen: Vec<[String; 4]> = Vec::new();
+    let wanted = [
+        "request",
+        "instantiate",
+        "guest",
+        "wasi-nn compute",
+        "queue",
+        "run",
+        "training step",
+    ];
+    let counts = [2, 2, 2, 1, 1, 1, 1];
+    let started = Instant::now();
+    while wanted
+        .iter()
+        .zip(counts)
+        .any(|(name, n)| seen.iter().filter(|s| s[0] == *name).count() < n)
+    {
+        let left = PATIENCE.saturating_sub(started.elapsed());
+        match spans.recv_timeout(left) {
+            Ok(span) => seen.push(span),
+            Err(_) => panic!("spans missing; received {seen:?}"),
+        }
+    }
+    assert!(seen.iter().all(|s| s[1] == client_trace), "{seen:?}");
+    let by_id = |id: &str| seen.iter().find(|s| s[2] == id).map(|s| s[0].clone());
+    let parent_of = |name: &str| -> Vec<Option<String>> {
+        seen.iter()
+            .filter(|s| s[0] == name)
+            .map(|s| by_id(&s[3]))
+            .collect()
+    };
+    for request in seen.iter().filter(|s| s[0] == "request") {
+        assert_eq!(
+            request[3], client_span,
+            "the client's span is the request's parent"
+        );
+    }
+    assert!(
+        parent_of("instantiate")
+            .iter()
+            .all(|p| p.as_deref() == Some("request")),
+        "{seen:?}"
+    );
+    assert!(
+        parent_of("guest")
+            .iter()
+            .all(|p| p.as_deref() == Some("request")),
+        "{seen:?}"
+    );
+    assert_eq!(parent_of("wasi-nn compute"), [Some("guest".to_owned())]);
+    assert_eq!(parent_of("queue"), [Some("wasi-nn compute".to_owned())]);
+    assert_eq!(parent_of("run"), [Some("wasi-nn compute".to_owned())]);
+    assert_eq!(parent_of("training step"), [Some("guest".to_owned())]);
+    // Span ids are unique.
+    let mut ids: Vec<&str> = seen.iter().map(|s| s[2].as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), seen.len());
 }

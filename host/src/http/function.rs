@@ -179,6 +179,8 @@ impl Function {
         let mut accounting = Accounting {
             observed: &self.observed,
             started,
+            trace,
+            app: self.app.as_str(),
             record: Some(RequestRecord {
                 method,
                 path,
@@ -359,7 +361,9 @@ impl Function {
         (request_id, trace): (&str, &crate::ops::trace::TraceContext),
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<()> {
-        let state = self.grants.instance(request_id, Some(trace))?;
+        // The guest's span: its outbound requests, computes and steps are inside it.
+        let guest = trace.child();
+        let state = self.grants.instance(request_id, Some(&guest))?;
         let peak = Arc::clone(&state.limits.peak);
         let _note = NotePeak(self, peak);
         let (engine, pre) = if self.large.load(Ordering::Relaxed) {
@@ -454,6 +458,9 @@ impl Function {
             .metrics
             .instantiate
             .observe(instantiating.elapsed().as_secs_f64());
+        crate::ops::trace::record_child(trace, "instantiate", instantiating, Vec::new());
+        // Recorded when the guest returns, or is dropped at its deadline.
+        let _guest_span = SpanUntilDrop(guest, Instant::now());
         proxy
             .wasi_http_incoming_handler()
             .call_handle(&mut store, request, out)
@@ -611,6 +618,15 @@ impl Drop for Running {
     }
 }
 
+/// A span that ends when this is dropped.
+struct SpanUntilDrop(crate::ops::trace::TraceContext, Instant);
+
+impl Drop for SpanUntilDrop {
+    fn drop(&mut self) {
+        crate::ops::trace::record_span(self.0, "guest", self.1, Instant::now(), Vec::new());
+    }
+}
+
 /// The status a request is recorded with when its client went away before the
 /// answer (nginx's "client closed request").
 pub const CLIENT_CLOSED: u16 = 499;
@@ -620,6 +636,8 @@ pub const CLIENT_CLOSED: u16 = 499;
 struct Accounting<'a> {
     observed: &'a Observed,
     started: Instant,
+    trace: crate::ops::trace::TraceContext,
+    app: &'a str,
     record: Option<RequestRecord>,
     request_id: &'a str,
 }
@@ -645,6 +663,29 @@ impl Accounting<'_> {
         self.observed
             .window
             .record(record.status, rejected, elapsed);
+        if crate::ops::trace::exporting() {
+            use opentelemetry::KeyValue;
+            let (start, end) = crate::ops::trace::wall(self.started, Instant::now());
+            crate::ops::trace::record(crate::ops::trace::Finished {
+                context: self.trace,
+                name: "request",
+                server: true,
+                start,
+                end,
+                attributes: vec![
+                    KeyValue::new("http.request.method", record.method.clone()),
+                    KeyValue::new("url.path", record.path.clone()),
+                    KeyValue::new("http.response.status_code", i64::from(record.status)),
+                    KeyValue::new("lepton.app", self.app.to_owned()),
+                    KeyValue::new(
+                        "lepton.function",
+                        self.observed.metrics.function().to_owned(),
+                    ),
+                    KeyValue::new("lepton.request_id", self.request_id.to_owned()),
+                ],
+                error: record.status >= 500,
+            });
+        }
         self.observed.logs.request(self.request_id, record);
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::onnx::RunFor;
 use super::{NnError, OnnxModel, Tensor, element_size};
 use crate::bindings::wasi::nn::errors::ErrorCode;
 use crate::manifest::BatchSpec;
@@ -22,6 +23,7 @@ struct Job {
     rows: u32,
     reply: Reply,
     arrived: std::time::Instant,
+    trace: Option<crate::ops::trace::TraceContext>,
 }
 
 /// The handle of a model's batching task.
@@ -47,10 +49,11 @@ impl Batcher {
     pub async fn run(
         &self,
         inputs: Vec<(String, Tensor)>,
+        trace: Option<crate::ops::trace::TraceContext>,
     ) -> Result<Vec<(String, Tensor)>, NnError> {
         let arrived = std::time::Instant::now();
         let Some(rows) = rows_of(&inputs).filter(|&rows| rows <= self.max_size) else {
-            return self.model.run_validated(inputs, arrived, 1).await;
+            return self.model.run_validated(inputs, RunFor::one(trace)).await;
         };
         let (reply, answer) = oneshot::channel();
         if self
@@ -60,6 +63,7 @@ impl Batcher {
                 rows,
                 reply,
                 arrived,
+                trace,
             })
             .await
             .is_err()
@@ -136,12 +140,18 @@ async fn run_alone(model: &Arc<OnnxModel>, jobs: Vec<Job>) {
         inputs,
         mut reply,
         arrived,
+        trace,
         ..
     } in jobs
     {
+        let run_for = RunFor {
+            arrived,
+            requests: 1,
+            traces: trace.into_iter().collect(),
+        };
         // A caller that goes away stops its run (dropping it terminates it).
         let result = tokio::select! {
-            result = model.run_validated(inputs, arrived, 1) => Some(result),
+            result = model.run_validated(inputs, run_for) => Some(result),
             () = reply.closed() => None,
         };
         if let Some(result) = result {
@@ -173,8 +183,13 @@ async fn run_unless_abandoned(
         .map(|job| job.arrived)
         .min()
         .unwrap_or_else(std::time::Instant::now);
+    let run_for = RunFor {
+        arrived,
+        requests: jobs.len(),
+        traces: jobs.iter().filter_map(|job| job.trace).collect(),
+    };
     tokio::select! {
-        result = model.run_validated(inputs, arrived, jobs.len()) => Some(result),
+        result = model.run_validated(inputs, run_for) => Some(result),
         () = abandoned => None,
     }
 }

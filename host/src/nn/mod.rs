@@ -78,6 +78,7 @@ impl Model {
     pub async fn compute(
         &self,
         inputs: Vec<(String, Tensor)>,
+        trace: Option<crate::ops::trace::TraceContext>,
     ) -> Result<Vec<(String, Tensor)>, NnError> {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -85,9 +86,9 @@ impl Model {
         match &self.batcher {
             Some(batcher) => {
                 self.onnx.validate(&inputs)?;
-                batcher.run(inputs).await
+                batcher.run(inputs, trace).await
             }
-            None => self.onnx.run(inputs).await,
+            None => self.onnx.run(inputs, trace).await,
         }
     }
 }
@@ -277,6 +278,8 @@ pub struct NnCtx {
     max_tensor_bytes: u64,
     tensor_bytes: AtomicU64,
     uploads: AtomicU64,
+    /// The guest's span, when spans are exported.
+    trace: Option<crate::ops::trace::TraceContext>,
 }
 
 /// Models one request may load from bytes (each is a full ONNX Runtime session).
@@ -298,7 +301,15 @@ impl NnCtx {
             max_tensor_bytes: DEFAULT_TENSOR_BUDGET,
             tensor_bytes: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
+            trace: None,
         }
+    }
+
+    /// Records each `compute` (and its queue and run) inside `trace`.
+    #[must_use]
+    pub fn with_trace(mut self, trace: Option<crate::ops::trace::TraceContext>) -> Self {
+        self.trace = trace.filter(|_| crate::ops::trace::exporting());
+        self
     }
 
     /// Caps the tensor data the instance holds on the host at `bytes` (the function's
@@ -478,7 +489,24 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
     ) -> wasmtime::Result<Result<Vec<(String, Resource<Tensor>)>, Resource<NnError>>> {
         let model = Arc::clone(&self.table.get(&context)?.model);
         let tensors = tensors_from_table(self.table, inputs)?;
-        match model.compute(tensors).await {
+        let span = self
+            .ctx
+            .trace
+            .map(|t| (t.child(), std::time::Instant::now()));
+        let computed = model.compute(tensors, span.map(|s| s.0)).await;
+        if let Some((span, started)) = span {
+            crate::ops::trace::record_span(
+                span,
+                "wasi-nn compute",
+                started,
+                std::time::Instant::now(),
+                vec![opentelemetry::KeyValue::new(
+                    "lepton.model",
+                    model.spec().name.to_string(),
+                )],
+            );
+        }
+        match computed {
             Ok(outputs) => {
                 let bytes = outputs.iter().map(|(_, t)| t.data.len()).sum();
                 if let Err(message) = self.ctx.charge(bytes) {

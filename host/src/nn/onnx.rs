@@ -182,6 +182,29 @@ struct Job {
     options: Arc<RunOptions>,
     /// When its first request arrived (the queue time ends when a session takes it).
     arrived: std::time::Instant,
+    /// The `compute` spans of its requests (when spans are exported).
+    traces: Vec<crate::ops::trace::TraceContext>,
+}
+
+/// Who one backend run is for.
+pub(crate) struct RunFor {
+    /// When its first request arrived.
+    pub(crate) arrived: std::time::Instant,
+    /// How many requests it serves (a batch: more than one).
+    pub(crate) requests: usize,
+    /// Their `compute` spans, when spans are exported.
+    pub(crate) traces: Vec<crate::ops::trace::TraceContext>,
+}
+
+impl RunFor {
+    /// One request, arriving now, inside `trace`.
+    pub(crate) fn one(trace: Option<crate::ops::trace::TraceContext>) -> Self {
+        Self {
+            arrived: std::time::Instant::now(),
+            requests: 1,
+            traces: trace.into_iter().collect(),
+        }
+    }
 }
 
 /// Terminates the run it guards when dropped before the run answered: a request
@@ -387,25 +410,28 @@ impl OnnxModel {
         Ok(())
     }
 
-    /// Validates and runs one inference on a pooled session.
-    pub async fn run(self: &Arc<Self>, inputs: Vec<(String, Tensor)>) -> RunResult {
-        let arrived = std::time::Instant::now();
+    /// Validates and runs one inference on a pooled session (its queue and run spans
+    /// inside `trace`, when spans are exported).
+    pub async fn run(
+        self: &Arc<Self>,
+        inputs: Vec<(String, Tensor)>,
+        trace: Option<crate::ops::trace::TraceContext>,
+    ) -> RunResult {
+        let run_for = RunFor::one(trace);
         self.validate(&inputs)?;
-        self.run_validated(inputs, arrived, 1).await
+        self.run_validated(inputs, run_for).await
     }
 
-    /// Runs inputs already validated, on the first free session: one run for
-    /// `requests` requests (stacked by the batcher), the first of which arrived at
-    /// `arrived`.
+    /// Runs inputs already validated, on the first free session: one run for the
+    /// requests of `run_for` (stacked by the batcher when more than one).
     pub(crate) async fn run_validated(
         self: &Arc<Self>,
         inputs: Vec<(String, Tensor)>,
-        arrived: std::time::Instant,
-        requests: usize,
+        run_for: RunFor,
     ) -> RunResult {
         self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.runs.inc();
-        self.metrics.batch.observe(requests as f64);
+        self.metrics.batch.observe(run_for.requests as f64);
         let stopped = || {
             NnError::new(
                 ErrorCode::RuntimeError,
@@ -423,7 +449,8 @@ impl OnnxModel {
                 inputs,
                 reply,
                 options,
-                arrived,
+                arrived: run_for.arrived,
+                traces: run_for.traces,
             })
             .await
             .map_err(|_| stopped())?;
@@ -455,8 +482,29 @@ fn serve_session(
             .queue
             .observe(started.saturating_duration_since(job.arrived).as_secs_f64());
         let result = run_session(&mut session, job.inputs, &job.options);
-        let ran = started.elapsed();
+        let ended = std::time::Instant::now();
+        let ran = ended.duration_since(started);
         metrics.run.observe(ran.as_secs_f64());
+        for trace in &job.traces {
+            let batch = i64::try_from(job.traces.len()).unwrap_or(i64::MAX);
+            crate::ops::trace::record_span(
+                trace.child(),
+                "queue",
+                job.arrived,
+                started,
+                Vec::new(),
+            );
+            crate::ops::trace::record_span(
+                trace.child(),
+                "run",
+                started,
+                ended,
+                vec![
+                    opentelemetry::KeyValue::new("lepton.model", model.to_owned()),
+                    opentelemetry::KeyValue::new("lepton.batch_size", batch),
+                ],
+            );
+        }
         tracing::trace!(model, "ran in {ran:.2?}");
         let _ = job.reply.send(result);
     }

@@ -482,6 +482,11 @@ impl FunctionMetrics {
             .observe(seconds);
     }
 
+    /// The function's name.
+    pub fn function(&self) -> &str {
+        &self.labels.function
+    }
+
     /// Forgets these handles' function: its series go, and none is made again.
     pub fn forget(&self) {
         self.removed

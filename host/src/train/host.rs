@@ -15,6 +15,8 @@ use crate::nn::{ErrorCode, NnError, Tensor, tensors_from_table};
 pub struct TrainCtx {
     trainers: Arc<HashMap<String, Arc<TrainerHandle>>>,
     publisher: Option<Arc<dyn Publisher>>,
+    /// The guest's span, when spans are exported.
+    trace: Option<crate::ops::trace::TraceContext>,
 }
 
 impl TrainCtx {
@@ -24,9 +26,17 @@ impl TrainCtx {
         publisher: Option<Arc<dyn Publisher>>,
     ) -> Self {
         Self {
+            trace: None,
             trainers,
             publisher,
         }
+    }
+
+    /// Records each training step inside `trace`.
+    #[must_use]
+    pub fn with_trace(mut self, trace: Option<crate::ops::trace::TraceContext>) -> Self {
+        self.trace = trace.filter(|_| crate::ops::trace::exporting());
+        self
     }
 }
 
@@ -71,7 +81,20 @@ impl<'a> TrainView<'a> {
         let inputs = tensors_from_table(self.table, inputs)?;
         let targets = self.table.get(&targets)?.clone();
         let result = if update {
-            handle.step(inputs, targets).await
+            let started = std::time::Instant::now();
+            let result = handle.step(inputs, targets).await;
+            if let Some(trace) = &self.ctx.trace {
+                crate::ops::trace::record_child(
+                    trace,
+                    "training step",
+                    started,
+                    vec![opentelemetry::KeyValue::new(
+                        "lepton.trainer",
+                        handle.name().to_owned(),
+                    )],
+                );
+            }
+            result
         } else {
             handle.evaluate(inputs, targets).await
         };
