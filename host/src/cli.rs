@@ -396,10 +396,26 @@ impl UpArgs {
         };
         let node = Node::open(config).await?;
         if let Some(manifest) = &manifest {
-            let deployed = node
-                .deploy_manifest(manifest, "local")
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
+            let app = &manifest.app;
+            let steps = app.models.len() + app.trainers.len() + app.functions.len();
+            let progress = std::sync::Arc::new(std::sync::Mutex::new(crate::progress::Steps::new(
+                "up",
+                steps as u64,
+            )));
+            let reporter = std::sync::Arc::clone(&progress);
+            node.set_progress(Some(std::sync::Arc::new(move |what: &str| {
+                reporter
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .step(what);
+            })));
+            let deployed = node.deploy_manifest(manifest, "local").await;
+            node.set_progress(None);
+            progress
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .finish();
+            let deployed = deployed.map_err(|e| anyhow::anyhow!("{}", e.spec_error()))?;
             tracing::info!(app = %deployed.app, version = deployed.version, unchanged = deployed.unchanged, "deployed");
         }
         let (token, token_path) =

@@ -214,13 +214,22 @@ impl AdminClient {
     /// Uploads the blobs of `manifest` the node lacks and deploys its app. Returns the
     /// API's answer (`{app, version, unchanged, routes}`).
     pub fn deploy(&self, manifest: &Manifest) -> anyhow::Result<serde_json::Value> {
+        let mut missing = Vec::new();
         for (digest, source) in &manifest.blobs {
             if !self.has_blob(digest)? {
-                self.put_blob(digest, source)
-                    .with_context(|| format!("uploading {}", describe(source)))?;
+                missing.push((digest, source));
             }
         }
-        self.deploy_locked(&manifest.app)
+        let mut steps = crate::progress::Steps::new("deploy", missing.len() as u64 + 1);
+        for (digest, source) in missing {
+            steps.step(&format!("uploading {}", describe(source)));
+            self.put_blob(digest, source)
+                .with_context(|| format!("uploading {}", describe(source)))?;
+        }
+        steps.step("the node compiles and loads the new version");
+        let answer = self.deploy_locked(&manifest.app);
+        steps.finish();
+        answer
     }
 
     /// Posts a locked app.

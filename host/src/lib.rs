@@ -49,5 +49,6 @@ pub mod manifest;
 pub mod nn;
 pub mod node;
 pub mod ops;
+pub mod progress;
 pub mod sandbox;
 pub mod train;

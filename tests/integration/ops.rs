@@ -305,6 +305,10 @@ fn the_metrics_page_parses_with_prometheus_parsers_and_counters_survive_a_deploy
     .expect("write manifest");
     let (status, stdout, stderr) = lepton.client(&project, &["deploy"]);
     assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("deploy: the node compiles and loads the new version (1/1)"),
+        "{stderr}"
+    );
     assert_eq!(lepton.get("/hello").body, "v2\n");
     assert_eq!(lepton.metric("lepton_requests_total", "hello"), 6);
     assert_eq!(
@@ -683,6 +687,17 @@ fn json_log_format_writes_one_object_per_line() {
             .iter()
             .any(|r| r["message"] == "deployed" && r["app"] == "ops")
     );
+    // Without a terminal, progress is a line of the log per step.
+    for step in [
+        "up: loading model digits (1/6)",
+        "up: starting trainer digits (2/6)",
+        "up: compiling function hello (3/6)",
+    ] {
+        assert!(
+            records.iter().any(|r| r["message"] == step),
+            "no {step:?} in {log}"
+        );
+    }
 }
 
 fn chromium() -> PathBuf {

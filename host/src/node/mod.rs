@@ -236,6 +236,9 @@ impl FunctionTable {
     }
 }
 
+/// A callback told what a build loads (see [`Node::set_progress`]).
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// The long-lived node.
 pub struct Node {
     runtime: Runtime,
@@ -251,6 +254,8 @@ pub struct Node {
     audit: AuditLog,
     /// Metrics handles, logs and statistics of every function, by name.
     ops: crate::ops::Ops,
+    /// Told of each model, trainer and function a build loads (for a progress bar).
+    progress: std::sync::RwLock<Option<Progress>>,
     /// Apps swapped out of the table, while requests may still hold them: their blobs
     /// (mounts opened per request) are not collected.
     retired: Mutex<Vec<std::sync::Weak<ActiveApp>>>,
@@ -326,6 +331,7 @@ impl Node {
             trainers: TrainerRegistry::new(state_dir),
             audit: AuditLog::open(state_dir)?,
             ops: crate::ops::Ops::default(),
+            progress: std::sync::RwLock::new(None),
             runtime,
             linker,
             large_linker,
@@ -882,6 +888,26 @@ impl Node {
         })
     }
 
+    /// Calls `progress` with each model, trainer and function a build loads from now
+    /// on (`None`: no more).
+    pub fn set_progress(&self, progress: Option<Progress>) {
+        *self
+            .progress
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = progress;
+    }
+
+    fn report(&self, what: &str) {
+        if let Some(progress) = self
+            .progress
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            progress(what);
+        }
+    }
+
     /// What operators see of each function: metrics handles, logs, statistics.
     pub fn ops(&self) -> &crate::ops::Ops {
         &self.ops
@@ -1145,6 +1171,7 @@ impl Node {
             let slot = match (reuse, &registry) {
                 (Some(slot), _) => Arc::clone(slot),
                 (None, Some(registry)) => {
+                    self.report(&format!("loading model {}", spec.name));
                     let model = load_model(registry, spec, &published_dir, &self.blobs)
                         .map_err(|e| rejected(format!("model `{}`", spec.name), None, &e))?;
                     Arc::new(ModelSlot::new(spec.clone(), model))
@@ -1166,6 +1193,7 @@ impl Node {
         });
         let mut trainers = HashMap::new();
         for spec in &app.trainers {
+            self.report(&format!("starting trainer {}", spec.name));
             let handle = self
                 .trainers
                 .get_or_start(&app.name, spec, &self.blobs.path(&spec.init))
@@ -1194,6 +1222,7 @@ impl Node {
                 .filter_map(|t| Some((t.to_string(), Arc::clone(trainers.get(t)?))))
                 .collect();
             let train = TrainCtx::new(Arc::new(granted_trainers), Some(Arc::clone(&publisher)));
+            self.report(&format!("compiling function {}", spec.name));
             let observed = self.ops.function(app.name.as_str(), spec.name.as_str());
             let grants = Grants::new(
                 spec,
