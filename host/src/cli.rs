@@ -614,6 +614,9 @@ impl NodeArgs {
     async fn run(self) -> anyhow::Result<()> {
         use crate::cluster::{Agent, AgentConfig, bus};
         let mut signals = Signals::install();
+        if let Some(url) = &self.otlp {
+            crate::ops::trace::traces_endpoint(url)?;
+        }
         let name = crate::locked::Name::new(&self.name)
             .map_err(|e| anyhow::anyhow!("`--name {}`: {e}", self.name))?;
         let client = bus::connect(

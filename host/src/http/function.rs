@@ -363,7 +363,12 @@ impl Function {
     ) -> anyhow::Result<()> {
         // The guest's span: its outbound requests, computes and steps are inside it.
         let guest = trace.child();
-        let state = self.grants.instance(request_id, Some(&guest))?;
+        let outbound = if crate::ops::trace::exporting() {
+            guest
+        } else {
+            trace.passed_on()
+        };
+        let state = self.grants.instance(request_id, Some(&outbound))?;
         let peak = Arc::clone(&state.limits.peak);
         let _note = NotePeak(self, peak);
         let (engine, pre) = if self.large.load(Ordering::Relaxed) {
@@ -618,6 +623,15 @@ impl Drop for Running {
     }
 }
 
+/// `text` cut to 256 bytes (a span attribute from a client).
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(256);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 /// A span that ends when this is dropped.
 struct SpanUntilDrop(crate::ops::trace::TraceContext, Instant);
 
@@ -673,8 +687,8 @@ impl Accounting<'_> {
                 start,
                 end,
                 attributes: vec![
-                    KeyValue::new("http.request.method", record.method.clone()),
-                    KeyValue::new("url.path", record.path.clone()),
+                    KeyValue::new("http.request.method", cut(&record.method)),
+                    KeyValue::new("url.path", cut(&record.path)),
                     KeyValue::new("http.response.status_code", i64::from(record.status)),
                     KeyValue::new("lepton.app", self.app.to_owned()),
                     KeyValue::new(

@@ -1000,7 +1000,15 @@ impl Node {
                 peer: "alerts".to_owned(),
                 outcome,
             };
-            if let Err(error) = self.audit.append(&record) {
+            // An fsync: off the async workers' hands where the runtime allows it.
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let written = if multi_thread {
+                tokio::task::block_in_place(|| self.audit.append(&record))
+            } else {
+                self.audit.append(&record)
+            };
+            if let Err(error) = written {
                 tracing::error!("cannot write the audit log: {error:#}");
             }
         }

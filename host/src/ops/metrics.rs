@@ -205,6 +205,8 @@ pub struct Metrics {
     pub guest_log_bytes_dropped: Counter,
     /// Alert webhook deliveries that failed after every retry.
     pub alert_webhook_failures: Counter,
+    /// Spans dropped because the OTLP export queue was full.
+    pub spans_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -349,6 +351,11 @@ impl Metrics {
             alert_webhook_failures: family!(
                 "lepton_alert_webhook_failures",
                 "Alert notifications not delivered after every retry",
+                Counter::default()
+            ),
+            spans_dropped: family!(
+                "lepton_spans_dropped",
+                "Spans dropped because the OTLP export queue was full",
                 Counter::default()
             ),
             registry,

@@ -83,8 +83,23 @@ impl TraceContext {
             "00-{}-{}-{:02x}",
             hex::encode(self.trace_id),
             hex::encode(self.span_id),
-            self.flags
+            // Only the sampled bit: version 00 sends no flag it does not know.
+            self.flags & 1
         )
+    }
+
+    /// The context a request passes on when spans are not exported: its client's
+    /// `traceparent` as it came (no span of ours would be reported), or, for a trace
+    /// this host started, this span.
+    pub fn passed_on(&self) -> Self {
+        match self.parent_id {
+            Some(parent) => Self {
+                span_id: parent,
+                parent_id: None,
+                ..*self
+            },
+            None => *self,
+        }
     }
 }
 
@@ -135,12 +150,6 @@ pub const EXPORT_EVERY: Duration = Duration::from_millis(500);
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 static EXPORT: OnceLock<SyncSender<SpanData>> = OnceLock::new();
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Spans dropped because the export queue was full.
-pub fn dropped() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
-}
 
 /// Whether spans are exported (`--otlp` was given).
 pub fn exporting() -> bool {
@@ -153,7 +162,10 @@ pub fn traces_endpoint(url: &str) -> anyhow::Result<String> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--otlp {url:?} is not a URL: {e}"))?;
     anyhow::ensure!(
-        parsed.scheme_str() == Some("http") && parsed.host().is_some(),
+        parsed.scheme_str() == Some("http")
+            && parsed.host().is_some()
+            && parsed.query().is_none()
+            && !url.contains('#'),
         "--otlp must be an http:// URL of an OTLP/HTTP collector (e.g. http://127.0.0.1:4318); \
          this build sends no TLS"
     );
@@ -275,7 +287,7 @@ pub fn record(span: Finished) {
     match sender.try_send(data) {
         Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+            super::metrics::metrics().spans_dropped.inc();
         }
     }
 }
@@ -288,6 +300,9 @@ pub fn record_child(
     start: Instant,
     attributes: Vec<KeyValue>,
 ) -> TraceContext {
+    if !exporting() {
+        return *parent;
+    }
     let context = parent.child();
     record_span(context, name, start, Instant::now(), attributes);
     context
@@ -362,7 +377,11 @@ impl opentelemetry_http::HttpClient for UreqClient {
                 }
             }
             let response = match call.send_bytes(&body) {
-                Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+                Ok(response) => response,
+                // Not the body: a broken collector's answer is no log line.
+                Err(ureq::Error::Status(status, _)) => {
+                    return Err(format!("the collector answered {status}").into());
+                }
                 Err(ureq::Error::Transport(error)) => {
                     return Err(format!("{:?}", error.kind()).into());
                 }
