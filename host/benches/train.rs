@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use lepton_host::manifest::Manifest;
-use lepton_host::nn::{Tensor, TensorType};
+use lepton_host::nn::{ElementType, Tensor};
 use lepton_host::train::Trainer;
 
 const STEPS: usize = 300;
@@ -88,13 +88,13 @@ fn main() {
                 "images".to_owned(),
                 Tensor {
                     dims: vec![BATCH as u32, 64],
-                    ty: TensorType::Fp32,
+                    ty: ElementType::Fp32,
                     data: pixels,
                 },
             )],
             Tensor {
                 dims: vec![BATCH as u32],
-                ty: TensorType::I64,
+                ty: ElementType::I64,
                 data: targets,
             },
         )

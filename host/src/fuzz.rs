@@ -177,17 +177,17 @@ proptest! {
     fn tensor_lengths_are_checked_without_overflow(
         dims in proptest::collection::vec(any::<u32>(), 0..8),
         len in 0usize..4096,
-        ty in 0u8..7,
+        ty in 0usize..crate::nn::ElementType::ALL.len(),
+        fill in any::<u8>(),
     ) {
-        use crate::bindings::wasi::nn::tensor::TensorType;
-        let ty = [
-            TensorType::Fp16, TensorType::Fp32, TensorType::Fp64, TensorType::Bf16,
-            TensorType::U8, TensorType::I32, TensorType::I64,
-        ][usize::from(ty)];
-        let tensor = crate::nn::Tensor { dims, ty, data: vec![0; len] };
+        let ty = crate::nn::ElementType::ALL[ty];
+        let tensor = crate::nn::Tensor { dims, ty, data: vec![fill; len] };
         if tensor.check_length().is_ok() {
             let n = tensor.element_count().expect("counted");
-            prop_assert_eq!(n * crate::nn::element_size(ty), len);
+            match ty.size() {
+                Some(size) => prop_assert_eq!(n * size, len),
+                None => prop_assert_eq!(crate::nn::byte_elements(&tensor.data).map(|e| e.len()), Ok(n)),
+            }
         }
     }
 

@@ -43,6 +43,7 @@ pub mod fsutil;
 #[cfg(test)]
 mod fuzz;
 pub mod http;
+pub mod infer;
 pub mod locked;
 pub mod logging;
 pub mod manifest;

@@ -28,6 +28,10 @@ pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 pub const MIN_MEMORY_LIMIT: u64 = 64 << 10;
 /// Paths under this prefix belong to the host (health, metrics).
 pub const RESERVED_ROUTE_PREFIX: &str = "/.well-known/lepton";
+
+/// Paths the gateway answers with the Open Inference Protocol (models with
+/// `protocol = "v2"`): no function route may claim them.
+pub const INFERENCE_PREFIX: &str = "/v2";
 /// Most functions, models or trainers in one app (each is work at deploy time).
 pub const MAX_ITEMS: usize = 256;
 /// Most environment variables or `files` mounts of one function.
@@ -266,8 +270,12 @@ impl Route {
         }
         // Host paths are answered before any route, so only routes inside the
         // reserved prefix are refused (they could never be reached).
-        if base == RESERVED_ROUTE_PREFIX || base.starts_with(&format!("{RESERVED_ROUTE_PREFIX}/")) {
-            return Err(format!("{route:?} is reserved for the host"));
+        for reserved in [RESERVED_ROUTE_PREFIX, INFERENCE_PREFIX] {
+            if base == reserved || base.starts_with(&format!("{reserved}/")) {
+                return Err(format!(
+                    "{route:?} is reserved for the host (paths under `{reserved}`)"
+                ));
+            }
         }
         Ok(Self {
             base: base.to_owned(),
@@ -620,6 +628,21 @@ pub struct ModelSpec {
     pub sessions: Option<u32>,
     /// Intra-op threads per session.
     pub threads: u32,
+    /// Served to clients over this protocol; `None`: reachable only through functions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// The node's environment variable whose value clients must send as a bearer
+    /// token (the name only: the secret is never written into the locked app).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+/// A protocol a model is served over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The Open Inference Protocol (KServe v2, as Triton serves it) under `/v2/`.
+    V2,
 }
 
 /// A trainer: its initial graph, loss and optimizer.
@@ -932,6 +955,20 @@ impl LockedApp {
     }
 }
 
+/// Checks that `name` is a portable environment variable name (`[A-Za-z_][A-Za-z0-9_]*`).
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let starts = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !starts || name.len() > 256 || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "{name:?} is not an environment variable name (letters, digits and `_`, not starting with a digit, at most 256 bytes)"
+        ));
+    }
+    Ok(())
+}
+
 fn unique<'a>(names: impl Iterator<Item = &'a Name>, kind: &str) -> Result<(), SpecError> {
     let mut seen = std::collections::BTreeSet::new();
     for name in names {
@@ -1074,6 +1111,17 @@ impl ModelSpec {
 
     fn validate(&self) -> Result<(), SpecError> {
         let scope = || format!("model `{}`", self.name);
+        if let Some(name) = &self.token_env {
+            if self.protocol.is_none() {
+                return Err(SpecError::new(
+                    scope(),
+                    Some("token_env"),
+                    "is for a model served to clients: set `protocol = \"v2\"` too",
+                ));
+            }
+            check_env_name(name)
+                .map_err(|reason| SpecError::new(scope(), Some("token_env"), reason))?;
+        }
         if let Some(batch) = self.batch
             && (batch.max_size < 1 || batch.max_wait > Duration::from_secs(1))
         {

@@ -33,8 +33,8 @@ use serde::Deserialize;
 
 pub use crate::locked::{
     AlertSpec, BatchSpec, Digest, FileMount, FunctionSpec, LOCK_VERSION, LockedApp, Loss,
-    MAX_MEMORY_LIMIT, MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, RESERVED_ROUTE_PREFIX,
-    Route, Scale, SpecError, Target, TrainerSpec,
+    MAX_MEMORY_LIMIT, MAX_TIMEOUT, ModelSpec, Name, Optimizer, OutboundHost, Protocol,
+    RESERVED_ROUTE_PREFIX, Route, Scale, SpecError, Target, TrainerSpec,
 };
 
 /// The only manifest version this host understands.
@@ -182,6 +182,8 @@ pub struct RawOptimizer {
 /// batch = { max_size = 16, max_wait = "2ms" }   # optional dynamic batching along dim 0
 /// sessions = 2                         # parallel ONNX Runtime sessions (default: CPU cores)
 /// threads = 1                          # intra-op threads per session (default 1)
+/// protocol = "v2"                      # serve it over the Open Inference Protocol (default: not exposed)
+/// token_env = "MAGIKA_TOKEN"           # clients send `Authorization: Bearer $MAGIKA_TOKEN`
 /// ```
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,6 +198,10 @@ pub struct RawModel {
     pub sessions: Option<u32>,
     /// Intra-op threads per session.
     pub threads: Option<u32>,
+    /// `"v2"`: served to clients over the Open Inference Protocol.
+    pub protocol: Option<String>,
+    /// The environment variable holding the bearer token clients must send.
+    pub token_env: Option<String>,
 }
 
 /// `batch = { max_size = 16, max_wait = "2ms" }`.
@@ -664,6 +670,19 @@ fn resolve_model(
         batch,
         sessions: raw.sessions,
         threads: raw.threads.unwrap_or(1),
+        protocol: match raw.protocol.as_deref() {
+            None => None,
+            Some("v2") => Some(Protocol::V2),
+            Some(other) => {
+                return Err((
+                    Some("protocol"),
+                    format!(
+                        "{other:?} is not a protocol Lepton serves (\"v2\": the Open Inference Protocol)"
+                    ),
+                ));
+            }
+        },
+        token_env: raw.token_env,
     })
 }
 

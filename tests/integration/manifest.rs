@@ -119,7 +119,13 @@ fn reserved_route_and_version() {
         up_error(&manifest(
             "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/.well-known/lepton/x\"\n"
         )),
-        "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/.well-known/lepton/x\" is reserved for the host"
+        "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/.well-known/lepton/x\" is reserved for the host (paths under `/.well-known/lepton`)"
+    );
+    assert_eq!(
+        up_error(&manifest(
+            "[function.hello]\ncomponent = \"{HELLO}\"\nroute = \"/v2/...\"\n"
+        )),
+        "error: invalid manifest `lepton.toml`: function `hello`: `route`: \"/v2/...\" is reserved for the host (paths under `/v2`)"
     );
     assert_eq!(
         up_error("manifest_version = 2\n"),

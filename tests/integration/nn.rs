@@ -143,7 +143,7 @@ fn malformed_inputs_are_invalid_argument_errors() {
     let wrong_type = good.replacen("b FP32", "b I32", 1);
     assert_eq!(
         compute(wrong_type),
-        "error: ErrorCode::InvalidArgument: input `b` is TensorType::I32, the model takes TensorType::Fp32"
+        "error: ErrorCode::InvalidArgument: input `b` is INT32, the model takes FP32"
     );
     let wrong_shape = good.replacen("e U8 1,3 ", "e U8 3,1 ", 1);
     assert_eq!(

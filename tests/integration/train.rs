@@ -106,15 +106,15 @@ fn bad_training_inputs_are_invalid_argument_errors_and_grants_hold() {
     );
     assert_eq!(
         step(line("images", "I32", &[1, 64], &[0; 256]) + &labels(&[3])),
-        "error: ErrorCode::InvalidArgument: input `images` is TensorType::I32, the graph takes Fp32"
+        "error: ErrorCode::InvalidArgument: input `images` is INT32, the graph takes FP32"
     );
     assert_eq!(
         step(line("images", "FP32", &[1, 64], &[0; 8]) + &labels(&[3])),
-        "error: ErrorCode::InvalidArgument: input `images`: tensor of dimensions [1, 64] and type TensorType::Fp32 needs 256 bytes, got 8"
+        "error: ErrorCode::InvalidArgument: input `images`: tensor of dimensions [1, 64] and type FP32 needs 256 bytes, got 8"
     );
     assert_eq!(
         step(images(1, 64) + &line("targets", "FP32", &[1], &[0; 4])),
-        "error: ErrorCode::InvalidArgument: cross-entropy targets are class indices (I64 or I32), got TensorType::Fp32"
+        "error: ErrorCode::InvalidArgument: cross-entropy targets are class indices (INT64 or INT32), got FP32"
     );
     // Nothing above was applied.
     assert!(step(images(2, 64) + &labels(&[1, 2])).ends_with(" steps 2\n"));

@@ -680,7 +680,9 @@ fn blob_error(e: &BlobError, digest: &Digest) -> hyper::Response<Body> {
 fn deploy_error(e: &DeployError) -> hyper::Response<Body> {
     let status = match e {
         DeployError::Invalid(_) | DeployError::MissingBlobs(_) => StatusCode::BAD_REQUEST,
-        DeployError::RouteConflict { .. } => StatusCode::CONFLICT,
+        DeployError::RouteConflict { .. } | DeployError::ModelConflict { .. } => {
+            StatusCode::CONFLICT
+        }
         DeployError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::locked::RESERVED_ROUTE_PREFIX;
+use crate::locked::{INFERENCE_PREFIX, RESERVED_ROUTE_PREFIX};
 use crate::node::Node;
 
 pub use body::{BodyBudget, DEFAULT_BODY_BUDGET};
@@ -29,10 +29,15 @@ pub(crate) use body::{BodyError, read as read_body};
 pub(crate) use function::next_request_id;
 pub use function::{Function, REQUEST_ID_HEADER};
 
-/// Whether `path` is one the host answers itself (under `/.well-known/lepton`).
+/// Whether `path` is one the host answers itself (under `/.well-known/lepton`, or the
+/// Open Inference Protocol's `/v2`).
 pub(crate) fn is_host_path(path: &str) -> bool {
-    path.strip_prefix(RESERVED_ROUTE_PREFIX)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    [RESERVED_ROUTE_PREFIX, INFERENCE_PREFIX]
+        .iter()
+        .any(|prefix| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
 }
 
 /// Connections open at once, by default; past that new ones wait in the backlog.
@@ -59,6 +64,13 @@ pub async fn dispatch(node: &Node, request: hyper::Request<Incoming>) -> hyper::
             http::StatusCode::BAD_REQUEST,
             "paths with `.` or `..` segments are refused\n",
         );
+    }
+    if let Some(rest) = path
+        .strip_prefix(INFERENCE_PREFIX)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    {
+        let rest = rest.to_owned();
+        return crate::infer::dispatch(node, &rest, request).await;
     }
     if let Some(host_path) = path
         .strip_prefix(RESERVED_ROUTE_PREFIX)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::onnx::RunFor;
-use super::{NnError, OnnxModel, Tensor, element_size};
+use super::{NnError, OnnxModel, Tensor};
 use crate::bindings::wasi::nn::errors::ErrorCode;
 use crate::manifest::BatchSpec;
 
@@ -52,7 +52,9 @@ impl Batcher {
         trace: Option<crate::ops::trace::TraceContext>,
     ) -> Result<Vec<(String, Tensor)>, NnError> {
         let arrived = std::time::Instant::now();
-        let Some(rows) = rows_of(&inputs).filter(|&rows| rows <= self.max_size) else {
+        // BYTES elements vary in size: such requests are never stacked.
+        let stackable = inputs.iter().all(|(_, t)| t.ty.size().is_some());
+        let Some(rows) = rows_of(&inputs).filter(|&rows| stackable && rows <= self.max_size) else {
             return self.model.run_validated(inputs, RunFor::one(trace)).await;
         };
         let (reply, answer) = oneshot::channel();
@@ -231,7 +233,11 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
         return;
     };
     match result {
-        Ok(outputs) if outputs.iter().all(|(_, t)| t.dims.first() == Some(&total)) => {
+        Ok(outputs)
+            if outputs
+                .iter()
+                .all(|(_, t)| t.dims.first() == Some(&total) && t.ty.size().is_some()) =>
+        {
             let mut offset = 0u32;
             for job in jobs {
                 let part = outputs
@@ -241,7 +247,7 @@ async fn run_group(model: Arc<OnnxModel>, jobs: Vec<Job>) {
                         let start = row * offset as usize;
                         let mut dims = t.dims.clone();
                         dims[0] = job.rows;
-                        debug_assert_eq!(row % element_size(t.ty), 0);
+                        debug_assert_eq!(row % t.ty.size().unwrap_or(1), 0);
                         let data = t.data[start..start + row * job.rows as usize].to_vec();
                         (
                             name.clone(),

@@ -27,7 +27,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use self::inspect::{UPLOAD_OPERATORS, check as inspect_model};
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
-pub use self::tensor::{Tensor, element_size};
+pub use self::tensor::{ElementType, Tensor, byte_elements, element_size};
 pub use crate::bindings::wasi::nn::errors::ErrorCode;
 pub use crate::bindings::wasi::nn::tensor::TensorType;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
@@ -441,6 +441,8 @@ impl graph::Host for NnView<'_> {
             batch: None,
             sessions: Some(1),
             threads: 1,
+            protocol: None,
+            token_env: None,
         };
         let loaded =
             tokio::task::spawn_blocking(move || registry.load(&spec, &Source::Bytes(&bytes))).await;
@@ -508,6 +510,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         }
         match computed {
             Ok(outputs) => {
+                if let Some((name, tensor)) = outputs.iter().find(|(_, t)| t.ty.wasi().is_none()) {
+                    return self.fail(
+                        ErrorCode::UnsupportedOperation,
+                        format!(
+                            "output `{name}` is {}, which wasi-nn has no tensor type for",
+                            tensor.ty
+                        ),
+                    );
+                }
                 let bytes = outputs.iter().map(|(_, t)| t.data.len()).sum();
                 if let Err(message) = self.ctx.charge(bytes) {
                     return self.fail(ErrorCode::TooLarge, message);
@@ -540,7 +551,11 @@ impl wit_tensor::HostTensor for NnView<'_> {
         // A length that does not match the dimensions is reported by `compute`.
         // Constructors cannot fail in WIT: past the budget the guest traps (500).
         self.ctx.charge(data.len()).map_err(wasmtime::Error::msg)?;
-        Ok(self.table.push(Tensor { dims, ty, data })?)
+        Ok(self.table.push(Tensor {
+            dims,
+            ty: ty.into(),
+            data,
+        })?)
     }
 
     fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
@@ -548,7 +563,10 @@ impl wit_tensor::HostTensor for NnView<'_> {
     }
 
     fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<TensorType> {
-        Ok(self.table.get(&tensor)?.ty)
+        // Tensors a guest holds are its own or outputs checked by `compute`.
+        let ty = self.table.get(&tensor)?.ty;
+        ty.wasi()
+            .ok_or_else(|| wasmtime::Error::msg(format!("{ty} is not a wasi-nn type")))
     }
 
     fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u8>> {

@@ -13,9 +13,8 @@ use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, TensorElementType, ValueType};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{NnError, Tensor};
+use super::{ElementType, NnError, Tensor};
 use crate::bindings::wasi::nn::errors::ErrorCode;
-use crate::bindings::wasi::nn::tensor::TensorType;
 use crate::manifest::Target;
 
 /// The file name the setup step installs ONNX Runtime under, in `.cache/onnxruntime/`.
@@ -166,7 +165,7 @@ pub struct Io {
     /// Name.
     pub name: String,
     /// Element type.
-    pub ty: TensorType,
+    pub ty: ElementType,
     /// Dimensions; `-1` where any size goes.
     pub shape: Vec<i64>,
 }
@@ -387,7 +386,7 @@ impl OnnxModel {
             };
             if tensor.ty != io.ty {
                 return Err(invalid(format!(
-                    "input `{}` is {:?}, the model takes {:?}",
+                    "input `{}` is {}, the model takes {}",
                     io.name, tensor.ty, io.ty
                 )));
             }
@@ -562,7 +561,7 @@ fn describe(outlets: &[ort::value::Outlet]) -> anyhow::Result<Vec<Io>> {
                 name: outlet.name().to_owned(),
                 ty: from_element_type(*ty).ok_or_else(|| {
                     anyhow::anyhow!(
-                        "`{}` has element type {ty:?}, which wasi-nn cannot carry",
+                        "`{}` has element type {ty:?}, which Lepton does not carry",
                         outlet.name()
                     )
                 })?,
@@ -573,69 +572,105 @@ fn describe(outlets: &[ort::value::Outlet]) -> anyhow::Result<Vec<Io>> {
         .collect()
 }
 
-fn from_element_type(ty: TensorElementType) -> Option<TensorType> {
+fn from_element_type(ty: TensorElementType) -> Option<ElementType> {
     Some(match ty {
-        TensorElementType::Float16 => TensorType::Fp16,
-        TensorElementType::Float32 => TensorType::Fp32,
-        TensorElementType::Float64 => TensorType::Fp64,
-        TensorElementType::Bfloat16 => TensorType::Bf16,
-        TensorElementType::Uint8 => TensorType::U8,
-        TensorElementType::Int32 => TensorType::I32,
-        TensorElementType::Int64 => TensorType::I64,
+        TensorElementType::Bool => ElementType::Bool,
+        TensorElementType::Uint8 => ElementType::U8,
+        TensorElementType::Uint16 => ElementType::U16,
+        TensorElementType::Uint32 => ElementType::U32,
+        TensorElementType::Uint64 => ElementType::U64,
+        TensorElementType::Int8 => ElementType::I8,
+        TensorElementType::Int16 => ElementType::I16,
+        TensorElementType::Int32 => ElementType::I32,
+        TensorElementType::Int64 => ElementType::I64,
+        TensorElementType::Float16 => ElementType::Fp16,
+        TensorElementType::Bfloat16 => ElementType::Bf16,
+        TensorElementType::Float32 => ElementType::Fp32,
+        TensorElementType::Float64 => ElementType::Fp64,
+        TensorElementType::String => ElementType::Bytes,
         _ => return None,
     })
 }
 
-macro_rules! decode {
-    ($bytes:expr, $t:ty, $n:literal) => {
-        $bytes
-            .chunks_exact($n)
-            .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])))
-            .collect::<Vec<$t>>()
+/// Little-endian elements of `N` bytes, decoded (the length was checked before).
+fn decode<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| from(c.try_into().unwrap_or([0; N])))
+        .collect()
+}
+
+fn to_value(tensor: Tensor) -> Result<DynValue, String> {
+    use ort::value::Tensor as T;
+    let Tensor { dims, ty, data } = tensor;
+    let shape: Vec<i64> = dims.iter().map(|&d| i64::from(d)).collect();
+    let value = match ty {
+        ElementType::Bool => {
+            T::from_array((shape, data.iter().map(|&b| b != 0).collect::<Vec<bool>>()))
+                .map(T::into_dyn)
+        }
+        ElementType::U8 => T::from_array((shape, data)).map(T::into_dyn),
+        ElementType::I8 => {
+            T::from_array((shape, decode(&data, i8::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::U16 => {
+            T::from_array((shape, decode(&data, u16::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::I16 => {
+            T::from_array((shape, decode(&data, i16::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::U32 => {
+            T::from_array((shape, decode(&data, u32::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::I32 => {
+            T::from_array((shape, decode(&data, i32::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::U64 => {
+            T::from_array((shape, decode(&data, u64::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::I64 => {
+            T::from_array((shape, decode(&data, i64::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::Fp16 => {
+            T::from_array((shape, decode(&data, half::f16::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::Bf16 => {
+            T::from_array((shape, decode(&data, half::bf16::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::Fp32 => {
+            T::from_array((shape, decode(&data, f32::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::Fp64 => {
+            T::from_array((shape, decode(&data, f64::from_le_bytes))).map(T::into_dyn)
+        }
+        ElementType::Bytes => {
+            // ONNX Runtime copies strings in as C strings: UTF-8 without NUL.
+            let elements = super::tensor::byte_elements(&data)?;
+            let mut strings = Vec::with_capacity(elements.len());
+            for (i, element) in elements.into_iter().enumerate() {
+                let text = std::str::from_utf8(element).map_err(|_| {
+                    format!("BYTES element {i} is not UTF-8, which ONNX string tensors need")
+                })?;
+                if text.contains('\0') {
+                    return Err(format!(
+                        "BYTES element {i} contains a NUL byte, which ONNX string tensors cannot hold"
+                    ));
+                }
+                strings.push(text.to_owned());
+            }
+            T::from_string_array((shape, &strings[..])).map(T::into_dyn)
+        }
     };
+    value.map_err(|e| e.to_string())
 }
 
-fn to_value(tensor: Tensor) -> ort::Result<DynValue> {
-    let shape: Vec<i64> = tensor.dims.iter().map(|&d| i64::from(d)).collect();
-    let data = &tensor.data;
-    Ok(match tensor.ty {
-        TensorType::Fp32 => {
-            ort::value::Tensor::from_array((shape, decode!(data, f32, 4)))?.into_dyn()
-        }
-        TensorType::Fp64 => {
-            ort::value::Tensor::from_array((shape, decode!(data, f64, 8)))?.into_dyn()
-        }
-        TensorType::I32 => {
-            ort::value::Tensor::from_array((shape, decode!(data, i32, 4)))?.into_dyn()
-        }
-        TensorType::I64 => {
-            ort::value::Tensor::from_array((shape, decode!(data, i64, 8)))?.into_dyn()
-        }
-        TensorType::U8 => ort::value::Tensor::from_array((shape, tensor.data))?.into_dyn(),
-        TensorType::Fp16 => {
-            ort::value::Tensor::from_array((shape, decode!(data, half::f16, 2)))?.into_dyn()
-        }
-        TensorType::Bf16 => {
-            ort::value::Tensor::from_array((shape, decode!(data, half::bf16, 2)))?.into_dyn()
-        }
-    })
-}
-
-macro_rules! encode {
-    ($value:expr, $t:ty) => {{
-        let (shape, values) = $value.try_extract_tensor::<$t>()?;
-        let dims = shape
-            .iter()
-            .map(|&d| u32::try_from(d).unwrap_or(0))
-            .collect::<Vec<u32>>();
-        (
-            dims,
-            values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )
-    }};
+/// The little-endian bytes of `values`.
+fn encode<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * N);
+    for &value in values {
+        bytes.extend_from_slice(&to(value));
+    }
+    bytes
 }
 
 fn from_value(value: &DynValue) -> Result<Tensor, NnError> {
@@ -645,48 +680,68 @@ fn from_value(value: &DynValue) -> Result<Tensor, NnError> {
             "output is not a tensor".into(),
         ));
     };
-    let ty = *ty;
-    let runtime = |e: ort::Error| NnError::new(ErrorCode::RuntimeError, e.to_string());
-    let extract = || -> ort::Result<Option<Tensor>> {
-        let (dims, data, ty) = match ty {
-            TensorElementType::Float32 => {
-                let (d, b) = encode!(value, f32);
-                (d, b, TensorType::Fp32)
-            }
-            TensorElementType::Float64 => {
-                let (d, b) = encode!(value, f64);
-                (d, b, TensorType::Fp64)
-            }
-            TensorElementType::Int32 => {
-                let (d, b) = encode!(value, i32);
-                (d, b, TensorType::I32)
-            }
-            TensorElementType::Int64 => {
-                let (d, b) = encode!(value, i64);
-                (d, b, TensorType::I64)
-            }
-            TensorElementType::Uint8 => {
-                let (d, b) = encode!(value, u8);
-                (d, b, TensorType::U8)
-            }
-            TensorElementType::Float16 => {
-                let (d, b) = encode!(value, half::f16);
-                (d, b, TensorType::Fp16)
-            }
-            TensorElementType::Bfloat16 => {
-                let (d, b) = encode!(value, half::bf16);
-                (d, b, TensorType::Bf16)
-            }
-            _ => return Ok(None),
-        };
-        Ok(Some(Tensor { dims, ty, data }))
-    };
-    extract().map_err(runtime)?.ok_or_else(|| {
-        NnError::new(
+    let element = *ty;
+    let Some(ty) = from_element_type(element) else {
+        return Err(NnError::new(
             ErrorCode::UnsupportedOperation,
-            format!("output element type {ty:?} is not a wasi-nn type"),
-        )
-    })
+            format!("output element type {element:?} is not supported"),
+        ));
+    };
+    let extract = || -> ort::Result<(Vec<i64>, Vec<u8>)> {
+        macro_rules! bytes_of {
+            ($t:ty, $to:expr) => {{
+                let (shape, values) = value.try_extract_tensor::<$t>()?;
+                (shape.to_vec(), encode(values, $to))
+            }};
+        }
+        Ok(match ty {
+            ElementType::Bool => {
+                let (shape, values) = value.try_extract_tensor::<bool>()?;
+                (
+                    shape.to_vec(),
+                    values.iter().map(|&b| u8::from(b)).collect(),
+                )
+            }
+            ElementType::U8 => {
+                let (shape, values) = value.try_extract_tensor::<u8>()?;
+                (shape.to_vec(), values.to_vec())
+            }
+            ElementType::I8 => bytes_of!(i8, i8::to_le_bytes),
+            ElementType::U16 => bytes_of!(u16, u16::to_le_bytes),
+            ElementType::I16 => bytes_of!(i16, i16::to_le_bytes),
+            ElementType::U32 => bytes_of!(u32, u32::to_le_bytes),
+            ElementType::I32 => bytes_of!(i32, i32::to_le_bytes),
+            ElementType::U64 => bytes_of!(u64, u64::to_le_bytes),
+            ElementType::I64 => bytes_of!(i64, i64::to_le_bytes),
+            ElementType::Fp16 => bytes_of!(half::f16, half::f16::to_le_bytes),
+            ElementType::Bf16 => bytes_of!(half::bf16, half::bf16::to_le_bytes),
+            ElementType::Fp32 => bytes_of!(f32, f32::to_le_bytes),
+            ElementType::Fp64 => bytes_of!(f64, f64::to_le_bytes),
+            ElementType::Bytes => {
+                let (shape, strings) = value.try_extract_strings()?;
+                let mut data = Vec::new();
+                for string in &strings {
+                    let length = u32::try_from(string.len()).unwrap_or(u32::MAX);
+                    data.extend_from_slice(&length.to_le_bytes());
+                    data.extend_from_slice(string.as_bytes());
+                }
+                (shape.to_vec(), data)
+            }
+        })
+    };
+    let (shape, data) =
+        extract().map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?;
+    let dims = shape
+        .iter()
+        .map(|&d| u32::try_from(d))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| {
+            NnError::new(
+                ErrorCode::RuntimeError,
+                format!("output dimensions {shape:?} do not fit in u32"),
+            )
+        })?;
+    Ok(Tensor { dims, ty, data })
 }
 
 fn run_session(
@@ -694,12 +749,15 @@ fn run_session(
     inputs: Vec<(String, Tensor)>,
     options: &RunOptions,
 ) -> Result<Vec<(String, Tensor)>, NnError> {
-    let invalid = |e: ort::Error| NnError::new(ErrorCode::InvalidArgument, e.to_string());
     let values = inputs
         .into_iter()
-        .map(|(name, tensor)| Ok((name, to_value(tensor)?)))
-        .collect::<Result<Vec<(String, DynValue)>, ort::Error>>()
-        .map_err(invalid)?;
+        .map(|(name, tensor)| {
+            let value = to_value(tensor).map_err(|e| {
+                NnError::new(ErrorCode::InvalidArgument, format!("input `{name}`: {e}"))
+            })?;
+            Ok((name, value))
+        })
+        .collect::<Result<Vec<(String, DynValue)>, NnError>>()?;
     let outputs = session
         .run_with_options(values, options)
         .map_err(|e| NnError::new(ErrorCode::RuntimeError, e.to_string()))?;

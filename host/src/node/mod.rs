@@ -136,6 +136,19 @@ pub enum DeployError {
         /// Its function.
         other_function: String,
     },
+    /// A model served over the Open Inference Protocol has a name another app serves
+    /// that way; 409.
+    #[error(
+        "model `{model}` of app `{app}` is already served under /v2/models/{model} by app `{other_app}`"
+    )]
+    ModelConflict {
+        /// The model.
+        model: String,
+        /// The app deployed.
+        app: String,
+        /// The app that serves a model by that name.
+        other_app: String,
+    },
     /// No such app or version; 404.
     #[error("{0}")]
     NotFound(String),
@@ -152,6 +165,11 @@ impl DeployError {
             Self::RouteConflict { app, .. } => {
                 SpecError::new(format!("app `{app}`"), Some("route"), self.to_string())
             }
+            Self::ModelConflict { model, .. } => SpecError::new(
+                format!("model `{model}`"),
+                Some("protocol"),
+                self.to_string(),
+            ),
             other => SpecError::new("", None, other.to_string()),
         }
     }
@@ -180,6 +198,10 @@ pub struct ActiveApp {
     functions: Vec<Arc<Function>>,
     models: Arc<AppModels>,
     alerts: Vec<crate::locked::AlertSpec>,
+    /// Its models served over the Open Inference Protocol.
+    endpoints: Vec<Arc<crate::infer::Endpoint>>,
+    /// The app's versions kept on the node when this one was made active.
+    kept: Vec<u64>,
 }
 
 impl ActiveApp {
@@ -194,6 +216,8 @@ impl ActiveApp {
 pub struct FunctionTable {
     apps: BTreeMap<Name, Arc<ActiveApp>>,
     routes: Vec<Arc<Function>>,
+    /// Models served over the Open Inference Protocol, by name, and their app.
+    endpoints: BTreeMap<String, (Arc<ActiveApp>, Arc<crate::infer::Endpoint>)>,
 }
 
 impl FunctionTable {
@@ -208,7 +232,29 @@ impl FunctionTable {
             .flat_map(|a| a.functions.iter().cloned())
             .collect();
         routes.sort_by_key(|f| std::cmp::Reverse(f.spec().route.specificity()));
-        Self { apps, routes }
+        let mut endpoints = BTreeMap::new();
+        for app in apps.values() {
+            for endpoint in &app.endpoints {
+                // Deploys refuse a second app's model by the same name; an import
+                // (cluster) does not check: the first app by name keeps it.
+                endpoints
+                    .entry(endpoint.name().to_string())
+                    .or_insert_with(|| (Arc::clone(app), Arc::clone(endpoint)));
+            }
+        }
+        Self {
+            apps,
+            routes,
+            endpoints,
+        }
+    }
+
+    /// The model served over the Open Inference Protocol as `name`: the version of its
+    /// app that serves, the app's kept versions, and the endpoint.
+    pub fn endpoint(&self, name: &str) -> Option<(u64, Vec<u64>, Arc<crate::infer::Endpoint>)> {
+        self.endpoints
+            .get(name)
+            .map(|(app, endpoint)| (app.version, app.kept.clone(), Arc::clone(endpoint)))
     }
 
     /// The digest of the version of `app` that serves, if any.
@@ -346,7 +392,8 @@ impl Node {
                 continue;
             };
             match node.build(active, None).await {
-                Ok(app) => {
+                Ok(mut app) => {
+                    app.kept = kept_versions(&store, name);
                     let table = node.table.load().with(Some(Arc::new(app)), name);
                     node.table.store(Arc::new(table));
                 }
@@ -421,7 +468,7 @@ impl Node {
             return Err(DeployError::MissingBlobs(missing));
         }
         let previous = self.table.load().apps.get(name).cloned();
-        let built = self.build(target, previous.as_deref()).await?;
+        let mut built = self.build(target, previous.as_deref()).await?;
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
             if store.app(name).is_some() {
                 store.remove(name)?;
@@ -432,6 +479,7 @@ impl Node {
             store.set_active(name, active)
         })
         .map_err(DeployError::Internal)?;
+        built.kept = kept_versions(&store, name);
         self.swap(Some(built), name);
         self.collect_garbage(&store);
         Ok(())
@@ -495,7 +543,7 @@ impl Node {
         let built = self.build(&stored, None).await?;
         let describe = |ios: &[crate::nn::Io]| {
             ios.iter()
-                .map(|io| format!("{} {:?} {:?}", io.name, io.ty, io.shape))
+                .map(|io| format!("{} {} {:?}", io.name, io.ty, io.shape))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -598,12 +646,13 @@ impl Node {
             app,
         };
         let previous = self.table.load().apps.get(&preview.app.name).cloned();
-        let built = self.build(&preview, previous.as_deref()).await?;
+        let mut built = self.build(&preview, previous.as_deref()).await?;
         let stored = tokio::task::block_in_place(|| store.add_version(preview.app))
             .map_err(DeployError::Internal)?;
         debug_assert_eq!(stored.version, next);
         tokio::task::block_in_place(|| store.set_active(&stored.app.name, stored.version))
             .map_err(DeployError::Internal)?;
+        built.kept = kept_versions(&store, &stored.app.name);
         self.swap(Some(built), &stored.app.name);
         self.collect_garbage(&store);
         Ok(self.deployed(&stored.app, stored.version, false))
@@ -658,9 +707,10 @@ impl Node {
         }
         self.check_routes(&stored.app)?;
         let previous = self.table.load().apps.get(name).cloned();
-        let built = self.build(&stored, previous.as_deref()).await?;
+        let mut built = self.build(&stored, previous.as_deref()).await?;
         tokio::task::block_in_place(|| store.set_active(name, target))
             .map_err(DeployError::Internal)?;
+        built.kept = kept_versions(&store, name);
         self.swap(Some(built), name);
         Ok(self.deployed(&stored.app, target, false))
     }
@@ -948,6 +998,17 @@ impl Node {
                 });
             }
         }
+        for model in app.models.iter().filter(|m| m.protocol.is_some()) {
+            if let Some((other, _)) = table.endpoints.get(model.name.as_str())
+                && other.name != app.name
+            {
+                return Err(DeployError::ModelConflict {
+                    model: model.name.to_string(),
+                    app: app.name.to_string(),
+                    other_app: other.name.to_string(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -1208,6 +1269,15 @@ impl Node {
                 .map_err(|e| rejected(format!("trainer `{}`", spec.name), None, &e))?;
             trainers.insert(spec.name.clone(), handle);
         }
+        let mut endpoints = Vec::new();
+        for spec in app.models.iter().filter(|m| m.protocol.is_some()) {
+            let slot = models.slots.get(&spec.name).ok_or_else(|| {
+                DeployError::Internal(anyhow::anyhow!("model `{}` was not loaded", spec.name))
+            })?;
+            let endpoint = crate::infer::Endpoint::new(spec, Arc::clone(slot))
+                .map_err(|e| rejected(format!("model `{}`", spec.name), None, &e))?;
+            endpoints.push(Arc::new(endpoint));
+        }
         let publisher: Arc<dyn Publisher> = Arc::clone(&models) as Arc<dyn Publisher>;
         let cache_dir = self.config.state_dir.join("components");
         let mut functions = Vec::with_capacity(app.functions.len());
@@ -1273,8 +1343,18 @@ impl Node {
             functions,
             models,
             alerts: app.alerts.clone(),
+            endpoints,
+            kept: Vec::new(),
         })
     }
+}
+
+/// The versions `store` keeps of `app`.
+fn kept_versions(store: &AppStore, app: &Name) -> Vec<u64> {
+    store
+        .app(app)
+        .map(|record| record.versions.keys().copied().collect())
+        .unwrap_or_default()
 }
 
 impl ActiveApp {

@@ -269,7 +269,7 @@ mod tests {
         let mut store = AppStore::open(dir.path(), 2).expect("open");
         for i in 0..3 {
             let stored = store
-                .add_version(app("shop", &format!("/v{i}")))
+                .add_version(app("shop", &format!("/r{i}")))
                 .expect("add");
             store.set_active(&name, stored.version).expect("activate");
         }
@@ -280,7 +280,7 @@ mod tests {
             store.active(&name).expect("active").app.functions[0]
                 .route
                 .to_string(),
-            "/v2"
+            "/r2"
         );
     }
 

@@ -142,6 +142,15 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+/// Open Inference Protocol requests by model and status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InferLabels {
+    /// The model's name in its manifest.
+    pub model: String,
+    /// The status class.
+    pub class: StatusClass,
+}
+
 /// A trainer's families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrainerLabels {
@@ -185,6 +194,10 @@ pub struct Metrics {
     pub model_batch_size: Hist<ModelLabels>,
     /// Bytes of each resident model's file.
     pub model_bytes: Family<ModelLabels, Gauge>,
+    /// Open Inference Protocol inference requests, by model and status class.
+    pub infer_requests: Family<InferLabels, Counter>,
+    /// Seconds from an inference request's arrival to its answer.
+    pub infer_request_seconds: Hist<InferLabels>,
     /// Distinct models loaded.
     pub models_resident: Gauge,
     /// Training steps taken.
@@ -302,6 +315,16 @@ impl Metrics {
                 "lepton_model_bytes",
                 "Bytes of the ONNX file of each resident model",
                 Family::default()
+            ),
+            infer_requests: family!(
+                "lepton_infer_requests",
+                "Open Inference Protocol (/v2) inference requests, by model and status class",
+                Family::default()
+            ),
+            infer_request_seconds: family!(
+                "lepton_infer_request_duration_seconds",
+                "Seconds from an Open Inference Protocol request's arrival to its answer",
+                latency()
             ),
             models_resident: family!(
                 "lepton_models_resident",

@@ -55,6 +55,11 @@ impl Ops {
         self.closing.send_replace(true);
     }
 
+    /// Whether [`Ops::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     /// Resolves once [`Ops::close`] was called.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut closing = self.closing.subscribe();

@@ -13,8 +13,8 @@ use candle_onnx::onnx::{
 use prost::Message as _;
 
 use crate::bindings::wasi::nn::errors::ErrorCode;
-use crate::bindings::wasi::nn::tensor::TensorType;
 use crate::manifest::{Loss, Optimizer, Target, TrainerSpec};
+use crate::nn::ElementType;
 use crate::nn::{NnError, Tensor};
 
 /// Ops a trainer refuses at start, with the reason given to the operator.
@@ -460,9 +460,9 @@ impl Trainer {
                 .iter()
                 .find(|(name, _)| name == &input.name)
                 .ok_or_else(|| invalid(format!("missing input `{}`", input.name)))?;
-            if tensor.ty != TensorType::Fp32 {
+            if tensor.ty != ElementType::Fp32 {
                 return Err(invalid(format!(
-                    "input `{}` is {:?}, the graph takes Fp32",
+                    "input `{}` is {}, the graph takes FP32",
                     input.name, tensor.ty
                 )));
             }
@@ -523,19 +523,19 @@ impl Trainer {
                     )));
                 }
                 let labels: Vec<i64> = match targets.ty {
-                    TensorType::I64 => targets
+                    ElementType::I64 => targets
                         .data
                         .chunks_exact(8)
                         .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                         .collect(),
-                    TensorType::I32 => targets
+                    ElementType::I32 => targets
                         .data
                         .chunks_exact(4)
                         .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4]))))
                         .collect(),
                     other => {
                         return Err(invalid(format!(
-                            "cross-entropy targets are class indices (I64 or I32), got {other:?}"
+                            "cross-entropy targets are class indices (INT64 or INT32), got {other}"
                         )));
                     }
                 };
@@ -549,11 +549,8 @@ impl Trainer {
                 candle_nn::loss::cross_entropy(&output, &labels).map_err(runtime)
             }
             Loss::Mse => {
-                if targets.ty != TensorType::Fp32 {
-                    return Err(invalid(format!(
-                        "mse targets are Fp32, got {:?}",
-                        targets.ty
-                    )));
+                if targets.ty != ElementType::Fp32 {
+                    return Err(invalid(format!("mse targets are FP32, got {}", targets.ty)));
                 }
                 let dims: Vec<usize> = targets.dims.iter().map(|&d| d as usize).collect();
                 if dims != output.dims() {
