@@ -9,10 +9,10 @@ cd "$root"
 # The ops tests read the metrics page with Prometheus' own Python parser
 # (prometheus-client, in the venv setup.sh made) and drive the status page in
 # Debian's Chromium, headless.
-if ! .cache/venv/bin/python -c 'import prometheus_client' 2>/dev/null; then
-    echo "test: installing prometheus-client into .cache/venv" >&2
+if ! .cache/venv/bin/python -c "import prometheus_client, tritonclient.http" 2>/dev/null; then
+    echo "test: installing prometheus-client and tritonclient[http] into .cache/venv" >&2
     .cache/venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        --only-binary=:all: prometheus-client==0.21.1
+        --only-binary=:all: prometheus-client==0.21.1 "tritonclient[http]==2.73.0"
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     echo "test: installing Debian's chromium (headless browser tests)" >&2

@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod deploy;
 mod detect;
+mod inference;
 mod limits;
 mod manifest;
 mod nn;

@@ -423,7 +423,7 @@ pub fn metric_value(page: &str, selector: &str, label: &str) -> Option<u64> {
         Some((name, rest)) => (name, rest.trim_end_matches('}')),
         None => (selector, ""),
     };
-    let kind = if name.starts_with("lepton_model_") {
+    let kind = if name.starts_with("lepton_model_") || name.starts_with("lepton_infer_") {
         "model"
     } else {
         "function"
