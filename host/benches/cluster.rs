@@ -232,6 +232,7 @@ fn main() {
         path: "/hello",
         body: None,
         expect: |b| b == b"Hello from Lepton\n",
+        headers: Vec::new(),
     };
     println!("/hello on one node; {seconds} s per run");
     print_header();

@@ -118,6 +118,7 @@ fn main() {
         path: "/hello",
         body: None,
         expect: |b| b.starts_with(b"v"),
+        headers: Vec::new(),
     };
     let load = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -56,6 +56,7 @@ fn main() {
         path,
         body: None,
         expect: |b| b == BODY,
+        headers: Vec::new(),
     };
     let load = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -48,6 +48,7 @@ fn main() {
         path: "/hello",
         body: None,
         expect: |b| b == b"Hello from Lepton\n",
+        headers: Vec::new(),
     };
     println!(
         "/hello, one connection, {seconds} s per run; {spinners} requests spinning in `spin` for the second"

@@ -23,6 +23,8 @@ pub struct Load {
     pub path: &'static str,
     pub body: Option<Bytes>,
     pub expect: fn(&[u8]) -> bool,
+    /// Headers each request carries besides Host.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 pub fn print_header() {
@@ -163,9 +165,12 @@ async fn one_connection(
     let mut errors = 0;
     let deadline = Instant::now() + duration;
     while Instant::now() < deadline {
-        let builder = hyper::Request::builder()
+        let mut builder = hyper::Request::builder()
             .uri(load.path)
             .header(hyper::header::HOST, "localhost");
+        for (name, value) in &load.headers {
+            builder = builder.header(*name, value.as_str());
+        }
         let request = match &load.body {
             Some(body) => builder.method("POST").body(Full::new(body.clone())),
             None => builder.method("GET").body(Full::new(Bytes::new())),

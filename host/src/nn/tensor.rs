@@ -258,7 +258,7 @@ mod tests {
         };
         assert!(
             two.check_length()
-                .unwrap_err()
+                .expect_err("three elements for two")
                 .contains("needs 2 elements, got 3")
         );
     }
