@@ -153,7 +153,7 @@ fn malformed_inputs_are_invalid_argument_errors() {
     let short = good.replacen("e U8 1,3 ", "e U8 1,3 ff", 1);
     assert_eq!(
         compute(short),
-        "error: ErrorCode::InvalidArgument: input `e`: tensor of dimensions [1, 3] and type TensorType::U8 needs 3 bytes, got 4"
+        "error: ErrorCode::InvalidArgument: input `e`: tensor of dimensions [1, 3] and type UINT8 needs 3 bytes, got 4"
     );
     // The server is unharmed.
     assert_eq!(
