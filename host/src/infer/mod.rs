@@ -242,9 +242,10 @@ pub async fn dispatch(
                 return response;
             }
             if let Some(version) = version
-                && version.parse::<u64>().ok() != Some(version_served)
+                && let asked = version.parse::<u64>().ok()
+                && asked != Some(version_served)
             {
-                let kept_here = version.parse::<u64>().is_ok_and(|v| kept.contains(&v));
+                let kept_here = asked.is_some_and(|v| kept.contains(&v));
                 return if kept_here {
                     error(
                         http::StatusCode::BAD_REQUEST,

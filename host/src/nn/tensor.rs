@@ -141,11 +141,6 @@ pub struct Tensor {
     pub data: Vec<u8>,
 }
 
-/// Bytes of one element of the `wasi:nn` type `ty`.
-pub fn element_size(ty: TensorType) -> usize {
-    ElementType::from(ty).size().unwrap_or(0)
-}
-
 /// The elements of a `BYTES` tensor's data, in order, or what is wrong with it.
 pub fn byte_elements(data: &[u8]) -> Result<Vec<&[u8]>, String> {
     let mut elements = Vec::new();
