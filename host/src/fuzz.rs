@@ -186,7 +186,7 @@ proptest! {
             let n = tensor.element_count().expect("counted");
             match ty.size() {
                 Some(size) => prop_assert_eq!(n * size, len),
-                None => prop_assert_eq!(crate::nn::byte_elements(&tensor.data).map(|e| e.len()), Ok(n)),
+                None => prop_assert_eq!(crate::nn::byte_element_count(&tensor.data), Ok(n)),
             }
         }
     }

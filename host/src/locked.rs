@@ -269,18 +269,40 @@ impl Route {
             ));
         }
         // Host paths are answered before any route, so only routes inside the
-        // reserved prefix are refused (they could never be reached).
-        for reserved in [RESERVED_ROUTE_PREFIX, INFERENCE_PREFIX] {
-            if base == reserved || base.starts_with(&format!("{reserved}/")) {
-                return Err(format!(
-                    "{route:?} is reserved for the host (paths under `{reserved}`)"
-                ));
-            }
+        // reserved prefix are refused (they could never be reached). `/v2` became
+        // reserved later (the Open Inference Protocol): manifests refuse it
+        // (`Route::check_new`), but versions stored before still load.
+        if Self::under(base, RESERVED_ROUTE_PREFIX) {
+            return Err(format!(
+                "{route:?} is reserved for the host (paths under `{RESERVED_ROUTE_PREFIX}`)"
+            ));
         }
         Ok(Self {
             base: base.to_owned(),
             prefix,
         })
+    }
+
+    fn under(base: &str, prefix: &str) -> bool {
+        base.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Whether this route lies under `/v2`, which the host answers (the Open
+    /// Inference Protocol), so that no request would ever reach it.
+    pub fn shadowed(&self) -> bool {
+        Self::under(&self.base, INFERENCE_PREFIX)
+    }
+
+    /// Refuses what a new manifest may no longer say: a route under `/v2`.
+    pub fn check_new(&self) -> Result<(), String> {
+        if self.shadowed() {
+            return Err(format!(
+                "{:?} is reserved for the host (paths under `{INFERENCE_PREFIX}`)",
+                self.to_string()
+            ));
+        }
+        Ok(())
     }
 
     /// Whether `path` (already normalized) is served by this route.
@@ -1236,6 +1258,15 @@ mod tests {
             assert!(Route::parse(bad).is_err(), "{bad} was accepted");
         }
         assert!(Route::parse("/.well-known/leptonx").is_ok());
+        // `/v2` is refused in new manifests only; stored routes under it still parse.
+        for text in ["/v2", "/v2/...", "/v2/models/x"] {
+            let route = Route::parse(text).expect("stored routes load");
+            assert!(route.shadowed() && route.check_new().is_err(), "{text}");
+        }
+        for text in ["/v20", "/v", "/api/v2"] {
+            let route = Route::parse(text).expect("valid");
+            assert!(!route.shadowed() && route.check_new().is_ok(), "{text}");
+        }
         // Every accepted route reads back as itself (it is stored as text).
         for text in ["/", "//", "/a/", "/a//", "/...", "//...", "/a/b/...", "/a/"] {
             let route = Route::parse(text).expect("valid");

@@ -479,7 +479,9 @@ fn resolve_function(
 ) -> Result<FunctionSpec, ItemError> {
     let name = name(function)?;
     let component = file_blob(base, &raw.component, blobs).map_err(at("component"))?;
-    let route = Route::parse(&raw.route).map_err(at("route"))?;
+    let route = Route::parse(&raw.route)
+        .and_then(|route| route.check_new().map(|()| route))
+        .map_err(at("route"))?;
     let timeout = raw
         .timeout
         .map_or(Ok(DEFAULT_TIMEOUT), |t| parse_duration(&t))

@@ -171,11 +171,24 @@ fn bad_requests_get_a_json_error_and_the_server_keeps_serving() {
             "binary_data_size is 12, but 0 bytes",
         ),
         (format!("[{}]", "[".repeat(200)), 400, "not a valid inference request"),
+        // Nested data past JSON's depth limit, inside an input: refused, no stack overflow.
+        (
+            x(&format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000))),
+            400,
+            "`data`: recursion limit exceeded",
+        ),
+        // Parameter values are read only where known, and never echoed.
+        (
+            x("[1,2,3]").replacen("{", r#"{"parameters":{"binary_data_output":"SECRETSECRET","other":[[[1]]]},"#, 1),
+            400,
+            "parameter `binary_data_output` must be true or false",
+        ),
     ] {
         let (code, answer) = infer(&lepton, "id-fp32", &body);
         assert_eq!(code, status, "{body}: {answer}");
         let error = answer["error"].as_str().unwrap_or_default();
         assert!(error.contains(needle), "{body}: {answer}");
+        assert!(!error.contains("SECRET"), "{answer}");
     }
     // BYTES that ONNX string tensors cannot hold.
     let (code, answer) = infer(
@@ -260,6 +273,19 @@ fn models_and_versions_follow_deploys_and_v2_routes_are_reserved() {
     assert!(!status.success(), "{out}{err}");
     assert!(
         err.contains("already served under /v2/models/id-int8 by app"),
+        "{err}"
+    );
+    // A model with a type wasi-nn cannot carry (strings) is not granted to a function:
+    // refused at deploy, not at the guest's first call.
+    let strings = Project::new(&manifest(&format!(
+        "name = \"strings\"\n[model.words]\npath = {:?}\n\
+         [function.w]\ncomponent = \"{{NNPROBE}}\"\nroute = \"/w\"\nmodels = [\"words\"]\n",
+        project.path("id-bytes.onnx").display().to_string()
+    )));
+    let (status, out, err) = lepton.client(&strings, &["deploy"]);
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains("model `words` has input `x` of type BYTES, which wasi-nn cannot carry"),
         "{err}"
     );
     // Live and ready.

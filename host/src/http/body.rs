@@ -44,6 +44,13 @@ impl BodyBudget {
         self.units.available_permits() as u64 * UNIT
     }
 
+    /// Reserves `bytes` (rounded up to whole KiB) until the permit drops, or `None`
+    /// when the budget does not have them now.
+    pub fn try_reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let units = u32::try_from(bytes.div_ceil(UNIT)).ok()?;
+        Arc::clone(&self.units).try_acquire_many_owned(units).ok()
+    }
+
     /// Bytes reserved by bodies now held.
     pub fn held(&self) -> u64 {
         self.total - self.units.available_permits() as u64 * UNIT

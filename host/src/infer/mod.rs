@@ -73,6 +73,12 @@ impl Endpoint {
                     !value.is_empty(),
                     "`token_env`: the environment variable `{variable}` is empty on this node"
                 );
+                // HTTP drops whitespace around a header value, so such a token could
+                // never be sent as it is; tokens are compared exactly.
+                anyhow::ensure!(
+                    value.trim() == value,
+                    "`token_env`: the environment variable `{variable}` starts or ends with whitespace on this node"
+                );
                 Some(sha2::Sha256::digest(value.as_bytes()).into())
             }
         };
@@ -103,7 +109,7 @@ impl Endpoint {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .unwrap_or("");
-        let given: [u8; 32] = sha2::Sha256::digest(given.trim().as_bytes()).into();
+        let given: [u8; 32] = sha2::Sha256::digest(given.as_bytes()).into();
         given
             .iter()
             .zip(expected)
@@ -346,15 +352,6 @@ async fn infer(
             }
         },
     };
-    let Ok(permit) = Arc::clone(&endpoint.in_flight).try_acquire_owned() else {
-        return error(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "model `{}` has {MAX_IN_FLIGHT} requests in flight; retry later",
-                endpoint.name
-            ),
-        );
-    };
     let deadline = tokio::time::Instant::now() + INFER_TIMEOUT;
     let declared = parts
         .headers
@@ -375,17 +372,7 @@ async fn infer(
         }
         Ok(Ok(held)) => held,
         Ok(Err(BodyError::TooLarge)) => return too_large(),
-        Ok(Err(BodyError::OverBudget)) => {
-            let mut response = error(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                "the node holds as many request bodies as it may; retry later",
-            );
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
-            );
-            return response;
-        }
+        Ok(Err(BodyError::OverBudget)) => return over_budget(),
         Ok(Err(BodyError::Read(_))) => {
             return error(
                 http::StatusCode::BAD_REQUEST,
@@ -397,8 +384,17 @@ async fn infer(
         Ok(parsed) => parsed,
         Err(bad) => return error(http::StatusCode::BAD_REQUEST, &bad.0),
     };
-    // The tensors are copies: the body's bytes and budget go now.
+    // The tensors are copies: they take the body's place in the node's budget (JSON
+    // decodes to up to 4 times its size) until the response is built.
+    let decoded = parsed
+        .inputs
+        .iter()
+        .map(|(_, tensor)| tensor.data.len() as u64)
+        .sum::<u64>();
     drop(held);
+    let Some(_tensors) = budget.try_reserve(decoded) else {
+        return over_budget();
+    };
     let model = endpoint.slot.current();
     let outputs = model.onnx().outputs();
     let selected: Vec<(String, bool)> = match &parsed.outputs {
@@ -443,6 +439,15 @@ async fn infer(
                 .and_then(|v| v.to_str().ok()),
         )
     });
+    let Ok(permit) = Arc::clone(&endpoint.in_flight).try_acquire_owned() else {
+        return error(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "model `{}` has {MAX_IN_FLIGHT} requests in flight; retry later",
+                endpoint.name
+            ),
+        );
+    };
     let computing = Instant::now();
     let computed = tokio::time::timeout_at(deadline, model.compute(parsed.inputs, trace)).await;
     drop(permit);
@@ -517,6 +522,18 @@ async fn infer(
             );
         }
     }
+    response
+}
+
+fn over_budget() -> hyper::Response<Body> {
+    let mut response = error(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "the node holds as many request bodies as it may; retry later",
+    );
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
     response
 }
 

@@ -10,15 +10,15 @@
 //! bytes as it is parsed (never as a tree of values), and never past the element
 //! count its `shape` declares, so a request holds at most a few times its own size.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeMap as _, SerializeSeq as _, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
-use crate::nn::{ElementType, Tensor, byte_elements};
+use crate::nn::{ElementType, Tensor, byte_element_count, byte_elements};
 
 /// A request that cannot be understood: answered with 400 and this message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,17 +59,21 @@ pub struct InferRequest {
     pub timeout_us: Option<u64>,
 }
 
+/// A `parameters` object: its values are kept as unparsed JSON (only a few known
+/// keys are ever read), so a client's parameters cost no tree of values.
+type Parameters<'a> = HashMap<String, &'a RawValue>;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRequest<'a> {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    parameters: Option<Parameters<'a>>,
     #[serde(borrow)]
     inputs: Vec<RawInput<'a>>,
-    #[serde(default)]
-    outputs: Option<Vec<RawOutput>>,
+    #[serde(borrow, default)]
+    outputs: Option<Vec<RawOutput<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -78,42 +82,40 @@ struct RawInput<'a> {
     name: String,
     shape: Vec<u64>,
     datatype: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    parameters: Option<Parameters<'a>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawOutput {
+struct RawOutput<'a> {
     name: String,
-    #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    parameters: Option<Parameters<'a>>,
 }
 
 /// Inputs and outputs a request may name, at most (a model has far fewer).
 pub const MAX_TENSORS: usize = 1024;
 
-fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<bool>, BadRequest> {
+fn flag(parameters: Option<&Parameters<'_>>, key: &str) -> Result<Option<bool>, BadRequest> {
     match parameters.and_then(|p| p.get(key)) {
         None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => bad(format!(
-            "parameter `{key}` must be true or false, got {other}"
-        )),
+        Some(value) => serde_json::from_str(value.get())
+            .map(Some)
+            .map_err(|_| BadRequest(format!("parameter `{key}` must be true or false"))),
     }
 }
 
-fn unsigned(parameters: Option<&Map<String, Value>>, key: &str) -> Result<Option<u64>, BadRequest> {
+fn unsigned(parameters: Option<&Parameters<'_>>, key: &str) -> Result<Option<u64>, BadRequest> {
     match parameters.and_then(|p| p.get(key)) {
         None => Ok(None),
-        Some(value) => match value.as_u64() {
-            Some(n) => Ok(Some(n)),
-            None => bad(format!(
-                "parameter `{key}` must be a whole number of 0 or more, got {value}"
-            )),
-        },
+        Some(value) => serde_json::from_str(value.get()).map(Some).map_err(|_| {
+            BadRequest(format!(
+                "parameter `{key}` must be a whole number of 0 or more"
+            ))
+        }),
     }
 }
 
@@ -329,6 +331,15 @@ impl Elements<'_> {
                 .extend_from_slice(&half::bf16::from_f64(value).to_le_bytes()),
             ElementType::Fp32 => self.out.extend_from_slice(&(value as f32).to_le_bytes()),
             ElementType::Fp64 => self.out.extend_from_slice(&value.to_le_bytes()),
+            // A whole number written as a float (`-0`, `1e3`) is still that integer.
+            ty if ty != ElementType::Bool
+                && ty != ElementType::Bytes
+                && value.is_finite()
+                && value.fract() == 0.0
+                && value.abs() < 2f64.powi(64) =>
+            {
+                return self.integer(value as i128);
+            }
             ty => return Err(E::custom(format!("{value} is not a {ty} element"))),
         }
         self.element()
@@ -391,7 +402,12 @@ impl<'de> Visitor<'de> for Elements<'_> {
 
     fn visit_str<E: de::Error>(mut self, value: &str) -> Result<(), E> {
         if self.ty != ElementType::Bytes {
-            return Err(E::custom(format!("{value:?} is not a {} element", self.ty)));
+            let shown: String = value.chars().take(32).collect();
+            let more = if shown.len() < value.len() { "…" } else { "" };
+            return Err(E::custom(format!(
+                "{shown:?}{more} is not a {} element",
+                self.ty
+            )));
         }
         let length = u32::try_from(value.len())
             .map_err(|_| E::custom("a BYTES element is at most 4 GiB"))?;
@@ -422,7 +438,7 @@ pub fn encode_response(
     let mut described = Vec::with_capacity(outputs.len());
     for (name, tensor, binary) in outputs {
         if tensor.ty == ElementType::Bytes {
-            byte_elements(&tensor.data)?;
+            byte_element_count(&tensor.data)?;
         }
         if *binary {
             binary_len += tensor.data.len();
@@ -525,9 +541,10 @@ impl Serialize for Data<'_> {
             ElementType::Fp32 => each!(4, f32::from_le_bytes),
             ElementType::Fp64 => each!(8, f64::from_le_bytes),
             ElementType::Bytes => {
-                let elements = byte_elements(data).map_err(serde::ser::Error::custom)?;
-                let mut seq = serializer.serialize_seq(Some(elements.len()))?;
-                for element in elements {
+                let count = byte_element_count(data).map_err(serde::ser::Error::custom)?;
+                let mut seq = serializer.serialize_seq(Some(count))?;
+                for element in byte_elements(data) {
+                    let element = element.map_err(serde::ser::Error::custom)?;
                     // JSON strings are text: bytes that are not UTF-8 are replaced
                     // (ask for binary data to get them exactly).
                     seq.serialize_element(&String::from_utf8_lossy(element))?;
@@ -541,6 +558,7 @@ impl Serialize for Data<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn request(json: &str) -> Result<InferRequest, BadRequest> {
         parse_request(json.as_bytes(), None)
@@ -717,7 +735,102 @@ mod tests {
         assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
     }
 
+    #[test]
+    fn nesting_inside_data_is_bounded() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"INT8","data":{}7{}}}]}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        assert_eq!(input(&nested(100)).data, [7]);
+        for depth in [1000, 1_000_000] {
+            assert!(request(&nested(depth)).is_err(), "{depth}");
+        }
+    }
+
+    #[test]
+    fn bytes_tensors_are_capped_by_element_count() {
+        let count = crate::nn::MAX_BYTES_ELEMENTS + 1;
+        let body = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[{count}],"datatype":"BYTES","parameters":{{"binary_data_size":{}}}}}]}}"#,
+            count * 4
+        );
+        let length = body.len();
+        let mut body = body.into_bytes();
+        body.resize(length + count * 4, 0);
+        let error = parse_request(&body, Some(length)).expect_err("too many elements");
+        assert!(error.0.contains("at most"), "{error}");
+    }
+
+    fn element_json(ty: ElementType, seed: u8) -> String {
+        match ty {
+            ElementType::Bool => seed.is_multiple_of(2).to_string(),
+            ElementType::Bytes => format!("\"s{seed}\""),
+            ElementType::Fp16 | ElementType::Bf16 | ElementType::Fp32 | ElementType::Fp64 => {
+                format!("{}.5", seed % 8)
+            }
+            ElementType::I8 | ElementType::I16 | ElementType::I32 | ElementType::I64 => {
+                format!("-{}", seed % 100)
+            }
+            _ => (seed % 100).to_string(),
+        }
+    }
+
     proptest::proptest! {
+        /// Well-formed requests of any type and shape, JSON or binary, decode to tensors
+        /// whose length fits the shape; and any cut or corruption of one is refused or
+        /// parsed, never a panic.
+        #[test]
+        fn structured_requests_decode_or_are_refused(
+            ty in 0usize..ElementType::ALL.len(),
+            dims in proptest::collection::vec(0u32..4, 0..4),
+            seeds in proptest::collection::vec(proptest::prelude::any::<u8>(), 64),
+            binary in proptest::prelude::any::<bool>(),
+            nest in proptest::prelude::any::<bool>(),
+            flip in proptest::option::of((0usize..4096, proptest::prelude::any::<u8>())),
+        ) {
+            let ty = ElementType::ALL[ty];
+            let count: usize = dims.iter().map(|&d| d as usize).product();
+            let elements: Vec<String> = (0..count).map(|i| element_json(ty, seeds[i % seeds.len()])).collect();
+            let shape = serde_json::to_string(&dims).expect("json");
+            let (mut body, header_length) = if binary {
+                // The binary form of the same elements, from their JSON decoding.
+                let json = format!(r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{}","data":[{}]}}]}}"#, ty.name(), elements.join(","));
+                let data = input(&json).data;
+                let header = format!(r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{}","parameters":{{"binary_data_size":{}}}}}]}}"#, ty.name(), data.len());
+                let length = header.len();
+                ([header.into_bytes(), data].concat(), Some(length))
+            } else {
+                let data = match (nest, dims.first()) {
+                    (true, Some(&rows)) if rows > 0 && count > 0 => {
+                        let per = count / rows as usize;
+                        let rows: Vec<String> = elements.chunks(per).map(|c| format!("[{}]", c.join(","))).collect();
+                        format!("[{}]", rows.join(","))
+                    }
+                    _ => format!("[{}]", elements.join(",")),
+                };
+                (format!(r#"{{"id":"p","inputs":[{{"name":"x","shape":{shape},"datatype":"{}","data":{data}}}],"outputs":[{{"name":"y","parameters":{{"binary_data":true}}}}]}}"#, ty.name()).into_bytes(), None)
+            };
+            let parsed = parse_request(&body, header_length);
+            proptest::prop_assert!(parsed.is_ok(), "{:?}", parsed);
+            let parsed = parsed.expect("checked");
+            proptest::prop_assert_eq!(parsed.inputs[0].1.check_length(), Ok(()));
+            proptest::prop_assert_eq!(parsed.inputs[0].1.element_count(), Some(count));
+            if let Some((at, byte)) = flip
+                && !body.is_empty()
+            {
+                let at = at % body.len();
+                body[at] = byte;
+                if let Ok(request) = parse_request(&body, header_length) {
+                    for (_, tensor) in &request.inputs {
+                        proptest::prop_assert_eq!(tensor.check_length(), Ok(()));
+                    }
+                }
+            }
+        }
+
         #[test]
         fn any_body_parses_or_is_refused(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), cut in 0usize..600) {
             let _ = parse_request(&body, Some(cut));

@@ -31,6 +31,9 @@ pub struct Batcher {
     sender: mpsc::Sender<Job>,
     model: Arc<OnnxModel>,
     max_size: u32,
+    /// Whether every output has fixed-size elements: a stacked `BYTES` output could
+    /// not be split back by row, so such models never stack.
+    stackable: bool,
 }
 
 impl Batcher {
@@ -38,10 +41,12 @@ impl Batcher {
     pub fn spawn(model: Arc<OnnxModel>, spec: BatchSpec) -> Self {
         let (sender, receiver) = mpsc::channel(4096);
         tokio::spawn(collect(Arc::clone(&model), spec, receiver));
+        let stackable = model.outputs().iter().all(|io| io.ty.size().is_some());
         Self {
             sender,
             model,
             max_size: spec.max_size,
+            stackable,
         }
     }
 
@@ -53,7 +58,7 @@ impl Batcher {
     ) -> Result<Vec<(String, Tensor)>, NnError> {
         let arrived = std::time::Instant::now();
         // BYTES elements vary in size: such requests are never stacked.
-        let stackable = inputs.iter().all(|(_, t)| t.ty.size().is_some());
+        let stackable = self.stackable && inputs.iter().all(|(_, t)| t.ty.size().is_some());
         let Some(rows) = rows_of(&inputs).filter(|&rows| stackable && rows <= self.max_size) else {
             return self.model.run_validated(inputs, RunFor::one(trace)).await;
         };

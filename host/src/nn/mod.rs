@@ -27,7 +27,9 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use self::inspect::{UPLOAD_OPERATORS, check as inspect_model};
 pub use self::onnx::{Io, ORT_LIBRARY, OnnxModel, OnnxRuntime, Source};
-pub use self::tensor::{ElementType, Tensor, byte_elements};
+pub use self::tensor::{
+    ElementType, MAX_BYTES_ELEMENTS, Tensor, byte_element_count, byte_elements,
+};
 pub use crate::bindings::wasi::nn::errors::ErrorCode;
 pub use crate::bindings::wasi::nn::tensor::TensorType;
 use crate::bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};

@@ -645,9 +645,9 @@ fn to_value(tensor: Tensor) -> Result<DynValue, String> {
         }
         ElementType::Bytes => {
             // ONNX Runtime copies strings in as C strings: UTF-8 without NUL.
-            let elements = super::tensor::byte_elements(&data)?;
-            let mut strings = Vec::with_capacity(elements.len());
-            for (i, element) in elements.into_iter().enumerate() {
+            let mut strings = Vec::new();
+            for (i, element) in super::tensor::byte_elements(&data).enumerate() {
+                let element = element?;
                 let text = std::str::from_utf8(element).map_err(|_| {
                     format!("BYTES element {i} is not UTF-8, which ONNX string tensors need")
                 })?;

@@ -142,29 +142,57 @@ pub struct Tensor {
 }
 
 /// The elements of a `BYTES` tensor's data, in order, or what is wrong with it.
-pub fn byte_elements(data: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut elements = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let Some((length, tail)) = rest.split_first_chunk::<4>() else {
-            return Err(format!(
-                "BYTES element {} has a truncated 4-byte length",
-                elements.len()
-            ));
+pub fn byte_elements(data: &[u8]) -> ByteElements<'_> {
+    ByteElements {
+        rest: data,
+        index: 0,
+    }
+}
+
+/// How many elements a `BYTES` tensor's data holds, or what is wrong with it (nothing
+/// is collected).
+pub fn byte_element_count(data: &[u8]) -> Result<usize, String> {
+    byte_elements(data).try_fold(0, |n, element| element.map(|_| n + 1))
+}
+
+/// Elements of a `BYTES` tensor at most: each becomes a string of its own in ONNX
+/// Runtime, so 64 MiB of empty elements would be 16 million allocations.
+pub const MAX_BYTES_ELEMENTS: usize = 1 << 20;
+
+/// The elements of a `BYTES` tensor's data, one at a time; an `Err` ends it.
+#[derive(Debug, Clone)]
+pub struct ByteElements<'a> {
+    rest: &'a [u8],
+    index: usize,
+}
+
+impl<'a> Iterator for ByteElements<'a> {
+    type Item = Result<&'a [u8], String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let index = self.index;
+        let Some((length, tail)) = self.rest.split_first_chunk::<4>() else {
+            self.rest = &[];
+            return Some(Err(format!(
+                "BYTES element {index} has a truncated 4-byte length"
+            )));
         };
         let length = u32::from_le_bytes(*length) as usize;
         if tail.len() < length {
-            return Err(format!(
-                "BYTES element {} is {length} bytes long, but only {} bytes follow",
-                elements.len(),
+            self.rest = &[];
+            return Some(Err(format!(
+                "BYTES element {index} is {length} bytes long, but only {} bytes follow",
                 tail.len()
-            ));
+            )));
         }
         let (element, tail) = tail.split_at(length);
-        elements.push(element);
-        rest = tail;
+        self.rest = tail;
+        self.index += 1;
+        Some(Ok(element))
     }
-    Ok(elements)
 }
 
 impl Tensor {
@@ -182,7 +210,13 @@ impl Tensor {
             .element_count()
             .ok_or_else(|| format!("dimensions {:?} are too large", self.dims))?;
         let Some(size) = self.ty.size() else {
-            let found = byte_elements(&self.data)?.len();
+            if count > MAX_BYTES_ELEMENTS {
+                return Err(format!(
+                    "a BYTES tensor has at most {MAX_BYTES_ELEMENTS} elements, dimensions {:?} make {count}",
+                    self.dims
+                ));
+            }
+            let found = byte_element_count(&self.data)?;
             return if found == count {
                 Ok(())
             } else {
@@ -239,7 +273,9 @@ mod tests {
         };
         assert_eq!(tensor.check_length(), Ok(()));
         assert_eq!(
-            byte_elements(&data).unwrap_or_default(),
+            byte_elements(&data)
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_or_default(),
             vec![&b"ab"[..], b"", b"xyz"]
         );
         let short = Tensor {

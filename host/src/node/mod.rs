@@ -1289,11 +1289,40 @@ impl Node {
                 .map(|m| self.blobs.unpacked(&m.source))
                 .collect::<anyhow::Result<Vec<_>>>()
                 .map_err(|e| rejected(scope(), Some("files"), &e))?;
+            if spec.route.shadowed() {
+                tracing::warn!(
+                    app = %app.name,
+                    function = %spec.name,
+                    route = %spec.route,
+                    "this stored route lies under /v2, which the host answers (the Open Inference Protocol); no request reaches it"
+                );
+            }
             let granted_models = spec
                 .models
                 .iter()
                 .filter_map(|m| Some((m.to_string(), Arc::clone(models.slots.get(m)?))))
-                .collect();
+                .collect::<HashMap<_, _>>();
+            for (name, slot) in &granted_models {
+                let model = slot.current();
+                let onnx = model.onnx();
+                let untyped = onnx
+                    .inputs()
+                    .iter()
+                    .map(|io| ("input", io))
+                    .chain(onnx.outputs().iter().map(|io| ("output", io)))
+                    .find(|(_, io)| io.ty.wasi().is_none());
+                if let Some((kind, io)) = untyped {
+                    return Err(rejected(
+                        scope(),
+                        Some("models"),
+                        &anyhow::anyhow!(
+                            "model `{name}` has {kind} `{}` of type {}, which wasi-nn cannot carry; serve it over the Open Inference Protocol (protocol = \"v2\") without granting it to a function",
+                            io.name,
+                            io.ty
+                        ),
+                    ));
+                }
+            }
             let granted_trainers: HashMap<String, _> = spec
                 .trainers
                 .iter()
