@@ -308,8 +308,17 @@ impl WasiHttpHooks for OutboundPolicy {
 
 /// Guest stdout or stderr: each line becomes a log record tagged with the
 /// function and the request id.
+///
+/// One partial line is kept per stream and request, shared by every output stream
+/// the guest opens (`get-stdout()` returns a new one each call), so a line written in
+/// pieces is one record; what is left without a newline is logged when the instance
+/// goes.
 #[derive(Clone)]
 struct GuestLog {
+    pending: Arc<std::sync::Mutex<PendingLine>>,
+}
+
+struct PendingLine {
     stream: &'static str,
     function: Arc<str>,
     request_id: Arc<str>,
@@ -317,6 +326,7 @@ struct GuestLog {
     budget: Arc<AtomicUsize>,
     /// The function's log ring.
     ring: Arc<crate::ops::logs::LogRing>,
+    line: Vec<u8>,
 }
 
 impl GuestLog {
@@ -328,11 +338,14 @@ impl GuestLog {
         ring: &Arc<crate::ops::logs::LogRing>,
     ) -> Self {
         Self {
-            stream,
-            function: Arc::clone(function),
-            request_id: Arc::clone(request_id),
-            budget: Arc::clone(budget),
-            ring: Arc::clone(ring),
+            pending: Arc::new(std::sync::Mutex::new(PendingLine {
+                stream,
+                function: Arc::clone(function),
+                request_id: Arc::clone(request_id),
+                budget: Arc::clone(budget),
+                ring: Arc::clone(ring),
+                line: Vec::new(),
+            })),
         }
     }
 }
@@ -346,26 +359,21 @@ impl IsTerminal for GuestLog {
 impl StdoutStream for GuestLog {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(GuestLogWriter {
-            log: self.clone(),
-            line: Vec::new(),
+            pending: Arc::clone(&self.pending),
         })
     }
 }
 
 struct GuestLogWriter {
-    log: GuestLog,
-    line: Vec<u8>,
+    pending: Arc<std::sync::Mutex<PendingLine>>,
 }
 
-impl GuestLogWriter {
+impl PendingLine {
+    /// Logs the line held (an empty one too: the guest wrote a bare newline).
     fn emit(&mut self) {
-        if self.line.is_empty() {
-            return;
-        }
         let len = self.line.len() + 1;
         // The closure always returns `Some`, so this is the budget before this line.
         let left = self
-            .log
             .budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
                 Some(left.saturating_sub(len))
@@ -375,8 +383,8 @@ impl GuestLogWriter {
             if left > 0 {
                 tracing::warn!(
                     target: "lepton::guest",
-                    function = %self.log.function,
-                    request_id = %self.log.request_id,
+                    function = %self.function,
+                    request_id = %self.request_id,
                     "guest output past {MAX_LOG_BYTES} bytes is dropped"
                 );
             }
@@ -388,27 +396,20 @@ impl GuestLogWriter {
             return;
         }
         let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end();
+        let text = text.strip_suffix('\r').unwrap_or(&text);
         tracing::info!(
             target: "lepton::guest",
-            function = %self.log.function,
-            request_id = %self.log.request_id,
-            stream = self.log.stream,
+            function = %self.function,
+            request_id = %self.request_id,
+            stream = self.stream,
             "{text}",
         );
-        self.log
-            .ring
-            .line(self.log.stream, &self.log.request_id, text.to_owned());
+        self.ring
+            .line(self.stream, &self.request_id, text.to_owned());
         self.line.clear();
     }
-}
 
-impl tokio::io::AsyncWrite for GuestLogWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn write(&mut self, buf: &[u8]) {
         for &byte in buf {
             if byte == b'\n' {
                 self.emit();
@@ -416,6 +417,27 @@ impl tokio::io::AsyncWrite for GuestLogWriter {
                 self.line.push(byte);
             }
         }
+    }
+}
+
+impl Drop for PendingLine {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.emit();
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLogWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -423,14 +445,7 @@ impl tokio::io::AsyncWrite for GuestLogWriter {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.emit();
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for GuestLogWriter {
-    fn drop(&mut self) {
-        self.emit();
     }
 }

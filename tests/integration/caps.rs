@@ -80,6 +80,30 @@ fn sockets_are_denied() {
 }
 
 #[test]
+fn a_line_written_in_pieces_is_one_record_and_empty_lines_are_kept() {
+    let project = Project::new(&manifest(
+        "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",
+    ));
+    let lepton = project.up();
+    let reply = lepton.get("/probe/pieces");
+    assert_eq!(reply.status, 200);
+    let request_id = reply
+        .header("x-lepton-request-id")
+        .expect("request id")
+        .to_owned();
+    // The unterminated tail is logged when the instance goes, after the answer.
+    let log = lepton.wait_for_log("tail without newline");
+    let records: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("lepton::guest") && l.contains(&request_id))
+        .collect();
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert!(records[0].contains("lepton::guest: piece one two three "), "{records:#?}");
+    assert!(records[1].contains("lepton::guest:  "), "{records:#?}");
+    assert!(records[2].contains("tail without newline"), "{records:#?}");
+}
+
+#[test]
 fn guest_output_goes_to_the_host_log_tagged_with_the_function() {
     let project = Project::new(&manifest(
         "[function.probe]\ncomponent = \"{PROBE}\"\nroute = \"/probe/...\"\n",

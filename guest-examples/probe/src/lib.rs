@@ -7,7 +7,9 @@
 //! - `GET /probe/tcp?127.0.0.1:port` opens a TCP socket;
 //! - `POST /probe/echo` answers the request body's length;
 //! - `GET /probe/stdout` prints a line to stdout;
-//! - `GET /probe/flood?N` prints `N` lines of 1 KiB to stderr.
+//! - `GET /probe/flood?N` prints `N` lines of 1 KiB to stderr;
+//! - `GET /probe/pieces` writes one stderr line in pieces (a write per piece, each
+//!   through a stream of its own), then an empty line, then text with no newline.
 //!
 //! Each answers 200 with `ok: ...` or 403 with `denied: ...`.
 
@@ -39,6 +41,15 @@ fn probe(request: Request) -> Response {
         "echo" => Ok(format!("{} bytes", request.body().len())),
         "stdout" => {
             println!("probe says hi on stdout");
+            Ok("printed".to_owned())
+        }
+        "pieces" => {
+            use std::io::Write as _;
+            for piece in ["piece one", " two", " three\n", "\n", "tail without newline"] {
+                // `stderr()` is unbuffered: every write is a `get-stderr()` stream of
+                // its own.
+                let _ = std::io::stderr().write_all(piece.as_bytes());
+            }
             Ok("printed".to_owned())
         }
         "flood" => {
