@@ -46,9 +46,25 @@ pub struct Grants {
     tensor_budget: u64,
     train: TrainCtx,
     logs: Arc<crate::ops::logs::LogRing>,
+    kv: crate::kv::KvCtx,
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
 }
 
 impl Grants {
+    /// Grants `kv`'s stores.
+    #[must_use]
+    pub fn with_kv(mut self, kv: crate::kv::KvCtx) -> Self {
+        self.kv = kv;
+        self
+    }
+
+    /// Grants the `wasi:config` values `config` (already resolved).
+    #[must_use]
+    pub fn with_config(mut self, config: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.config = Arc::new(config.into_iter().collect());
+        self
+    }
+
     /// The grants of `spec`: its mounts already unpacked at `mounts` (in `spec.files`
     /// order), the models and trainers it names already resolved.
     pub fn new(
@@ -78,6 +94,8 @@ impl Grants {
             tensor_budget: spec.memory_limit,
             train,
             logs,
+            kv: crate::kv::KvCtx::default(),
+            config: Arc::new(wasmtime_wasi_config::WasiConfigVariables::new()),
         }
     }
 
@@ -137,6 +155,8 @@ impl Grants {
                 .with_tensor_budget(self.tensor_budget)
                 .with_trace(trace.copied()),
             train: self.train.clone().with_trace(trace.copied()),
+            kv: self.kv.clone(),
+            config: Arc::clone(&self.config),
         })
     }
 }
@@ -201,9 +221,21 @@ pub struct InstanceState {
     outbound: OutboundPolicy,
     nn: NnCtx,
     train: TrainCtx,
+    kv: crate::kv::KvCtx,
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
 }
 
 impl InstanceState {
+    /// The `wasi:keyvalue` view of this instance.
+    pub fn kv(&mut self) -> crate::kv::KvView<'_> {
+        crate::kv::KvView::new(&self.kv, &mut self.table)
+    }
+
+    /// The `wasi:config` view of this instance.
+    pub fn config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::from(&*self.config)
+    }
+
     /// The `wasi:nn` view of this instance.
     pub fn nn(&mut self) -> NnView<'_> {
         NnView::new(&self.nn, &mut self.table)

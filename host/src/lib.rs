@@ -44,6 +44,7 @@ pub mod fsutil;
 mod fuzz;
 pub mod http;
 pub mod infer;
+pub mod kv;
 pub mod locked;
 pub mod logging;
 pub mod manifest;

@@ -546,12 +546,51 @@ pub struct FunctionSpec {
     pub max_model_upload_size: u64,
     /// Trainers the guest may open.
     pub trainers: Vec<Name>,
+    /// `wasi:keyvalue` stores the guest may open (app-scoped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_value_stores: Vec<Name>,
+    /// `wasi:config` keys the guest sees: literal values, or the names of node
+    /// environment variables read at load (their values are never written here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config: Vec<(String, ConfigValue)>,
     /// How many replicas a cluster runs (`lepton up` runs one).
     #[serde(default, skip_serializing_if = "Scale::is_default")]
     pub scale: Scale,
     /// Where a cluster may place it (ignored by `lepton up`).
     #[serde(default, skip_serializing_if = "PlacementSpec::is_default")]
     pub placement: PlacementSpec,
+}
+
+/// A `wasi:config` value: `"text"`, or `{ env = "NAME" }` (read from the node's
+/// environment when the app is loaded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConfigValue {
+    /// The value itself.
+    Value(String),
+    /// The node environment variable holding it.
+    Env(String),
+}
+
+/// Most `wasi:config` keys of one function.
+pub const MAX_CONFIG_KEYS: usize = 256;
+
+/// Longest `wasi:config` value, in bytes.
+pub const MAX_CONFIG_VALUE: usize = 64 << 10;
+
+/// Checks a `wasi:config` key: 1 to 128 of ASCII letters, digits, `_`, `.` and `-`.
+pub fn check_config_key(key: &str) -> Result<(), String> {
+    if key.is_empty()
+        || key.len() > 128
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(format!(
+            "{key:?} is not a config key (1 to 128 of ASCII letters, digits, `_`, `.` and `-`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Most replicas one function may ask for.
@@ -1045,6 +1084,33 @@ impl FunctionSpec {
             {
                 return Err(error("environment", format!("invalid variable {key:?}")));
             }
+        }
+        if self.config.len() > MAX_CONFIG_KEYS {
+            return Err(error("config", format!("at most {MAX_CONFIG_KEYS} keys")));
+        }
+        for (i, (key, value)) in self.config.iter().enumerate() {
+            check_config_key(key).map_err(|e| error("config", e))?;
+            if self.config[..i].iter().any(|(k, _)| k == key) {
+                return Err(error("config", format!("key {key:?} is given twice")));
+            }
+            match value {
+                ConfigValue::Value(text) if text.len() > MAX_CONFIG_VALUE => {
+                    return Err(error(
+                        "config",
+                        format!("{key:?}: values are at most {MAX_CONFIG_VALUE} bytes"),
+                    ));
+                }
+                ConfigValue::Value(_) => {}
+                ConfigValue::Env(name) => {
+                    check_env_name(name).map_err(|e| error("config", format!("{key:?}: {e}")))?;
+                }
+            }
+        }
+        if self.key_value_stores.len() > MAX_GRANTS {
+            return Err(error(
+                "key_value_stores",
+                format!("at most {MAX_GRANTS} stores"),
+            ));
         }
         match self.scale {
             Scale::Fixed(n) if n > MAX_REPLICAS => {

@@ -252,12 +252,31 @@ pub struct RawFunction {
     /// Names of `[trainer.*]` tables this function may open.
     #[serde(default)]
     pub trainers: Vec<String>,
+    /// `wasi:keyvalue` stores this function may open, e.g. `["default", "cache"]`.
+    #[serde(default)]
+    pub key_value_stores: Vec<String>,
+    /// `wasi:config` values: `{ threshold = "0.8", api_key = { env = "API_KEY" } }`.
+    #[serde(default)]
+    pub config: BTreeMap<String, RawConfigValue>,
     /// Replicas a cluster runs (default 1); `lepton up` runs one.
     pub replicas: Option<u32>,
     /// Autoscaling bounds, instead of `replicas`.
     pub scale: Option<RawScale>,
     /// Where a cluster may place the function (ignored by `lepton up`).
     pub placement: Option<crate::locked::PlacementSpec>,
+}
+
+/// A `config` value: a string, or `{ env = "NAME" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string, or { env = \"NAME\" }")]
+pub enum RawConfigValue {
+    /// The value itself.
+    Value(String),
+    /// Taken from the node's environment when the app loads.
+    Env {
+        /// The variable's name.
+        env: String,
+    },
 }
 
 /// `scale = { min = 0, max = 8, target_concurrency = 10, scale_to_zero_after = "30s" }`.
@@ -561,6 +580,18 @@ fn resolve_function(
         allow_model_upload: raw.allow_model_upload,
         max_model_upload_size,
         trainers: names("trainers", &raw.trainers)?,
+        key_value_stores: names("key_value_stores", &raw.key_value_stores)?,
+        config: raw
+            .config
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    RawConfigValue::Value(text) => crate::locked::ConfigValue::Value(text),
+                    RawConfigValue::Env { env } => crate::locked::ConfigValue::Env(env),
+                };
+                (key, value)
+            })
+            .collect(),
         scale,
         placement: raw.placement.unwrap_or_default(),
     })

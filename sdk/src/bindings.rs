@@ -1,8 +1,8 @@
-//! The guest bindings of the `lepton:function/imports` world (`wit/function.wit`):
+//! The guest bindings of the `lepton:function/guest` world (`wit/function.wit`):
 //! the one `wit_bindgen::generate!` of this crate. Private; [`crate::nn`] and [`crate::train`] wrap it.
 
 wit_bindgen::generate!({
-    world: "lepton:function/imports",
+    world: "lepton:function/guest",
     // Relative to this crate's `Cargo.toml`.
     path: "../wit",
     // The `wasi:nn` interfaces come from another package; generate them here

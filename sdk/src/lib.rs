@@ -27,12 +27,16 @@
 //! [`outbound::send`] makes an outgoing HTTP request; a host that is not in
 //! `allowed_outbound_hosts` answers it with an error. [`nn`] runs the models the
 //! manifest grants through the standard `wasi:nn` interfaces, and [`train`] trains
-//! the ones it declares as trainers through Lepton's `lepton:nn/training`.
+//! the ones it declares as trainers through Lepton's `lepton:nn/training`. [`kv`]
+//! opens the key-value stores it is granted (`wasi:keyvalue`), and [`config`] reads
+//! its configuration (`wasi:config`).
 #![deny(missing_docs)]
 
 pub use http;
 
 mod bindings;
+pub mod config;
+pub mod kv;
 pub mod nn;
 pub mod outbound;
 pub mod train;

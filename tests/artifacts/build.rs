@@ -21,6 +21,7 @@ fn main() {
         guests.join("Cargo.toml").display()
     );
     println!("cargo:rerun-if-changed={}", root.join("sdk").display());
+    println!("cargo:rerun-if-changed={}", root.join("wit").display());
 
     let members = guest_members(&guests);
     for member in &members {

@@ -98,7 +98,10 @@ fn a_line_written_in_pieces_is_one_record_and_empty_lines_are_kept() {
         .filter(|l| l.contains("lepton::guest") && l.contains(&request_id))
         .collect();
     assert_eq!(records.len(), 3, "{records:#?}");
-    assert!(records[0].contains("lepton::guest: piece one two three "), "{records:#?}");
+    assert!(
+        records[0].contains("lepton::guest: piece one two three "),
+        "{records:#?}"
+    );
     assert!(records[1].contains("lepton::guest:  "), "{records:#?}");
     assert!(records[2].contains("tail without newline"), "{records:#?}");
 }

@@ -11,6 +11,7 @@ mod cluster;
 mod deploy;
 mod detect;
 mod inference;
+mod kv;
 mod limits;
 mod manifest;
 mod nn;

@@ -294,6 +294,8 @@ pub struct Node {
     blobs: BlobStore,
     models: Mutex<Option<Arc<ModelRegistry>>>,
     trainers: TrainerRegistry,
+    /// The apps' `wasi:keyvalue` stores, opened on first grant.
+    kv: Mutex<Option<Arc<crate::kv::Stores>>>,
     table: ArcSwap<FunctionTable>,
     /// The app store; holding it is the deploy lock (one change at a time).
     store: tokio::sync::Mutex<AppStore>,
@@ -324,6 +326,12 @@ fn new_linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<InstanceState>
     crate::train::add_to_linker(&mut linker, InstanceState::train)
         .map_err(anyhow::Error::from)
         .context("linking lepton:nn/training")?;
+    crate::kv::add_to_linker(&mut linker, InstanceState::kv)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:keyvalue")?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:config")?;
     Ok(linker)
 }
 
@@ -375,6 +383,7 @@ impl Node {
             _lock: lock,
             blobs: BlobStore::new(state_dir)?,
             trainers: TrainerRegistry::new(state_dir),
+            kv: Mutex::new(None),
             audit: AuditLog::open(state_dir)?,
             ops: crate::ops::Ops::default(),
             progress: std::sync::RwLock::new(None),
@@ -404,6 +413,24 @@ impl Node {
         }
         drop(store);
         Ok(node)
+    }
+
+    /// The node's key-value stores (`<state-dir>/kv.redb`), opened the first time
+    /// an app is granted one.
+    fn kv_stores(&self) -> anyhow::Result<Arc<crate::kv::Stores>> {
+        let mut kv = self
+            .kv
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(stores) = &*kv {
+            return Ok(Arc::clone(stores));
+        }
+        let stores = Arc::new(crate::kv::Stores::open(
+            &self.config.state_dir.join("kv.redb"),
+            crate::kv::Limits::default(),
+        )?);
+        *kv = Some(Arc::clone(&stores));
+        Ok(stores)
     }
 
     /// The table requests are routed through now.
@@ -727,6 +754,15 @@ impl Node {
             }
             tokio::task::block_in_place(|| store.remove(app)).map_err(DeployError::Internal)?;
             self.swap(None, app);
+            // Its key-value stores go with it (a later app of the same name starts
+            // empty).
+            if self.config.state_dir.join("kv.redb").exists()
+                && let Err(error) = tokio::task::block_in_place(|| {
+                    self.kv_stores().and_then(|stores| stores.remove_app(app))
+                })
+            {
+                tracing::error!(app = %app, "removing the app's key-value stores: {error:#}");
+            }
             self.collect_garbage(&store);
             Ok(())
         }
@@ -1331,6 +1367,15 @@ impl Node {
             let train = TrainCtx::new(Arc::new(granted_trainers), Some(Arc::clone(&publisher)));
             self.report(&format!("compiling function {}", spec.name));
             let observed = self.ops.function(app.name.as_str(), spec.name.as_str());
+            let config = resolve_config(spec).map_err(|e| rejected(scope(), Some("config"), &e))?;
+            let kv = if spec.key_value_stores.is_empty() {
+                crate::kv::KvCtx::default()
+            } else {
+                let stores = self
+                    .kv_stores()
+                    .map_err(|e| rejected(scope(), Some("key_value_stores"), &e))?;
+                crate::kv::KvCtx::new(stores, app.name.clone(), spec.key_value_stores.clone())
+            };
             let grants = Grants::new(
                 spec,
                 mounts,
@@ -1338,7 +1383,9 @@ impl Node {
                 registry.clone(),
                 train,
                 Arc::clone(&observed.logs),
-            );
+            )
+            .with_config(config)
+            .with_kv(kv);
             let function = Function::load(
                 &self.runtime,
                 (&self.linker, &self.large_linker),
@@ -1376,6 +1423,27 @@ impl Node {
             kept: Vec::new(),
         })
     }
+}
+
+/// A function's `wasi:config` values, environment references read from the node's
+/// environment now.
+fn resolve_config(spec: &crate::locked::FunctionSpec) -> anyhow::Result<Vec<(String, String)>> {
+    spec.config
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                crate::locked::ConfigValue::Value(text) => text.clone(),
+                crate::locked::ConfigValue::Env(variable) => {
+                    std::env::var(variable).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{key:?}: the environment variable `{variable}` is not set (or not UTF-8) on this node"
+                        )
+                    })?
+                }
+            };
+            Ok((key.clone(), value))
+        })
+        .collect()
 }
 
 /// The versions `store` keeps of `app`.

@@ -1,0 +1,605 @@
+//! `wasi:keyvalue@0.2.0-draft` (`store`, `atomics`, `batch`), as wasmtime 48 ships the
+//! interfaces, on stores granted per function (`key_value_stores = [...]`).
+//!
+//! A store belongs to its app: every function of the app granted `cache` sees the
+//! same `cache`, and no other app can name it. On a node the stores live in one
+//! [redb](https://docs.rs/redb) database in the state dir (`kv.redb`); every change is
+//! a committed, fsynced transaction before the guest's call returns, so it survives a
+//! restart and `kill -9`. Each write is one write transaction, and redb runs one at a
+//! time, so `increment` and the batch calls are atomic under concurrent requests.
+//!
+//! Limits ([`Limits`]) answer the guest with the interface's `other` error, never a
+//! host failure.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{
+    ReadableDatabase as _, ReadableTable as _, TableDefinition, TableError, TableHandle as _,
+};
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+use crate::locked::Name;
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit/deps/keyvalue",
+        world: "wasi:keyvalue/imports",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:keyvalue/store.bucket": super::Bucket,
+        },
+        trappable_error_type: {
+            "wasi:keyvalue/store.error" => super::KvError,
+        },
+        require_store_data_send: true,
+    });
+}
+
+use generated::wasi::keyvalue::{atomics, batch, store};
+
+/// What a node's stores may hold, by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest key, in bytes.
+    pub key_bytes: usize,
+    /// Largest value, in bytes.
+    pub value_bytes: usize,
+    /// Keys in one store.
+    pub keys: u64,
+    /// Bytes of keys and values in one store.
+    pub store_bytes: u64,
+    /// Keys one `list-keys` call returns (its cursor gives the next page).
+    pub page: usize,
+    /// Keys one batch call takes.
+    pub batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            key_bytes: 1024,
+            value_bytes: 1 << 20,
+            keys: 100_000,
+            store_bytes: 64 << 20,
+            page: 1000,
+            batch: 1000,
+        }
+    }
+}
+
+/// What a guest's call gets back when it fails (mapped to the interface's error).
+#[derive(Debug)]
+pub enum KvError {
+    /// The store is not granted to this function.
+    AccessDenied,
+    /// A limit, or the store failed.
+    Other(String),
+    /// A host failure: the call traps.
+    Trap(wasmtime::Error),
+}
+
+fn other(message: impl Into<String>) -> KvError {
+    KvError::Other(message.into())
+}
+
+/// A guest's open store.
+pub struct Bucket {
+    table: String,
+}
+
+/// `(keys, bytes)` of each store, kept with its data in the same transactions.
+const META: TableDefinition<'static, &str, (u64, u64)> = TableDefinition::new("lepton.meta");
+
+fn table_name(app: &Name, store: &Name) -> String {
+    format!("kv/{app}/{store}")
+}
+
+/// The node's key-value stores.
+pub struct Stores {
+    db: redb::Database,
+    limits: Limits,
+}
+
+impl Stores {
+    /// Opens (or creates) the stores' database at `path`.
+    pub fn open(path: &Path, limits: Limits) -> anyhow::Result<Self> {
+        let db = redb::Database::create(path).map_err(|e| {
+            anyhow::anyhow!("opening the key-value database `{}`: {e}", path.display())
+        })?;
+        Ok(Self { db, limits })
+    }
+
+    /// The limits every store has.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TableDefinition::<&str, &[u8]>::new(table)) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        Ok(table
+            .get(key)
+            .map_err(storage)?
+            .map(|value| value.value().to_vec()))
+    }
+
+    fn list(&self, table: &str, cursor: u64) -> Result<(Vec<String>, Option<u64>), KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = match txn.open_table(TableDefinition::<&str, &[u8]>::new(table)) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), None)),
+            Err(e) => return Err(storage(e)),
+        };
+        let skip = usize::try_from(cursor).unwrap_or(usize::MAX);
+        let mut keys = Vec::new();
+        let mut more = false;
+        for entry in table.iter().map_err(storage)?.skip(skip) {
+            if keys.len() == self.limits.page {
+                more = true;
+                break;
+            }
+            let (key, _) = entry.map_err(storage)?;
+            keys.push(key.value().to_owned());
+        }
+        let next = more.then(|| cursor + keys.len() as u64);
+        Ok((keys, next))
+    }
+
+    /// Runs `change` on `table` in one write transaction, keeping its counts and
+    /// checking its limits; nothing is written when it fails.
+    fn write<R>(
+        &self,
+        table: &str,
+        change: impl FnOnce(&mut Writer<'_, '_>) -> Result<R, KvError>,
+    ) -> Result<R, KvError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let result = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let (keys, bytes) = meta
+                .get(table)
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            let mut data = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new(table))
+                .map_err(storage)?;
+            let mut writer = Writer {
+                data: &mut data,
+                keys,
+                bytes,
+                limits: self.limits,
+            };
+            let result = change(&mut writer)?;
+            let counts = (writer.keys, writer.bytes);
+            meta.insert(table, counts).map_err(storage)?;
+            result
+        };
+        txn.commit().map_err(storage)?;
+        Ok(result)
+    }
+
+    /// Removes every store of `app` (the app was removed from the node).
+    pub fn remove_app(&self, app: &Name) -> anyhow::Result<()> {
+        let prefix = format!("kv/{app}/");
+        let txn = self.db.begin_write()?;
+        let names: Vec<String> = txn
+            .list_tables()?
+            .map(|t| t.name().to_owned())
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        {
+            let mut meta = txn.open_table(META)?;
+            for name in &names {
+                txn.delete_table(TableDefinition::<&str, &[u8]>::new(name))?;
+                meta.remove(&**name)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn storage(error: impl std::fmt::Display) -> KvError {
+    tracing::error!("key-value store: {error}");
+    KvError::Other("the store failed; see the node's log".into())
+}
+
+/// One store's data inside a write transaction, with its counts.
+struct Writer<'t, 'd> {
+    data: &'d mut redb::Table<'t, &'static str, &'static [u8]>,
+    keys: u64,
+    bytes: u64,
+    limits: Limits,
+}
+
+impl Writer<'_, '_> {
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        check_key(key, &self.limits)?;
+        if value.len() > self.limits.value_bytes {
+            return Err(other(format!(
+                "values are at most {} bytes; this one is {}",
+                self.limits.value_bytes,
+                value.len()
+            )));
+        }
+        let old = self
+            .data
+            .get(key)
+            .map_err(storage)?
+            .map(|v| v.value().len() as u64);
+        let keys = self.keys + u64::from(old.is_none());
+        let bytes = self.bytes - old.map_or(0, |len| len + key.len() as u64)
+            + (key.len() + value.len()) as u64;
+        if keys > self.limits.keys {
+            return Err(other(format!(
+                "a store holds at most {} keys",
+                self.limits.keys
+            )));
+        }
+        if bytes > self.limits.store_bytes {
+            return Err(other(format!(
+                "a store holds at most {} bytes of keys and values",
+                self.limits.store_bytes
+            )));
+        }
+        self.data.insert(key, value).map_err(storage)?;
+        (self.keys, self.bytes) = (keys, bytes);
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str) -> Result<(), KvError> {
+        check_key(key, &self.limits)?;
+        if let Some(old) = self.data.remove(key).map_err(storage)? {
+            self.keys -= 1;
+            self.bytes -= (key.len() + old.value().len()) as u64;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .data
+            .get(key)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
+    }
+}
+
+fn check_key(key: &str, limits: &Limits) -> Result<(), KvError> {
+    if key.len() > limits.key_bytes {
+        return Err(other(format!(
+            "keys are at most {} bytes; this one is {}",
+            limits.key_bytes,
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What one instance may open: its app's stores that its function is granted.
+#[derive(Clone, Default)]
+pub struct KvCtx {
+    inner: Option<Arc<Granted>>,
+}
+
+struct Granted {
+    stores: Arc<Stores>,
+    app: Name,
+    names: Vec<Name>,
+}
+
+impl KvCtx {
+    /// The stores `names` of `app`.
+    pub fn new(stores: Arc<Stores>, app: Name, names: Vec<Name>) -> Self {
+        Self {
+            inner: Some(Arc::new(Granted { stores, app, names })),
+        }
+    }
+}
+
+/// The `wasi:keyvalue` view of an instance.
+pub struct KvView<'a> {
+    ctx: &'a KvCtx,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> KvView<'a> {
+    /// A view over `ctx` and the instance's resource table.
+    pub fn new(ctx: &'a KvCtx, table: &'a mut ResourceTable) -> Self {
+        Self { ctx, table }
+    }
+
+    fn stores(&self) -> Result<Arc<Stores>, KvError> {
+        self.ctx
+            .inner
+            .as_ref()
+            .map(|g| Arc::clone(&g.stores))
+            .ok_or(KvError::AccessDenied)
+    }
+
+    fn bucket(&self, bucket: &Resource<Bucket>) -> Result<String, KvError> {
+        self.table
+            .get(bucket)
+            .map(|b| b.table.clone())
+            .map_err(|e| KvError::Trap(e.into()))
+    }
+}
+
+/// Runs blocking store work off the async worker threads.
+async fn blocking<R: Send + 'static>(
+    work: impl FnOnce() -> Result<R, KvError> + Send + 'static,
+) -> Result<R, KvError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| KvError::Trap(wasmtime::Error::msg(format!("key-value work failed: {e}"))))?
+}
+
+impl store::Host for KvView<'_> {
+    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        let Some(granted) = &self.ctx.inner else {
+            return Err(KvError::AccessDenied);
+        };
+        let Some(name) = granted.names.iter().find(|n| n.as_str() == identifier) else {
+            return Err(KvError::AccessDenied);
+        };
+        let table = table_name(&granted.app, name);
+        self.table
+            .push(Bucket { table })
+            .map_err(|e| KvError::Trap(e.into()))
+    }
+
+    fn convert_error(&mut self, error: KvError) -> wasmtime::Result<store::Error> {
+        match error {
+            KvError::AccessDenied => Ok(store::Error::AccessDenied),
+            KvError::Other(message) => Ok(store::Error::Other(message)),
+            KvError::Trap(error) => Err(error),
+        }
+    }
+}
+
+impl store::HostBucket for KvView<'_> {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        blocking(move || stores.get(&table, &key)).await
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        blocking(move || stores.write(&table, |w| w.set(&key, &value))).await
+    }
+
+    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        blocking(move || stores.write(&table, |w| w.delete(&key))).await
+    }
+
+    async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        blocking(move || stores.get(&table, &key).map(|v| v.is_some())).await
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<store::KeyResponse, KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        let (keys, cursor) = blocking(move || stores.list(&table, cursor.unwrap_or(0))).await?;
+        Ok(store::KeyResponse { keys, cursor })
+    }
+
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for KvView<'_> {
+    /// Adds `delta` to the key's value, read as a decimal `u64` (0 when absent), and
+    /// writes it back as decimal text, in one transaction.
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        blocking(move || {
+            stores.write(&table, |w| {
+                let current = match w.get(&key)? {
+                    None => 0,
+                    Some(bytes) => std::str::from_utf8(&bytes)
+                        .ok()
+                        .and_then(|text| text.parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            other(format!(
+                                "the value of {key:?} is not a decimal number to increment"
+                            ))
+                        })?,
+                };
+                let next = current
+                    .checked_add(delta)
+                    .ok_or_else(|| other(format!("incrementing {key:?} overflows u64")))?;
+                w.set(&key, next.to_string().as_bytes())?;
+                Ok(next)
+            })
+        })
+        .await
+    }
+}
+
+impl batch::Host for KvView<'_> {
+    async fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<(String, Vec<u8>)>>, KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        let limit = stores.limits.batch;
+        if keys.len() > limit {
+            return Err(other(format!("a batch takes at most {limit} keys")));
+        }
+        blocking(move || {
+            keys.into_iter()
+                .map(|key| Ok(stores.get(&table, &key)?.map(|value| (key, value))))
+                .collect()
+        })
+        .await
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        let limit = stores.limits.batch;
+        if key_values.len() > limit {
+            return Err(other(format!("a batch takes at most {limit} keys")));
+        }
+        blocking(move || {
+            stores.write(&table, |w| {
+                key_values
+                    .iter()
+                    .try_for_each(|(key, value)| w.set(key, value))
+            })
+        })
+        .await
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<(), KvError> {
+        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
+        let limit = stores.limits.batch;
+        if keys.len() > limit {
+            return Err(other(format!("a batch takes at most {limit} keys")));
+        }
+        blocking(move || stores.write(&table, |w| keys.iter().try_for_each(|k| w.delete(k)))).await
+    }
+}
+
+struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+/// Links `wasi:keyvalue/{store,atomics,batch}@0.2.0-draft`.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    view: fn(&mut T) -> KvView<'_>,
+) -> wasmtime::Result<()> {
+    store::add_to_linker::<T, HasKv>(linker, view)?;
+    atomics::add_to_linker::<T, HasKv>(linker, view)?;
+    batch::add_to_linker::<T, HasKv>(linker, view)?;
+    Ok(())
+}
+
+/// Whether a component imports any `wasi:keyvalue` interface.
+pub fn imports_keyvalue<'a>(mut imports: impl Iterator<Item = &'a str>) -> bool {
+    imports.any(|name| name.starts_with("wasi:keyvalue/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stores(limits: Limits) -> (tempfile::TempDir, Stores) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stores = Stores::open(&dir.path().join("kv.redb"), limits).expect("open");
+        (dir, stores)
+    }
+
+    #[test]
+    fn limits_refuse_and_leave_the_store_as_it_was() {
+        let limits = Limits {
+            keys: 2,
+            store_bytes: 20,
+            key_bytes: 4,
+            value_bytes: 8,
+            ..Limits::default()
+        };
+        let (_dir, stores) = stores(limits);
+        let t = "kv/a/s";
+        stores.write(t, |w| w.set("a", b"1")).expect("set");
+        stores.write(t, |w| w.set("b", b"2")).expect("set");
+        assert!(
+            matches!(stores.write(t, |w| w.set("c", b"3")), Err(KvError::Other(m)) if m.contains("at most 2 keys"))
+        );
+        assert!(
+            matches!(stores.write(t, |w| w.set("toolong", b"3")), Err(KvError::Other(m)) if m.contains("keys are at most 4 bytes"))
+        );
+        assert!(
+            matches!(stores.write(t, |w| w.set("a", b"123456789")), Err(KvError::Other(m)) if m.contains("values are at most 8"))
+        );
+        // A batch that fails part way writes nothing.
+        assert!(
+            stores
+                .write(t, |w| {
+                    w.set("a", b"changed")?;
+                    w.set("c", b"3")
+                })
+                .is_err()
+        );
+        assert_eq!(stores.get(t, "a").ok().flatten(), Some(b"1".to_vec()));
+        // Replacing a value counts its bytes once.
+        stores
+            .write(t, |w| w.set("a", b"12345678"))
+            .expect("replace");
+        assert!(
+            matches!(stores.write(t, |w| w.set("b", b"12345678")), Err(KvError::Other(m)) if m.contains("bytes of keys and values"))
+        );
+        stores.write(t, |w| w.delete("b")).expect("delete");
+        stores.write(t, |w| w.set("c", b"3")).expect("room again");
+    }
+
+    #[test]
+    fn keys_page_with_a_cursor_and_apps_are_removed() {
+        let (_dir, stores) = stores(Limits {
+            page: 3,
+            ..Limits::default()
+        });
+        let app = Name::new("shop").expect("name");
+        let t = table_name(&app, &Name::new("cache").expect("name"));
+        for i in 0..7 {
+            stores
+                .write(&t, |w| w.set(&format!("k{i}"), b"v"))
+                .expect("set");
+        }
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let (keys, next) = stores.list(&t, cursor).expect("list");
+            seen.extend(keys);
+            match next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 7);
+        assert_eq!(
+            stores.list(&t, u64::MAX).expect("past the end"),
+            (vec![], None)
+        );
+        stores.remove_app(&app).expect("remove");
+        assert_eq!(stores.list(&t, 0).expect("gone"), (vec![], None));
+        assert_eq!(stores.get(&t, "k1").ok().flatten(), None);
+    }
+}
