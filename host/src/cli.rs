@@ -636,6 +636,8 @@ impl NodeArgs {
             .body_budget(self.max_body_memory)
             .ort_dir(PathBuf::from(".cache/onnxruntime"));
         let node = Node::open(config).await?;
+        // Every replica of a function sees the same key-value stores.
+        node.use_cluster_kv(store.js.clone());
         // ONNX Runtime is loaded now (not at the first model) to know what it can run.
         let (onnx, mut accelerators) = match node.models() {
             Ok(models) => (true, crate::cluster::agent::detect_accelerators(&models)),

@@ -725,3 +725,57 @@ fn wrong_credentials_and_tampered_blobs_are_refused() {
     assert!(!victim.log().contains("serving what is placed here"));
     assert_eq!(victim.get("/hello").status, 503);
 }
+
+#[test]
+fn key_value_stores_are_shared_by_every_replica_across_the_hub_and_an_edge_site() {
+    let project = Project::new(&manifest(
+        "name = \"shop\"\n[function.kv]\ncomponent = \"{KV}\"\nroute = \"/kv/...\"\nreplicas = 2\nkey_value_stores = [\"default\"]\n",
+    ));
+    let dir = project.dir.path();
+    let hub = hub(dir);
+    let leaf = leaf(dir, &hub);
+    let url = hub_url(&hub);
+    let control = control(dir, "control", &url, &[]);
+    let token = token(dir, "control");
+    let cloud = node(dir, "cloud-1", &url, &[]);
+    // The edge node reaches JetStream through its site's leaf server.
+    let edge_url = format!("nats://edge:edgepw@{}", leaf.client);
+    let edge = node(dir, "edge-1", &edge_url, &["--jetstream-domain", "hub"]);
+    deploy(&project, &control, &token);
+    eventually(PATIENCE, "both replicas serve", || {
+        let status = admin_get(&control, &token, "/v1/status");
+        placed_on(&status, "kv").len() == 2
+            && [&cloud, &edge]
+                .iter()
+                .all(|n| n.get("/kv/keys").status == 200)
+    });
+    // A write on one node is read on the other.
+    let put =
+        reply(ureq::put(&format!("http://{}/kv/set/greeting", cloud.address)).send_bytes(b"hello"));
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(edge.get("/kv/get/greeting").body, "hello");
+    // Increments from both nodes at once lose none (compare-and-set on the bucket).
+    let threads: Vec<_> = [&cloud, &edge]
+        .iter()
+        .flat_map(|n| {
+            let address = n.address.clone();
+            (0..3).map(move |_| {
+                let address = address.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        let answer = reply(
+                            ureq::post(&format!("http://{address}/kv/increment/hits")).call(),
+                        );
+                        assert_eq!(answer.status, 200, "{}", answer.body);
+                    }
+                })
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("no panic");
+    }
+    assert_eq!(cloud.get("/kv/get/hits").body, "60");
+    assert_eq!(edge.get("/kv/get/hits").body, "60");
+    assert_eq!(edge.get("/kv/keys").body, "greeting\nhits\n");
+}

@@ -85,7 +85,8 @@ fn other(message: impl Into<String>) -> KvError {
 
 /// A guest's open store.
 pub struct Bucket {
-    table: String,
+    app: Name,
+    store: Name,
 }
 
 /// `(keys, bytes)` of each store, kept with its data in the same transactions.
@@ -95,24 +96,230 @@ fn table_name(app: &Name, store: &Name) -> String {
     format!("kv/{app}/{store}")
 }
 
-/// The node's key-value stores.
+/// The node's key-value stores: in the state dir (`lepton up`), or in JetStream (a
+/// cluster node, so that every replica sees the same data).
 pub struct Stores {
-    db: redb::Database,
+    backend: Backend,
     limits: Limits,
+}
+
+enum Backend {
+    Local(Local),
+    Cluster(Box<Cluster>),
 }
 
 impl Stores {
     /// Opens (or creates) the stores' database at `path`.
     pub fn open(path: &Path, limits: Limits) -> anyhow::Result<Self> {
-        let db = redb::Database::create(path).map_err(|e| {
-            anyhow::anyhow!("opening the key-value database `{}`: {e}", path.display())
-        })?;
-        Ok(Self { db, limits })
+        Ok(Self {
+            backend: Backend::Local(Local::open(path, limits)?),
+            limits,
+        })
+    }
+
+    /// Stores kept in JetStream KV buckets, one per app and store
+    /// (`lepton_kv_<len>_<app>_<store>`), created on first use.
+    pub fn cluster(js: async_nats::jetstream::Context, limits: Limits) -> Self {
+        Self {
+            backend: Backend::Cluster(Box::new(Cluster {
+                js,
+                limits,
+                buckets: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            })),
+            limits,
+        }
     }
 
     /// The limits every store has.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Removes every store of `app` (the app was removed from the node).
+    pub fn remove_app(&self, app: &Name) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Local(local) => local.remove_app(app),
+            // A cluster's stores outlive any one node: the control plane's removal
+            // is what ends them (left to the operator: `nats kv del`).
+            Backend::Cluster(_) => Ok(()),
+        }
+    }
+
+    fn check_batch(&self, len: usize) -> Result<(), KvError> {
+        if len > self.limits.batch {
+            return Err(other(format!(
+                "a batch takes at most {} keys",
+                self.limits.batch
+            )));
+        }
+        Ok(())
+    }
+
+    async fn get(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        key: String,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        check_key(&key, &self.limits)?;
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || self.local().get(&table_name(&bucket.0, &bucket.1), &key)).await
+            }
+            Backend::Cluster(cluster) => cluster.get(&bucket, &key).await,
+        }
+    }
+
+    async fn set(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || {
+                    self.local()
+                        .write(&table_name(&bucket.0, &bucket.1), |w| w.set(&key, &value))
+                })
+                .await
+            }
+            Backend::Cluster(cluster) => cluster.set(&bucket, &key, value).await,
+        }
+    }
+
+    async fn delete(self: Arc<Self>, bucket: (Name, Name), key: String) -> Result<(), KvError> {
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || {
+                    self.local()
+                        .write(&table_name(&bucket.0, &bucket.1), |w| w.delete(&key))
+                })
+                .await
+            }
+            Backend::Cluster(cluster) => cluster.delete(&bucket, &key).await,
+        }
+    }
+
+    async fn list(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        cursor: u64,
+    ) -> Result<(Vec<String>, Option<u64>), KvError> {
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || self.local().list(&table_name(&bucket.0, &bucket.1), cursor)).await
+            }
+            Backend::Cluster(cluster) => cluster.list(&bucket, cursor).await,
+        }
+    }
+
+    async fn increment(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        key: String,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || {
+                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
+                        let next = add(&key, w.get(&key)?.as_deref(), delta)?;
+                        w.set(&key, next.to_string().as_bytes())?;
+                        Ok(next)
+                    })
+                })
+                .await
+            }
+            Backend::Cluster(cluster) => cluster.increment(&bucket, &key, delta).await,
+        }
+    }
+
+    async fn set_many(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        pairs: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), KvError> {
+        self.check_batch(pairs.len())?;
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || {
+                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
+                        pairs.iter().try_for_each(|(key, value)| w.set(key, value))
+                    })
+                })
+                .await
+            }
+            Backend::Cluster(cluster) => {
+                for (key, value) in pairs {
+                    cluster.set(&bucket, &key, value).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn delete_many(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        keys: Vec<String>,
+    ) -> Result<(), KvError> {
+        self.check_batch(keys.len())?;
+        match &self.backend {
+            Backend::Local(_) => {
+                blocking(move || {
+                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
+                        keys.iter().try_for_each(|key| w.delete(key))
+                    })
+                })
+                .await
+            }
+            Backend::Cluster(cluster) => {
+                for key in keys {
+                    cluster.delete(&bucket, &key).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn local(&self) -> &Local {
+        match &self.backend {
+            Backend::Local(local) => local,
+            Backend::Cluster(_) => unreachable!("called on the local backend only"),
+        }
+    }
+}
+
+/// `delta` added to the decimal number `current` holds (0 when unset).
+fn add(key: &str, current: Option<&[u8]>, delta: u64) -> Result<u64, KvError> {
+    let current = match current {
+        None => 0,
+        Some(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or_else(|| {
+                other(format!(
+                    "the value of {key:?} is not a decimal number to increment"
+                ))
+            })?,
+    };
+    current
+        .checked_add(delta)
+        .ok_or_else(|| other(format!("incrementing {key:?} overflows u64")))
+}
+
+/// The stores of a node on its own: one redb database.
+struct Local {
+    db: redb::Database,
+    limits: Limits,
+}
+
+impl Local {
+    fn open(path: &Path, limits: Limits) -> anyhow::Result<Self> {
+        let db = redb::Database::create(path).map_err(|e| {
+            anyhow::anyhow!("opening the key-value database `{}`: {e}", path.display())
+        })?;
+        Ok(Self { db, limits })
     }
 
     fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
@@ -183,8 +390,7 @@ impl Stores {
         Ok(result)
     }
 
-    /// Removes every store of `app` (the app was removed from the node).
-    pub fn remove_app(&self, app: &Name) -> anyhow::Result<()> {
+    fn remove_app(&self, app: &Name) -> anyhow::Result<()> {
         let prefix = format!("kv/{app}/");
         let txn = self.db.begin_write()?;
         let names: Vec<String> = txn
@@ -201,6 +407,219 @@ impl Stores {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// The stores of a cluster node: JetStream KV buckets, shared by every node.
+struct Cluster {
+    js: async_nats::jetstream::Context,
+    limits: Limits,
+    buckets:
+        tokio::sync::Mutex<std::collections::HashMap<String, async_nats::jetstream::kv::Store>>,
+}
+
+/// JetStream's own deadline is per request; this bounds one call of ours.
+const CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Rounds of compare-and-set an `increment` tries before it gives up.
+const MAX_CAS_ROUNDS: usize = 1000;
+
+/// A guest's key as a JetStream KV key: hex, which the key alphabet
+/// (`[-/_=.a-zA-Z0-9]`) holds whatever the guest's key is.
+fn encode_key(key: &str) -> String {
+    hex::encode(key)
+}
+
+fn decode_key(key: &str) -> Option<String> {
+    String::from_utf8(hex::decode(key).ok()?).ok()
+}
+
+/// The bucket of `app`'s store `store`: the app name's length keeps `a_b`+`c`
+/// apart from `a`+`b_c`.
+pub fn bucket_name(app: &Name, store: &Name) -> String {
+    format!("lepton_kv_{}_{app}_{store}", app.as_str().len())
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, KvError> {
+    match tokio::time::timeout(CLUSTER_TIMEOUT, call).await {
+        Ok(result) => result.map_err(storage),
+        Err(_) => Err(other("the cluster's store did not answer in time")),
+    }
+}
+
+impl Cluster {
+    async fn bucket(
+        &self,
+        (app, store): &(Name, Name),
+    ) -> Result<async_nats::jetstream::kv::Store, KvError> {
+        let name = bucket_name(app, store);
+        let mut buckets = self.buckets.lock().await;
+        if let Some(bucket) = buckets.get(&name) {
+            return Ok(bucket.clone());
+        }
+        let bucket = match bounded(self.js.get_key_value(&name)).await {
+            Ok(bucket) => bucket,
+            Err(_) => {
+                bounded(
+                    self.js.create_key_value(async_nats::jetstream::kv::Config {
+                        bucket: name.clone(),
+                        description: format!("wasi:keyvalue store `{store}` of app `{app}`"),
+                        history: 1,
+                        max_value_size: i32::try_from(
+                            self.limits.value_bytes + self.limits.key_bytes * 2,
+                        )
+                        .unwrap_or(i32::MAX),
+                        max_bytes: i64::try_from(self.limits.store_bytes).unwrap_or(i64::MAX),
+                        storage: async_nats::jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    }),
+                )
+                .await?
+            }
+        };
+        buckets.insert(name, bucket.clone());
+        Ok(bucket)
+    }
+
+    async fn get(&self, bucket: &(Name, Name), key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let store = self.bucket(bucket).await?;
+        Ok(bounded(store.get(encode_key(key)))
+            .await?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Checks what a write must satisfy before it is sent; `adds` when the key is new.
+    async fn check_write(
+        &self,
+        store: &async_nats::jetstream::kv::Store,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), KvError> {
+        check_key(key, &self.limits)?;
+        if value.len() > self.limits.value_bytes {
+            return Err(other(format!(
+                "values are at most {} bytes; this one is {}",
+                self.limits.value_bytes,
+                value.len()
+            )));
+        }
+        if bounded(store.get(encode_key(key))).await?.is_none() {
+            let status = bounded(store.status()).await?;
+            if status.values() >= self.limits.keys {
+                return Err(other(format!(
+                    "a store holds at most {} keys",
+                    self.limits.keys
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn set(&self, bucket: &(Name, Name), key: &str, value: Vec<u8>) -> Result<(), KvError> {
+        let store = self.bucket(bucket).await?;
+        self.check_write(&store, key, &value).await?;
+        match tokio::time::timeout(CLUSTER_TIMEOUT, store.put(encode_key(key), value.into())).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::warn!("key-value put: {error}");
+                Err(other(format!(
+                    "the store refused the value (it holds at most {} bytes of keys and values)",
+                    self.limits.store_bytes
+                )))
+            }
+            Err(_) => Err(other("the cluster's store did not answer in time")),
+        }
+    }
+
+    async fn delete(&self, bucket: &(Name, Name), key: &str) -> Result<(), KvError> {
+        check_key(key, &self.limits)?;
+        let store = self.bucket(bucket).await?;
+        // Purge, not delete: the value's bytes go, not only its visibility.
+        bounded(store.purge(encode_key(key))).await
+    }
+
+    async fn list(
+        &self,
+        bucket: &(Name, Name),
+        cursor: u64,
+    ) -> Result<(Vec<String>, Option<u64>), KvError> {
+        use futures::StreamExt as _;
+        let store = self.bucket(bucket).await?;
+        let mut keys = Vec::new();
+        let mut stream = bounded(store.keys()).await?;
+        while let Some(key) = tokio::time::timeout(CLUSTER_TIMEOUT, stream.next())
+            .await
+            .map_err(|_| other("the cluster's store did not answer in time"))?
+        {
+            if let Some(key) = decode_key(&key.map_err(storage)?) {
+                keys.push(key);
+            }
+        }
+        // The same order on every call, so that a cursor means the same thing.
+        keys.sort();
+        let skip = usize::try_from(cursor)
+            .unwrap_or(usize::MAX)
+            .min(keys.len());
+        let page: Vec<String> = keys[skip..]
+            .iter()
+            .take(self.limits.page)
+            .cloned()
+            .collect();
+        let next = (skip + page.len() < keys.len()).then(|| (skip + page.len()) as u64);
+        Ok((page, next))
+    }
+
+    /// Compare-and-set on the key's revision, retried while other writers win.
+    async fn increment(
+        &self,
+        bucket: &(Name, Name),
+        key: &str,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+        check_key(key, &self.limits)?;
+        let store = self.bucket(bucket).await?;
+        let encoded = encode_key(key);
+        for _ in 0..MAX_CAS_ROUNDS {
+            let entry = bounded(store.entry(encoded.clone())).await?;
+            let live = entry.as_ref().filter(|e| e.operation == Operation::Put);
+            let next = add(key, live.map(|e| &e.value[..]), delta)?;
+            let bytes = bytes::Bytes::from(next.to_string());
+            let written = match &entry {
+                Some(e) if e.operation == Operation::Put => {
+                    match tokio::time::timeout(
+                        CLUSTER_TIMEOUT,
+                        store.update(&encoded, bytes, e.revision),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => true,
+                        Ok(Err(error)) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                            false
+                        }
+                        Ok(Err(error)) => return Err(storage(error)),
+                        Err(_) => return Err(other("the cluster's store did not answer in time")),
+                    }
+                }
+                _ => match tokio::time::timeout(CLUSTER_TIMEOUT, store.create(&encoded, bytes))
+                    .await
+                {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(error)) if error.kind() == CreateErrorKind::AlreadyExists => false,
+                    Ok(Err(error)) => return Err(storage(error)),
+                    Err(_) => return Err(other("the cluster's store did not answer in time")),
+                },
+            };
+            if written {
+                return Ok(next);
+            }
+        }
+        Err(other(format!(
+            "{key:?} changed {MAX_CAS_ROUNDS} times while it was incremented; retry"
+        )))
     }
 }
 
@@ -314,19 +733,22 @@ impl<'a> KvView<'a> {
         Self { ctx, table }
     }
 
-    fn stores(&self) -> Result<Arc<Stores>, KvError> {
-        self.ctx
+    /// The stores and the app and store names of `bucket`.
+    fn open_bucket(
+        &self,
+        bucket: &Resource<Bucket>,
+    ) -> Result<(Arc<Stores>, (Name, Name)), KvError> {
+        let stores = self
+            .ctx
             .inner
             .as_ref()
             .map(|g| Arc::clone(&g.stores))
-            .ok_or(KvError::AccessDenied)
-    }
-
-    fn bucket(&self, bucket: &Resource<Bucket>) -> Result<String, KvError> {
-        self.table
+            .ok_or(KvError::AccessDenied)?;
+        let bucket = self
+            .table
             .get(bucket)
-            .map(|b| b.table.clone())
-            .map_err(|e| KvError::Trap(e.into()))
+            .map_err(|e| KvError::Trap(e.into()))?;
+        Ok((stores, (bucket.app.clone(), bucket.store.clone())))
     }
 }
 
@@ -347,10 +769,11 @@ impl store::Host for KvView<'_> {
         let Some(name) = granted.names.iter().find(|n| n.as_str() == identifier) else {
             return Err(KvError::AccessDenied);
         };
-        let table = table_name(&granted.app, name);
-        self.table
-            .push(Bucket { table })
-            .map_err(|e| KvError::Trap(e.into()))
+        let bucket = Bucket {
+            app: granted.app.clone(),
+            store: name.clone(),
+        };
+        self.table.push(bucket).map_err(|e| KvError::Trap(e.into()))
     }
 
     fn convert_error(&mut self, error: KvError) -> wasmtime::Result<store::Error> {
@@ -368,8 +791,8 @@ impl store::HostBucket for KvView<'_> {
         bucket: Resource<Bucket>,
         key: String,
     ) -> Result<Option<Vec<u8>>, KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        blocking(move || stores.get(&table, &key)).await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.get(bucket, key).await
     }
 
     async fn set(
@@ -378,18 +801,18 @@ impl store::HostBucket for KvView<'_> {
         key: String,
         value: Vec<u8>,
     ) -> Result<(), KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        blocking(move || stores.write(&table, |w| w.set(&key, &value))).await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.set(bucket, key, value).await
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        blocking(move || stores.write(&table, |w| w.delete(&key))).await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.delete(bucket, key).await
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        blocking(move || stores.get(&table, &key).map(|v| v.is_some())).await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        Ok(stores.get(bucket, key).await?.is_some())
     }
 
     async fn list_keys(
@@ -397,8 +820,8 @@ impl store::HostBucket for KvView<'_> {
         bucket: Resource<Bucket>,
         cursor: Option<u64>,
     ) -> Result<store::KeyResponse, KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        let (keys, cursor) = blocking(move || stores.list(&table, cursor.unwrap_or(0))).await?;
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        let (keys, cursor) = stores.list(bucket, cursor.unwrap_or(0)).await?;
         Ok(store::KeyResponse { keys, cursor })
     }
 
@@ -410,35 +833,15 @@ impl store::HostBucket for KvView<'_> {
 
 impl atomics::Host for KvView<'_> {
     /// Adds `delta` to the key's value, read as a decimal `u64` (0 when absent), and
-    /// writes it back as decimal text, in one transaction.
+    /// writes it back as decimal text, atomically.
     async fn increment(
         &mut self,
         bucket: Resource<Bucket>,
         key: String,
         delta: u64,
     ) -> Result<u64, KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        blocking(move || {
-            stores.write(&table, |w| {
-                let current = match w.get(&key)? {
-                    None => 0,
-                    Some(bytes) => std::str::from_utf8(&bytes)
-                        .ok()
-                        .and_then(|text| text.parse::<u64>().ok())
-                        .ok_or_else(|| {
-                            other(format!(
-                                "the value of {key:?} is not a decimal number to increment"
-                            ))
-                        })?,
-                };
-                let next = current
-                    .checked_add(delta)
-                    .ok_or_else(|| other(format!("incrementing {key:?} overflows u64")))?;
-                w.set(&key, next.to_string().as_bytes())?;
-                Ok(next)
-            })
-        })
-        .await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.increment(bucket, key, delta).await
     }
 }
 
@@ -448,17 +851,14 @@ impl batch::Host for KvView<'_> {
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<Vec<Option<(String, Vec<u8>)>>, KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        let limit = stores.limits.batch;
-        if keys.len() > limit {
-            return Err(other(format!("a batch takes at most {limit} keys")));
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.check_batch(keys.len())?;
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value = Arc::clone(&stores).get(bucket.clone(), key.clone()).await?;
+            found.push(value.map(|value| (key, value)));
         }
-        blocking(move || {
-            keys.into_iter()
-                .map(|key| Ok(stores.get(&table, &key)?.map(|value| (key, value))))
-                .collect()
-        })
-        .await
+        Ok(found)
     }
 
     async fn set_many(
@@ -466,19 +866,8 @@ impl batch::Host for KvView<'_> {
         bucket: Resource<Bucket>,
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Result<(), KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        let limit = stores.limits.batch;
-        if key_values.len() > limit {
-            return Err(other(format!("a batch takes at most {limit} keys")));
-        }
-        blocking(move || {
-            stores.write(&table, |w| {
-                key_values
-                    .iter()
-                    .try_for_each(|(key, value)| w.set(key, value))
-            })
-        })
-        .await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.set_many(bucket, key_values).await
     }
 
     async fn delete_many(
@@ -486,12 +875,8 @@ impl batch::Host for KvView<'_> {
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<(), KvError> {
-        let (stores, table) = (self.stores()?, self.bucket(&bucket)?);
-        let limit = stores.limits.batch;
-        if keys.len() > limit {
-            return Err(other(format!("a batch takes at most {limit} keys")));
-        }
-        blocking(move || stores.write(&table, |w| keys.iter().try_for_each(|k| w.delete(k)))).await
+        let (stores, bucket) = self.open_bucket(&bucket)?;
+        stores.delete_many(bucket, keys).await
     }
 }
 
@@ -521,9 +906,9 @@ pub fn imports_keyvalue<'a>(mut imports: impl Iterator<Item = &'a str>) -> bool 
 mod tests {
     use super::*;
 
-    fn stores(limits: Limits) -> (tempfile::TempDir, Stores) {
+    fn stores(limits: Limits) -> (tempfile::TempDir, Local) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let stores = Stores::open(&dir.path().join("kv.redb"), limits).expect("open");
+        let stores = Local::open(&dir.path().join("kv.redb"), limits).expect("open");
         (dir, stores)
     }
 
@@ -531,7 +916,7 @@ mod tests {
     fn limits_refuse_and_leave_the_store_as_it_was() {
         let limits = Limits {
             keys: 2,
-            store_bytes: 20,
+            store_bytes: 16,
             key_bytes: 4,
             value_bytes: 8,
             ..Limits::default()

@@ -415,6 +415,16 @@ impl Node {
         Ok(node)
     }
 
+    /// Keeps the apps' key-value stores in the cluster's JetStream (one bucket per
+    /// app and store) instead of the state dir: call it before any app is built.
+    pub fn use_cluster_kv(&self, js: async_nats::jetstream::Context) {
+        let stores = crate::kv::Stores::cluster(js, crate::kv::Limits::default());
+        *self
+            .kv
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(stores));
+    }
+
     /// The node's key-value stores (`<state-dir>/kv.redb`), opened the first time
     /// an app is granted one.
     fn kv_stores(&self) -> anyhow::Result<Arc<crate::kv::Stores>> {
