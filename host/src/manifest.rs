@@ -22,6 +22,8 @@
 //! environment = { GREETING = "hi" }
 //! files = [{ source = "static", destination = "/static" }]   # read-only
 //! allowed_outbound_hosts = ["http://127.0.0.1:8080"]
+//! key_value_stores = ["default"]  # wasi:keyvalue stores of the app (default none)
+//! config = { threshold = "0.8", api_key = { env = "API_KEY" } }   # wasi:config
 //! ```
 
 use std::collections::BTreeMap;
