@@ -481,3 +481,33 @@ impl tokio::io::AsyncWrite for GuestLogWriter {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    #[tokio::test]
+    async fn pieces_through_several_streams_are_one_record() {
+        let ring = Arc::new(crate::ops::logs::LogRing::default());
+        let log = GuestLog::new(
+            "stderr",
+            &Arc::from("f"),
+            &Arc::from("r1"),
+            &Arc::new(AtomicUsize::new(MAX_LOG_BYTES)),
+            &ring,
+        );
+        for piece in [&b"one"[..], b" two", b"\n\n", b"tail"] {
+            let mut stream = Box::into_pin(log.async_stream());
+            stream.write_all(piece).await.expect("write");
+            drop(stream);
+        }
+        drop(log);
+        let lines: Vec<String> = ring
+            .read(0, 0)
+            .into_iter()
+            .filter_map(|record| record.message)
+            .collect();
+        assert_eq!(lines, ["one two", "", "tail"]);
+    }
+}

@@ -1103,6 +1103,14 @@ impl FunctionSpec {
                 ConfigValue::Value(_) => {}
                 ConfigValue::Env(name) => {
                     check_env_name(name).map_err(|e| error("config", format!("{key:?}: {e}")))?;
+                    if name.starts_with("LEPTON_") {
+                        return Err(error(
+                            "config",
+                            format!(
+                                "{key:?}: `{name}` is one of the node's own settings (LEPTON_*), never handed to a function"
+                            ),
+                        ));
+                    }
                 }
             }
         }

@@ -106,12 +106,12 @@ impl Store {
             .collect())
     }
 
-    /// Sets every pair, all or none.
+    /// Sets every pair: all or none on a node; key by key in a cluster.
     pub fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> Result<(), Error> {
         Ok(batch::set_many(&self.0, pairs)?)
     }
 
-    /// Removes every key in `keys`, all or none.
+    /// Removes every key in `keys`: all or none on a node; key by key in a cluster.
     pub fn delete_many(&self, keys: &[String]) -> Result<(), Error> {
         Ok(batch::delete_many(&self.0, keys)?)
     }

@@ -80,9 +80,16 @@ fn stores_are_granted_per_function_scoped_to_the_app_and_survive_kill_9() {
         send(&lepton, "GET", "/kv/keys").body,
         "greeting\nk0\nk1\nk2\n"
     );
-    // Removing an app removes its stores.
+    // Removing an app removes its stores: deployed again, it starts empty.
+    assert_eq!(put(&lepton, "/elsewhere/set/mine", b"x").status, 200);
     let (status, out, err) = lepton.client(&other, &["rm", "elsewhere"]);
     assert!(status.success(), "{out}{err}");
+    let (status, out, err) = lepton.client(&other, &["deploy"]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(send(&lepton, "GET", "/elsewhere/get/mine").status, 404);
+    assert_eq!(send(&lepton, "GET", "/kv/get/greeting").body, "hello");
+    // An empty key is the guest's error, the same on a node as in a cluster.
+    assert_eq!(put(&lepton, "/kv/set/", b"x").status, 400);
 }
 
 #[test]
@@ -172,6 +179,13 @@ fn config_values_are_the_functions_own_and_secrets_stay_out_of_the_state_dir() {
             entry.display()
         );
     }
+    // The node's own settings are never handed out.
+    let own = Project::new(&manifest(
+        "[function.kv]\ncomponent = \"{KV}\"\nroute = \"/kv/...\"\nconfig = { token = { env = \"LEPTON_ADMIN_TOKEN\" } }\n",
+    ));
+    let (status, out, err) = own.run(&["check"]);
+    assert!(!status.success(), "{out}{err}");
+    assert!(err.contains("one of the node's own settings"), "{err}");
     // Unset on the node: the deploy is refused, naming the key and the variable.
     let (status, out, err) = project.run(&["check"]);
     assert!(!status.success(), "{out}{err}");

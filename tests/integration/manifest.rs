@@ -26,7 +26,7 @@ fn unknown_key_names_the_key_and_line() {
   | ^^^^^^^
 unknown field `tiemout`, expected one of `component`, `route`, `timeout`, `memory_limit`, `max_concurrency`, \
 `max_queue`, `max_body_size`, `environment`, `files`, `allowed_outbound_hosts`, `models`, \
-`allow_model_upload`, `max_model_upload_size`, `trainers`, `replicas`, `scale`, `placement`"
+`allow_model_upload`, `max_model_upload_size`, `trainers`, `key_value_stores`, `config`, `replicas`, `scale`, `placement`"
     );
 }
 

@@ -380,6 +380,11 @@ async fn infer(
             );
         }
     };
+    // JSON decodes to up to 4 times its size: room for that is reserved before the
+    // decoding (the body holds 1), then only what the tensors take is kept.
+    let Some(decoding) = budget.try_reserve(held.bytes.len() as u64 * 3) else {
+        return over_budget();
+    };
     let parsed = match wire::parse_request(&held.bytes, header_length) {
         Ok(parsed) => parsed,
         Err(bad) => return error(http::StatusCode::BAD_REQUEST, &bad.0),
@@ -392,6 +397,7 @@ async fn infer(
         .map(|(_, tensor)| tensor.data.len() as u64)
         .sum::<u64>();
     drop(held);
+    drop(decoding);
     let Some(_tensors) = budget.try_reserve(decoded) else {
         return over_budget();
     };

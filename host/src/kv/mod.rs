@@ -6,7 +6,9 @@
 //! [redb](https://docs.rs/redb) database in the state dir (`kv.redb`); every change is
 //! a committed, fsynced transaction before the guest's call returns, so it survives a
 //! restart and `kill -9`. Each write is one write transaction, and redb runs one at a
-//! time, so `increment` and the batch calls are atomic under concurrent requests.
+//! time, so `increment` and the batch calls are atomic under concurrent requests. On a
+//! cluster node they are JetStream KV buckets: `increment` is compare-and-set on the
+//! key's revision, and batch calls run key by key (not atomic).
 //!
 //! Limits ([`Limits`]) answer the guest with the interface's `other` error, never a
 //! host failure.
@@ -506,8 +508,11 @@ impl Cluster {
             )));
         }
         if bounded(store.get(encode_key(key))).await?.is_none() {
-            let status = bounded(store.status()).await?;
-            if status.values() >= self.limits.keys {
+            // Fresh, not the snapshot the bucket was opened with. It counts deletion
+            // markers too, so the limit is reached early, never late.
+            let mut stream = store.stream.clone();
+            let messages = bounded(stream.info()).await?.state.messages;
+            if messages >= self.limits.keys {
                 return Err(other(format!(
                     "a store holds at most {} keys",
                     self.limits.keys
@@ -588,6 +593,9 @@ impl Cluster {
             let live = entry.as_ref().filter(|e| e.operation == Operation::Put);
             let next = add(key, live.map(|e| &e.value[..]), delta)?;
             let bytes = bytes::Bytes::from(next.to_string());
+            if live.is_none() {
+                self.check_write(&store, key, b"").await?;
+            }
             let written = match &entry {
                 Some(e) if e.operation == Operation::Put => {
                     match tokio::time::timeout(
@@ -624,7 +632,7 @@ impl Cluster {
 }
 
 fn storage(error: impl std::fmt::Display) -> KvError {
-    tracing::error!("key-value store: {error}");
+    tracing::warn!("key-value store: {error}");
     KvError::Other("the store failed; see the node's log".into())
 }
 
@@ -652,7 +660,10 @@ impl Writer<'_, '_> {
             .map_err(storage)?
             .map(|v| v.value().len() as u64);
         let keys = self.keys + u64::from(old.is_none());
-        let bytes = self.bytes - old.map_or(0, |len| len + key.len() as u64)
+        let bytes = self
+            .bytes
+            .checked_sub(old.map_or(0, |len| len + key.len() as u64))
+            .ok_or_else(|| storage("the store's byte count is below its contents"))?
             + (key.len() + value.len()) as u64;
         if keys > self.limits.keys {
             return Err(other(format!(
@@ -674,8 +685,12 @@ impl Writer<'_, '_> {
     fn delete(&mut self, key: &str) -> Result<(), KvError> {
         check_key(key, &self.limits)?;
         if let Some(old) = self.data.remove(key).map_err(storage)? {
-            self.keys -= 1;
-            self.bytes -= (key.len() + old.value().len()) as u64;
+            let drift = || storage("the store's counts are below its contents");
+            self.keys = self.keys.checked_sub(1).ok_or_else(drift)?;
+            self.bytes = self
+                .bytes
+                .checked_sub((key.len() + old.value().len()) as u64)
+                .ok_or_else(drift)?;
         }
         Ok(())
     }
@@ -690,6 +705,9 @@ impl Writer<'_, '_> {
 }
 
 fn check_key(key: &str, limits: &Limits) -> Result<(), KvError> {
+    if key.is_empty() {
+        return Err(other("keys are at least 1 byte"));
+    }
     if key.len() > limits.key_bytes {
         return Err(other(format!(
             "keys are at most {} bytes; this one is {}",

@@ -296,6 +296,9 @@ pub struct Node {
     trainers: TrainerRegistry,
     /// The apps' `wasi:keyvalue` stores, opened on first grant.
     kv: Mutex<Option<Arc<crate::kv::Stores>>>,
+    /// Set while [`Node::open`] rebuilds stored versions: checks added since they were
+    /// stored warn instead of refusing (an upgrade never drops a serving app).
+    restoring: std::sync::atomic::AtomicBool,
     table: ArcSwap<FunctionTable>,
     /// The app store; holding it is the deploy lock (one change at a time).
     store: tokio::sync::Mutex<AppStore>,
@@ -384,6 +387,7 @@ impl Node {
             blobs: BlobStore::new(state_dir)?,
             trainers: TrainerRegistry::new(state_dir),
             kv: Mutex::new(None),
+            restoring: std::sync::atomic::AtomicBool::new(true),
             audit: AuditLog::open(state_dir)?,
             ops: crate::ops::Ops::default(),
             progress: std::sync::RwLock::new(None),
@@ -412,6 +416,8 @@ impl Node {
             }
         }
         drop(store);
+        node.restoring
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(node)
     }
 
@@ -435,6 +441,8 @@ impl Node {
         if let Some(stores) = &*kv {
             return Ok(Arc::clone(stores));
         }
+        // Opening may repair the file after a kill: blocking work, which is why both
+        // callers (a build, a removal) run inside `block_in_place`.
         let stores = Arc::new(crate::kv::Stores::open(
             &self.config.state_dir.join("kv.redb"),
             crate::kv::Limits::default(),
@@ -648,6 +656,16 @@ impl Node {
 
     async fn deploy_inner(&self, app: LockedApp) -> Result<Deployed, DeployError> {
         app.validate().map_err(DeployError::Invalid)?;
+        // What new versions may no longer say (stored ones still load).
+        for function in &app.functions {
+            function.route.check_new().map_err(|reason| {
+                DeployError::Invalid(crate::locked::SpecError::new(
+                    format!("function `{}`", function.name),
+                    Some("route"),
+                    reason,
+                ))
+            })?;
+        }
         let mut store = self.store.lock().await;
         // Under the deploy lock: garbage collection (which runs under it) cannot take a
         // blob between this check and the build.
@@ -1358,15 +1376,16 @@ impl Node {
                     .chain(onnx.outputs().iter().map(|io| ("output", io)))
                     .find(|(_, io)| io.ty.wasi().is_none());
                 if let Some((kind, io)) = untyped {
-                    return Err(rejected(
-                        scope(),
-                        Some("models"),
-                        &anyhow::anyhow!(
-                            "model `{name}` has {kind} `{}` of type {}, which wasi-nn cannot carry; serve it over the Open Inference Protocol (protocol = \"v2\") without granting it to a function",
-                            io.name,
-                            io.ty
-                        ),
-                    ));
+                    let error = anyhow::anyhow!(
+                        "model `{name}` has {kind} `{}` of type {}, which wasi-nn cannot carry; serve it over the Open Inference Protocol (protocol = \"v2\") without granting it to a function",
+                        io.name,
+                        io.ty
+                    );
+                    if self.restoring.load(std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(app = %app.name, function = %spec.name, "{error} (a stored version: served, but its calls to this model fail)");
+                    } else {
+                        return Err(rejected(scope(), Some("models"), &error));
+                    }
                 }
             }
             let granted_trainers: HashMap<String, _> = spec
