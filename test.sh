@@ -9,10 +9,12 @@ cd "$root"
 # The ops tests read the metrics page with Prometheus' own Python parser
 # (prometheus-client, in the venv setup.sh made) and drive the status page in
 # Debian's Chromium, headless.
-if ! .cache/venv/bin/python -c "import prometheus_client, tritonclient.http" 2>/dev/null; then
-    echo "test: installing prometheus-client and tritonclient[http] into .cache/venv" >&2
+# Python functions build with componentize-py (tests/integration/python.rs).
+if ! .cache/venv/bin/python -c "import prometheus_client, tritonclient.http" 2>/dev/null \
+    || [ "$(.cache/venv/bin/componentize-py --version 2>/dev/null)" != "componentize-py 0.25.1" ]; then
+    echo "test: installing prometheus-client, tritonclient[http] and componentize-py into .cache/venv" >&2
     .cache/venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        --only-binary=:all: prometheus-client==0.21.1 "tritonclient[http]==2.73.0"
+        --only-binary=:all: prometheus-client==0.21.1 "tritonclient[http]==2.73.0" componentize-py==0.25.1
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     echo "test: installing Debian's chromium (headless browser tests)" >&2

@@ -2,6 +2,7 @@
 //! built from `guest-examples/`, real HTTP requests.
 
 mod onnx;
+mod python;
 mod util;
 
 mod adversarial;

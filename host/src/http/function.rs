@@ -73,19 +73,6 @@ impl Function {
         (grants, observed): (Grants, Observed),
     ) -> anyhow::Result<Self> {
         let loaded = runtime.load_component(component, &spec.component, cache_dir)?;
-        if spec.key_value_stores.is_empty() {
-            let engine = loaded.component.engine();
-            if let Some((name, _)) = loaded
-                .component
-                .component_type()
-                .imports(engine)
-                .find(|(name, _)| name.starts_with("wasi:keyvalue/"))
-            {
-                anyhow::bail!(
-                    "the component imports `{name}`, but the function is granted no store (key_value_stores = [\"default\"])"
-                );
-            }
-        }
         let instance_pre = linker
             .instantiate_pre(&loaded.component)
             .map_err(anyhow::Error::from)
