@@ -178,26 +178,14 @@ impl Stores {
         value: Vec<u8>,
     ) -> Result<(), KvError> {
         match &self.backend {
-            Backend::Local(_) => {
-                blocking(move || {
-                    self.local()
-                        .write(&table_name(&bucket.0, &bucket.1), |w| w.set(&key, &value))
-                })
-                .await
-            }
+            Backend::Local(_) => self.local_write(bucket, move |w| w.set(&key, &value)).await,
             Backend::Cluster(cluster) => cluster.set(&bucket, &key, value).await,
         }
     }
 
     async fn delete(self: Arc<Self>, bucket: (Name, Name), key: String) -> Result<(), KvError> {
         match &self.backend {
-            Backend::Local(_) => {
-                blocking(move || {
-                    self.local()
-                        .write(&table_name(&bucket.0, &bucket.1), |w| w.delete(&key))
-                })
-                .await
-            }
+            Backend::Local(_) => self.local_write(bucket, move |w| w.delete(&key)).await,
             Backend::Cluster(cluster) => cluster.delete(&bucket, &key).await,
         }
     }
@@ -223,12 +211,10 @@ impl Stores {
     ) -> Result<u64, KvError> {
         match &self.backend {
             Backend::Local(_) => {
-                blocking(move || {
-                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
-                        let next = add(&key, w.get(&key)?.as_deref(), delta)?;
-                        w.set(&key, next.to_string().as_bytes())?;
-                        Ok(next)
-                    })
+                self.local_write(bucket, move |w| {
+                    let next = add(&key, w.get(&key)?.as_deref(), delta)?;
+                    w.set(&key, next.to_string().as_bytes())?;
+                    Ok(next)
                 })
                 .await
             }
@@ -244,10 +230,8 @@ impl Stores {
         self.check_batch(pairs.len())?;
         match &self.backend {
             Backend::Local(_) => {
-                blocking(move || {
-                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
-                        pairs.iter().try_for_each(|(key, value)| w.set(key, value))
-                    })
+                self.local_write(bucket, move |w| {
+                    pairs.iter().try_for_each(|(key, value)| w.set(key, value))
                 })
                 .await
             }
@@ -268,10 +252,8 @@ impl Stores {
         self.check_batch(keys.len())?;
         match &self.backend {
             Backend::Local(_) => {
-                blocking(move || {
-                    self.local().write(&table_name(&bucket.0, &bucket.1), |w| {
-                        keys.iter().try_for_each(|key| w.delete(key))
-                    })
+                self.local_write(bucket, move |w| {
+                    keys.iter().try_for_each(|key| w.delete(key))
                 })
                 .await
             }
@@ -282,6 +264,20 @@ impl Stores {
                 Ok(())
             }
         }
+    }
+
+    /// Runs `change` on the local store of `bucket` in one write transaction, off the
+    /// async workers.
+    async fn local_write<R: Send + 'static>(
+        self: Arc<Self>,
+        bucket: (Name, Name),
+        change: impl FnOnce(&mut Writer<'_, '_>) -> Result<R, KvError> + Send + 'static,
+    ) -> Result<R, KvError> {
+        blocking(move || {
+            self.local()
+                .write(&table_name(&bucket.0, &bucket.1), change)
+        })
+        .await
     }
 
     fn local(&self) -> &Local {
