@@ -488,21 +488,15 @@ impl Cluster {
             .map(|v| v.to_vec()))
     }
 
-    /// Checks what a write must satisfy before it is sent; `adds` when the key is new.
+    /// Checks what a write must satisfy before it is sent, the key count too when the
+    /// key is new.
     async fn check_write(
         &self,
         store: &async_nats::jetstream::kv::Store,
         key: &str,
         value: &[u8],
     ) -> Result<(), KvError> {
-        check_key(key, &self.limits)?;
-        if value.len() > self.limits.value_bytes {
-            return Err(other(format!(
-                "values are at most {} bytes; this one is {}",
-                self.limits.value_bytes,
-                value.len()
-            )));
-        }
+        check_entry(key, value, &self.limits)?;
         if bounded(store.get(encode_key(key))).await?.is_none() {
             // Fresh, not the snapshot the bucket was opened with. It counts deletion
             // markers too, so the limit is reached early, never late.
@@ -642,14 +636,7 @@ struct Writer<'t, 'd> {
 
 impl Writer<'_, '_> {
     fn set(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
-        check_key(key, &self.limits)?;
-        if value.len() > self.limits.value_bytes {
-            return Err(other(format!(
-                "values are at most {} bytes; this one is {}",
-                self.limits.value_bytes,
-                value.len()
-            )));
-        }
+        check_entry(key, value, &self.limits)?;
         let old = self
             .data
             .get(key)
@@ -698,6 +685,19 @@ impl Writer<'_, '_> {
             .map_err(storage)?
             .map(|v| v.value().to_vec()))
     }
+}
+
+/// Checks a key and the value to be written under it against `limits`.
+fn check_entry(key: &str, value: &[u8], limits: &Limits) -> Result<(), KvError> {
+    check_key(key, limits)?;
+    if value.len() > limits.value_bytes {
+        return Err(other(format!(
+            "values are at most {} bytes; this one is {}",
+            limits.value_bytes,
+            value.len()
+        )));
+    }
+    Ok(())
 }
 
 fn check_key(key: &str, limits: &Limits) -> Result<(), KvError> {
